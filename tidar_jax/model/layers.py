@@ -1,0 +1,138 @@
+"""Transformer building blocks: RMSNorm, rotary embedding, GQA attention over [cache | current] keys, SwiGLU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs | None, init, shape, logical_axes, dtype):
+    """An ``nnx.Param`` tagged with logical axis names (mapped to the mesh by ``sharding.LOGICAL_AXIS_RULES``)."""
+    value = init(rngs.params(), shape, dtype) if rngs is not None else init(None, shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+def _normal(stddev):
+    def init(key, shape, dtype):
+        return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return init
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 (at least), scaled by a learned weight, as HF Qwen/Llama do."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs, axis_name: str = "norm"):
+        self.eps = eps
+        self.scale = param(rngs, _ones, (dim,), (axis_name,), param_dtype)
+
+    def __call__(self, x):
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(compute)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_tables(positions_BT, head_dim: int, theta: float, dtype):
+    """cos/sin ``[B, T, head_dim]`` for explicit per-token positions (TiDAR repeats position ids)."""
+    compute = jnp.promote_types(dtype, jnp.float32)
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=compute) / head_dim))
+    freqs_BTF = positions_BT.astype(compute)[..., None] * inv_freq
+    emb_BTD = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+    return jnp.cos(emb_BTD), jnp.sin(emb_BTD)
+
+
+def apply_rope(x_BTHD, cos_BTD, sin_BTD):
+    """Rotate-half ("NeoX") rotary embedding, the HF Qwen/Llama convention."""
+    half = x_BTHD.shape[-1] // 2
+    x1, x2 = x_BTHD[..., :half], x_BTHD[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BTD[:, :, None, :], sin_BTD[:, :, None, :]
+    out = x_BTHD.astype(cos.dtype) * cos + rotated.astype(cos.dtype) * sin
+    return out.astype(x_BTHD.dtype)
+
+
+def dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
+    """GQA attention; ``mask_BTS`` is boolean (True = may attend). Softmax in float32 (at least)."""
+    b, t, h, d = q_BTHD.shape
+    kv = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(b, t, kv, h // kv, d)
+    compute = jnp.promote_types(q_BTHD.dtype, jnp.float32)
+    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=compute)
+    scores_BKGTS = scores_BKGTS * (d ** -0.5)
+    neg = jnp.finfo(compute).min
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], scores_BKGTS, neg)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
+    return out_BTKGD.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = _dtype(cfg.param_dtype)
+        self.cfg = cfg
+        init = _normal(0.02)
+        self.q_proj = param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, _zeros, (h, hd), ("heads", "head_dim"), pd)
+            self.k_bias = param(rngs, _zeros, (kv, hd), ("kv_heads", "head_dim"), pd)
+            self.v_bias = param(rngs, _zeros, (kv, hd), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
+            self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
+
+    def __call__(self, x_BTD, cos_BTD, sin_BTD, mask_BTS, cache_k_BCKD=None, cache_v_BCKD=None):
+        """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here."""
+        dt = x_BTD.dtype
+        q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt))
+        if self.cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
+        if cache_k_BCKD is not None:
+            keys = jnp.concatenate([cache_k_BCKD.astype(dt), k], axis=1)
+            values = jnp.concatenate([cache_v_BCKD.astype(dt), v], axis=1)
+        else:
+            keys, values = k, v
+        attn_BTHD = dot_product_attention(q, keys, values, mask_BTS)
+        out = jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt))
+        return out, k, v
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.mlp_size
+        pd = _dtype(cfg.param_dtype)
+        init = _normal(0.02)
+        self.gate_proj = param(rngs, init, (d, f), ("embed", "mlp"), pd)
+        self.up_proj = param(rngs, init, (d, f), ("embed", "mlp"), pd)
+        self.down_proj = param(rngs, init, (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        gate = x_BTD @ self.gate_proj[...].astype(dt)
+        up = x_BTD @ self.up_proj[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)

@@ -1,0 +1,109 @@
+"""The decoder-only transformer (Qwen2/Qwen3/Llama families) used for both AR and diffusion outputs.
+
+One model, one LM head: whether a position yields AR or diffusion logits depends only on its input token
+(clean or [MASK]) and on the attention mask given by the caller (see ``tidar_jax.masks``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tidar_jax.config import ModelConfig
+from tidar_jax.model.layers import MLP, Attention, RMSNorm, _normal, param, rope_tables
+
+
+class KVCache(NamedTuple):
+    """Committed keys/values, ``[layers, batch, cache_size, kv_heads, head_dim]``, plus per-row lengths."""
+
+    k_LBCKD: jax.Array
+    v_LBCKD: jax.Array
+    length_B: jax.Array  # number of committed (visible) slots per row
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, cache_size: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
+        shape = (cfg.num_layers, batch, cache_size, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+class StepKV(NamedTuple):
+    """Keys/values of the current tokens of one forward, ``[layers, batch, tokens, kv_heads, head_dim]``."""
+
+    k_LBTKD: jax.Array
+    v_LBTKD: jax.Array
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache_k=None, cache_v=None):
+        attn_out, k, v = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, cache_k, cache_v)
+        x_BTD = x_BTD + attn_out
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return x_BTD, k, v
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, remat: bool = False):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.remat = remat
+        self.embed = param(rngs, _normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, _normal(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def hidden(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
+        """Final-normed hidden states ``[B, T, D]`` and the current tokens' K/V (``StepKV``).
+
+        ``mask_BTS`` is boolean over keys ``[cache slots 0..C-1 | current tokens]`` (just the current tokens when
+        ``cache`` is None). The cache is read, never written: committing K/V is the caller's decision.
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        cos, sin = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, dt)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            ck = cache.k_LBCKD[i] if cache is not None else None
+            cv = cache.v_LBCKD[i] if cache is not None else None
+            if self.remat:
+                x_BTD, k, v = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x_BTD, cos, sin, mask_BTS, ck, cv)
+            else:
+                x_BTD, k, v = layer(x_BTD, cos, sin, mask_BTS, ck, cv)
+            ks.append(k)
+            vs.append(v)
+        return self.final_norm(x_BTD), StepKV(jnp.stack(ks), jnp.stack(vs))
+
+    def logits(self, hidden_BTD):
+        """LM-head logits (float32 or wider) for the given hidden states; call it only where logits are needed."""
+        dt = hidden_BTD.dtype
+        if self.cfg.tie_embeddings:
+            w_DV = self.embed[...].astype(dt).T
+        else:
+            w_DV = self.lm_head[...].astype(dt)
+        out = jnp.promote_types(dt, jnp.float32)
+        return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV, preferred_element_type=out)
+
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
+        hidden_BTD, step_kv = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
+        return self.logits(hidden_BTD), step_kv
+
+
+def causal_mask(batch: int, length: int):
+    """Plain causal boolean mask ``[B, T, T]``."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (batch, length, length))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, remat: bool = False) -> Transformer:
+    return Transformer(cfg, nnx.Rngs(params=seed), remat=remat)
