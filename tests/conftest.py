@@ -13,4 +13,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_enable_x64", True)  # lets exactness tests use float64; models default to float32
+

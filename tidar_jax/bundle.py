@@ -1,0 +1,20 @@
+"""What every checkpoint loader returns: enough to run the model for inference."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tidar_jax.config import ModelConfig
+
+
+@dataclasses.dataclass
+class InferenceBundle:
+    config: ModelConfig
+    graphdef: Any
+    params: Any  # nnx.State of arrays
+    tokenizer: Any = None  # tokenizers.Tokenizer or None
+    trained_block_size: int | None = None  # block size the checkpoint was trained with (None = unknown)
+    eos_token_id: int | None = None
+    source: str = ""  # where it was loaded from
+    step: int | None = None
