@@ -1,0 +1,148 @@
+"""Export our params to a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads as is.
+
+Tensors are gathered one at a time from (possibly sharded) arrays, converted through the key table, cast to the
+recorded dtype and written into safetensors shards of bounded size (``format: pt`` metadata) plus
+``model.safetensors.index.json`` when there is more than one shard. The directory is written to a temp dir beside
+``out_dir`` and renamed into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tidar_jax.config import ModelConfig
+from tidar_jax.hf.hf_config import model_config_to_hf_config
+from tidar_jax.hf.keys import BoundKey, HFFormatError, bound_keys, get_path
+from tidar_jax.hf.safetensors_io import INDEX_FILE, SINGLE_FILE
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000 ** 3  # HF's "5GB"
+
+
+def plan_shards(keys: list[BoundKey], itemsize: int, max_shard_bytes: int) -> list[list[BoundKey]]:
+    """Greedy, order-preserving grouping; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[BoundKey]] = [[]]
+    used = 0
+    for k in keys:
+        nbytes = int(np.prod(k.hf_shape)) * itemsize
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def gather(leaf) -> np.ndarray:
+    """One full tensor on the host, from a local, sharded or multi-process array."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def _tokenizer_config(tokenizer, eos_token_id, bos_token_id, mask_token_id) -> dict:
+    def name(i):
+        return None if i is None or tokenizer is None else tokenizer.id_to_token(int(i))
+
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
+    for key, tid in (("eos_token", eos_token_id), ("bos_token", bos_token_id), ("mask_token", mask_token_id)):
+        tok = name(tid)
+        if tok is not None:
+            out[key] = tok
+    return out
+
+
+def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: str | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, tokenizer=None, dtype: str | None = None,
+              eos_token_id: int | list[int] | None = None, bos_token_id: int | None = None,
+              max_position_embeddings: int | None = None) -> str:
+    """Write ``out_dir`` (must not exist): safetensors shards (+ index), ``config.json`` (with the TiDAR fields
+    ``mask_token_id`` and ``block_size``), ``generation_config.json`` and, when given (``tokenizer_path`` or a
+    ``tokenizers.Tokenizer``), ``tokenizer.json`` + ``tokenizer_config.json``. ``dtype`` defaults to
+    ``config.param_dtype``. Returns the absolute ``out_dir``.
+    """
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise HFFormatError(f"max_shard_bytes={max_shard_bytes!r}: must be an integer >= 1")
+    dtype = dtype or config.param_dtype
+    hf_config = model_config_to_hf_config(config, dtype=dtype, max_position_embeddings=max_position_embeddings,
+                                          bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
+        raise HFFormatError(f"tokenizer {tokenizer_path}: no such file")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"output {out_dir} already exists; choose a new path or remove it first")
+    pure = params_state.to_pure_dict() if hasattr(params_state, "to_pure_dict") else params_state
+    keys = list(bound_keys(config))
+    for k in keys:  # every parameter present with the right shape before anything is written
+        try:
+            leaf = get_path(pure, k.our_path)
+        except (KeyError, TypeError, IndexError):
+            raise HFFormatError(f"params have no {'.'.join(map(str, k.our_path))}, which the config implies") from None
+        if tuple(leaf.shape) != k.our_shape:
+            raise HFFormatError(f"parameter {'.'.join(map(str, k.our_path))} has shape {tuple(leaf.shape)}, the "
+                                f"config implies {k.our_shape}")
+    np_dtype = jnp.dtype(dtype)
+    shards = plan_shards(keys, np_dtype.itemsize, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    writer = jax.process_index() == 0
+
+    parent = os.path.dirname(out_dir)
+    if writer:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        from safetensors.numpy import save_file
+
+        weight_map, total = {}, 0
+        for fname, shard in zip(names, shards):
+            tensors = {}
+            for k in shard:  # gather one tensor at a time; a shard holds at most max_shard_bytes on the host
+                tensors[k.hf_name] = k.to_hf(gather(get_path(pure, k.our_path))).astype(np_dtype)
+                weight_map[k.hf_name] = fname
+                total += tensors[k.hf_name].nbytes
+            if writer:
+                save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del tensors
+        if not writer:
+            return out_dir
+        if len(shards) > 1:
+            _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(os.path.join(tmp, "config.json"), hf_config)
+        generation = {"_from_model_config": False, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        _write_json(os.path.join(tmp, "generation_config.json"), generation)
+        if tokenizer_path is not None or tokenizer is not None:
+            tok_out = os.path.join(tmp, "tokenizer.json")
+            if tokenizer is not None:
+                tokenizer.save(tok_out)
+            else:
+                shutil.copyfile(tokenizer_path, tok_out)
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(tok_out)
+            first_eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+            _write_json(os.path.join(tmp, "tokenizer_config.json"),
+                        _tokenizer_config(tok, first_eos, bos_token_id, config.mask_token_id))
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_json(path: str, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,181 @@
+"""Import a local Hugging Face directory: config + params (tensor by tensor into their shardings) + tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tidar_jax.bundle import InferenceBundle
+from tidar_jax.config import ModelConfig
+from tidar_jax.hf.hf_config import QWEN_MASK_TOKEN_ID, family_of, hf_config_to_model_config
+from tidar_jax.hf.keys import BoundKey, HFFormatError, bound_keys, set_path
+from tidar_jax.hf.safetensors_io import TensorReader, tensor_headers, weight_map
+from tidar_jax.model.functional import abstract_model
+from tidar_jax.sharding import state_shardings
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+ADDED_MASK_TOKEN = "<|mask|>"
+QWEN_MASK_TOKEN = "<|fim_pad|>"
+
+# HF keys that carry no parameters of ours (recomputed buffers in old checkpoints)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def is_hf_dir(path: str) -> bool:
+    """A directory with a ``config.json`` (whether it is usable is decided by ``load_hf_dir``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(value, dict):
+        raise HFFormatError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise HFFormatError(f"{hf_dir}: not a directory")
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise HFFormatError(f"{hf_dir}: no {CONFIG_FILE}; not a Hugging Face model directory")
+    return read_json(path)
+
+
+def _first_id(value) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def token_ids(hf_dir: str, hf: dict) -> dict:
+    """``bos_token_id`` / ``eos_token_id`` as recorded (``generation_config.json`` wins over ``config.json``)."""
+    gen_path = os.path.join(hf_dir, GENERATION_CONFIG_FILE)
+    gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
+    return {k: gen.get(k, hf.get(k)) for k in ("bos_token_id", "eos_token_id")}
+
+
+def _resolve_mask_token(hf: dict, tokenizer, mask_token_id, add_mask_token: bool):
+    """``(mask_token_id or None, rows_to_add)``. Policy (first that applies):
+
+    explicit argument > ``mask_token_id`` recorded in config.json > Qwen vocabulary (``<|fim_pad|>`` in the
+    tokenizer, or a Qwen architecture with vocab_size > 151662) -> 151662 > ``add_mask_token`` appends
+    ``<|mask|>`` to the tokenizer (using a free embedding row, or growing the embedding by mean-initialised rows).
+    """
+    vocab = int(hf.get("vocab_size") or 0)
+    if mask_token_id is not None or hf.get("mask_token_id") is not None:
+        return mask_token_id, 0
+    fim_pad = tokenizer.token_to_id(QWEN_MASK_TOKEN) if tokenizer is not None else None
+    if fim_pad is not None and fim_pad == QWEN_MASK_TOKEN_ID and vocab > QWEN_MASK_TOKEN_ID:
+        return QWEN_MASK_TOKEN_ID, 0
+    if family_of(hf) in ("qwen2", "qwen3") and vocab > QWEN_MASK_TOKEN_ID:
+        return QWEN_MASK_TOKEN_ID, 0
+    if not add_mask_token:
+        return None, 0  # hf_config_to_model_config raises the one-line error
+    if tokenizer is None:
+        raise HFFormatError(f"add_mask_token=True needs a {TOKENIZER_FILE} to add {ADDED_MASK_TOKEN} to")
+    from tokenizers import AddedToken
+
+    existing = tokenizer.token_to_id(ADDED_MASK_TOKEN)
+    if existing is None:
+        tokenizer.add_special_tokens([AddedToken(ADDED_MASK_TOKEN, special=True)])
+        existing = tokenizer.token_to_id(ADDED_MASK_TOKEN)
+    return existing, max(0, existing + 1 - vocab)
+
+
+def _check_names(files: dict[str, str], keys: list[BoundKey], cfg: ModelConfig, hf_dir: str):
+    expected = {k.hf_name for k in keys}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise HFFormatError(f"{hf_dir}: missing tensor(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                            f"that the {cfg.family} config implies")
+    extra = sorted(n for n in set(files) - expected if not n.endswith(_IGNORED_SUFFIXES)
+                   and not (n == "lm_head.weight" and cfg.tie_embeddings))  # tied head stored anyway: ignored
+    if extra:
+        raise HFFormatError(f"{hf_dir}: unexpected tensor(s) {extra[:3]}{' ...' if len(extra) > 3 else ''} that "
+                            f"this {cfg.family} model has no parameter for")
+
+
+def _grow_vocab(arr: np.ndarray, rows: int, axis: int) -> np.ndarray:
+    """Append ``rows`` entries along the vocab axis, each the mean of the existing ones (a neutral new token)."""
+    mean = arr.astype(np.float64).mean(axis=axis, keepdims=True).astype(arr.dtype)
+    return np.concatenate([arr] + [mean] * rows, axis=axis)
+
+
+def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_size: int | None = None,
+                dtype: str | None = None, add_mask_token: bool = False) -> InferenceBundle:
+    """Our config, params (an ``nnx.State``, each tensor placed straight into its sharding on ``mesh``, or on the
+    first device) and tokenizer from a local HF directory (``config.json``, ``model.safetensors[.index.json]``,
+    optional ``tokenizer.json``). Everything is validated (config, file headers, names, shapes) before any tensor
+    is read; any problem raises ``HFFormatError`` with one line.
+    """
+    hf = read_hf_config(path)
+    family_of(hf)  # unsupported architecture -> clear error before anything else
+    tokenizer = None
+    tok_path = os.path.join(path, TOKENIZER_FILE)
+    if os.path.isfile(tok_path):
+        from tokenizers import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_file(tok_path)
+        except Exception as e:
+            raise HFFormatError(f"{tok_path}: cannot be read by the tokenizers library: {e}") from None
+    mask_id, grow_rows = _resolve_mask_token(hf, tokenizer, mask_token_id, add_mask_token)
+    # when the vocab must grow, the new id is out of range for the stored vocab: validate with a placeholder
+    cfg = hf_config_to_model_config(hf, mask_token_id=0 if grow_rows else mask_id, block_size=block_size,
+                                    dtype=dtype)
+    src_cfg = cfg  # the shapes stored in the files
+    if grow_rows:
+        cfg = cfg.replace(vocab_size=cfg.vocab_size + grow_rows, mask_token_id=mask_id)
+
+    files = weight_map(path)
+    keys = list(bound_keys(src_cfg))
+    _check_names(files, keys, src_cfg, path)
+    headers = tensor_headers({k.hf_name: files[k.hf_name] for k in keys})
+    for k in keys:
+        if tuple(headers[k.hf_name]["shape"]) != k.hf_shape:
+            raise HFFormatError(f"{path}: tensor {k.hf_name} has shape {tuple(headers[k.hf_name]['shape'])} but "
+                                f"config.json implies {k.hf_shape}")
+
+    graphdef, abstract = abstract_model(cfg)
+    if mesh is not None:
+        shardings = state_shardings(abstract, mesh).to_pure_dict()
+    else:
+        shardings = None
+    device = jax.devices()[0]
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    pure: dict = {}
+    with TensorReader(files) as reader:
+        for k in keys:
+            arr = k.to_ours(reader.get(k.hf_name)).astype(param_dtype)
+            if grow_rows and k.hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+                arr = _grow_vocab(arr, grow_rows, axis=0 if k.our_path == ("embed",) else 1)
+            set_path(pure, k.our_path, _place(arr, k.our_path, shardings, device))
+            del arr  # at most one host copy alive at a time
+    state = nnx.State(abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    ids = token_ids(path, hf)
+    trained = hf.get("block_size")
+    return InferenceBundle(config=cfg, graphdef=graphdef, params=state, tokenizer=tokenizer,
+                           trained_block_size=None if trained is None else int(trained),
+                           eos_token_id=_first_id(ids["eos_token_id"]), source=os.path.abspath(path))
+
+
+def _place(arr: np.ndarray, our_path, shardings, device):
+    if shardings is None:
+        return jax.device_put(arr, device)
+    sharding = shardings
+    for p in our_path:
+        sharding = sharding[p]
+    # each device receives only its slice of this one host tensor
+    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
