@@ -1,0 +1,75 @@
+"""Static decoding options (one compiled program per distinct value) and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("tidar", "ar")
+SLOT0 = ("verifier", "diffusion")
+
+
+class DecodeError(ValueError):
+    """Bad decoding input; the message names the bad value and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Everything that shapes the compiled decode program.
+
+    mode: "tidar" (diffusion drafts + AR verification, one forward per step) or "ar" (one token per forward).
+    block_size: TiDAR draft length B (ignored for "ar").
+    beta: verifier = beta * AR + (1 - beta) * Diff(group i, slot 0) on logits (1 = trust AR, 0 = trust diffusion).
+    slot0: where the next block's first token comes from: "verifier" (the verifier's token at the
+        rejection/bonus position; with beta=1 greedy output equals greedy AR) or "diffusion" (group k's own argmax,
+        as in the authors' code). Sampling (temperature > 0) always uses "verifier" (exact speculative sampling).
+    temperature: 0 = greedy; > 0 samples from the processed verifier distribution.
+    top_k: 0 = off. top_p: 1.0 = off.
+    max_new_tokens: exact cap on generated tokens per row. (The EOS id is a runtime argument, not an option, so
+        changing it does not recompile.)
+    full_logits: compute LM-head logits at all B(B+1) step tokens (only for measuring the selective-head saving).
+    """
+
+    mode: str = "tidar"
+    block_size: int = 4
+    beta: float = 1.0
+    slot0: str = "verifier"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    full_logits: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def draft_len(self) -> int:
+        """Tokens kept pending per row between steps: B for TiDAR, 1 for AR."""
+        return self.block_size if self.mode == "tidar" else 1
+
+    def validate(self) -> "DecodeOptions":
+        def bad(name, value, allowed):
+            raise DecodeError(f"{name}={value!r}: must be {allowed}")
+
+        if self.mode not in MODES:
+            bad("mode", self.mode, "one of " + ", ".join(MODES))
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            bad("block_size", self.block_size, "an integer >= 1")
+        if not 0.0 <= float(self.beta) <= 1.0:
+            bad("beta", self.beta, "in [0, 1]")
+        if self.slot0 not in SLOT0:
+            bad("slot0", self.slot0, "one of " + ", ".join(SLOT0))
+        if not float(self.temperature) >= 0.0:
+            bad("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            bad("top_p", self.top_p, "in (0, 1] (1 = off)")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        if self.mode == "tidar" and not self.greedy and self.slot0 != "verifier":
+            bad("slot0", self.slot0, "'verifier' when temperature > 0 (exact speculative sampling samples the "
+                "rejection/bonus token from the verifier)")
+        return self
