@@ -296,3 +296,19 @@ def test_cli_summary_and_error_exit(tmp_path, corpus_root, capsys):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: source '{tmp_path / 'nope'}' does not exist "
                                                 "(give a directory, glob, text file or .jsonl file)"]
+
+
+def test_concurrent_preparer_reuses_the_published_copy(tmp_path, corpus_root, monkeypatch):
+    import shutil
+
+    first = prepare_corpus(tmp_path / "elsewhere", sources=[corpus_root], vocab_size=VOCAB)
+    real_build = corpus_mod._build
+
+    def build_while_another_process_publishes(*args, **kwargs):
+        manifest = real_build(*args, **kwargs)
+        shutil.copytree(tmp_path / "elsewhere", tmp_path / "out")  # the other process wins the rename
+        return manifest
+
+    monkeypatch.setattr(corpus_mod, "_build", build_while_another_process_publishes)
+    assert prepare_corpus(tmp_path / "out", sources=[corpus_root], vocab_size=VOCAB) == first
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "out"]  # our temp copy is gone

@@ -149,7 +149,7 @@ def make_train_iterator(data_dir, seq_len: int, global_batch: int, seed: int, pr
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     spec = {"fingerprint": manifest["fingerprint"], "split": split, "seq_len": seq_len,
             "global_batch": global_batch, "seed": seed, "process_index": process_index,
-            "process_count": process_count}
+            "process_count": process_count, "worker_count": worker_count}
     return TrainIterator(iter(it_ds), spec)
 
 

@@ -85,6 +85,6 @@ def encode_documents(tok, texts: list[str]) -> list[list[int]]:
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
     finally:
         tok.encode_special_tokens = previous
