@@ -197,3 +197,54 @@ def test_worker_processes_keep_the_order_and_resume(data_dir):
     resumed.set_state(state)
     got += _take(resumed, 4)
     assert all(np.array_equal(a, b) for a, b in zip(reference, got))
+
+
+_KILL_WORKER = r"""
+import json, os, sys, time
+import numpy as np
+from tidar_jax.data import make_train_iterator
+data_dir, journal, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+it = make_train_iterator(data_dir, seq_len=8, global_batch=4, seed=11, prefetch=2)
+consumed = []
+if os.path.exists(journal):
+    with open(journal) as f:
+        saved = json.load(f)
+    consumed = saved["consumed"]
+    it.set_state(saved["state"])
+print("ready", flush=True)
+while len(consumed) < total:
+    consumed.append(next(it)["tokens"][:, 0].tolist())
+    tmp = journal + ".tmp"
+    with open(tmp, "w") as f:  # batch log and iterator state are committed together, like a checkpoint
+        json.dump({"consumed": consumed, "state": it.get_state()}, f)
+    os.replace(tmp, journal)
+    time.sleep(0.02)
+"""
+
+
+def test_kill_9_and_resume_skips_and_repeats_nothing(data_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    total = 60
+    reference = [b[:, 0].tolist() for b in _take(make_train_iterator(data_dir, seq_len=S, global_batch=4, seed=11),
+                                                 total)]
+    script, journal = tmp_path / "worker.py", tmp_path / "journal.json"
+    script.write_text(_KILL_WORKER)
+    cmd = [sys.executable, str(script), data_dir, str(journal), str(total)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.time() + 60
+    while not journal.exists() or len(json.loads(journal.read_text())["consumed"]) < 10:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(json.loads(journal.read_text())["consumed"])
+    assert 10 <= killed_at < total
+    subprocess.run(cmd, env=env, check=True, timeout=120, stdout=subprocess.DEVNULL)
+    assert json.loads(journal.read_text())["consumed"] == reference

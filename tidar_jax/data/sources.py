@@ -66,15 +66,18 @@ def _extension(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
-def _walk(root: str, exclude_dirs=()) -> list[str]:
-    """All files under root, sorted, skipping hidden dirs and __pycache__ (and exclude_dirs by name)."""
+def _walk(root: str, skip_dir=lambda name: False) -> list[str]:
+    """All files under root, sorted, skipping hidden dirs, __pycache__ and dirs for which skip_dir(name) is true."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and d != "__pycache__" and d not in exclude_dirs
-                             and not (exclude_dirs and d.startswith("config-")))
+                             if not d.startswith(".") and d != "__pycache__" and not skip_dir(d))
         out.extend(os.path.join(dirpath, f) for f in filenames)
     return sorted(out)
+
+
+def _skip_stdlib_dir(name: str) -> bool:
+    return name in STDLIB_EXCLUDED_DIRS or name.startswith("config-")
 
 
 def _glob_root(pattern: str) -> str:
@@ -96,7 +99,7 @@ def resolve_sources(sources) -> tuple[list[tuple[str, str]], dict[str, int], lis
     """
     if sources is None:
         root = stdlib_dir()
-        files = [p for p in _walk(root, STDLIB_EXCLUDED_DIRS) if _extension(p) == ".py"]
+        files = [p for p in _walk(root, _skip_stdlib_dir) if _extension(p) == ".py"]
         entries = [(p, os.path.relpath(p, root).replace(os.sep, "/")) for p in files]
         return entries, {}, [{"spec": None, "kind": "stdlib", "path": root, "subset": STDLIB_SUBSET}]
     if isinstance(sources, (str, os.PathLike)):
