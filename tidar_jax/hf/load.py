@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -147,28 +148,37 @@ def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_si
             raise HFFormatError(f"{path}: tensor {k.hf_name} has shape {tuple(headers[k.hf_name]['shape'])} but "
                                 f"config.json implies {k.hf_shape}")
 
-    graphdef, abstract = abstract_model(cfg)
-    if mesh is not None:
-        shardings = state_shardings(abstract, mesh).to_pure_dict()
-    else:
-        shardings = None
-    device = jax.devices()[0]
-    param_dtype = jnp.dtype(cfg.param_dtype)
-    pure: dict = {}
     with TensorReader(files) as reader:
-        for k in keys:
-            arr = k.to_ours(reader.get(k.hf_name)).astype(param_dtype)
-            if grow_rows and k.hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-                arr = _grow_vocab(arr, grow_rows, axis=0 if k.our_path == ("embed",) else 1)
-            set_path(pure, k.our_path, _place(arr, k.our_path, shardings, device))
-            del arr  # at most one host copy alive at a time
-    state = nnx.State(abstract)
-    nnx.replace_by_pure_dict(state, pure)
+        graphdef, state = params_from_tensors(cfg, reader.get, mesh, grow_vocab_rows=grow_rows, source_cfg=src_cfg)
     ids = token_ids(path, hf)
     trained = hf.get("block_size")
     return InferenceBundle(config=cfg, graphdef=graphdef, params=state, tokenizer=tokenizer,
                            trained_block_size=None if trained is None else int(trained),
                            eos_token_id=_first_id(ids["eos_token_id"]), source=os.path.abspath(path))
+
+
+def params_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray], mesh=None, *,
+                        grow_vocab_rows: int = 0, source_cfg: ModelConfig | None = None):
+    """``(graphdef, state)`` from HF-named tensors fetched one at a time by ``get_tensor(hf_name)``.
+
+    Each tensor goes through the key table, is cast to ``cfg.param_dtype`` and placed straight into its sharding
+    on ``mesh`` (each device receives only its slice) or on the first device; at most one host copy is alive.
+    ``source_cfg`` describes the stored shapes when the vocabulary grows by ``grow_vocab_rows`` mean rows.
+    """
+    graphdef, abstract = abstract_model(cfg)
+    shardings = state_shardings(abstract, mesh).to_pure_dict() if mesh is not None else None
+    device = jax.devices()[0]
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    pure: dict = {}
+    for k in bound_keys(source_cfg or cfg):
+        arr = k.to_ours(np.asarray(get_tensor(k.hf_name))).astype(param_dtype)
+        if grow_vocab_rows and k.hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+            arr = _grow_vocab(arr, grow_vocab_rows, axis=0 if k.our_path == ("embed",) else 1)
+        set_path(pure, k.our_path, _place(arr, k.our_path, shardings, device))
+        del arr
+    state = nnx.State(abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    return graphdef, state
 
 
 def _place(arr: np.ndarray, our_path, shardings, device):
