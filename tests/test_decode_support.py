@@ -42,7 +42,7 @@ def pattern_batch(rng: np.random.Generator, n: int, length: int, noise: float = 
 
 
 @functools.lru_cache(maxsize=None)
-def trained_tiny_state(steps: int = 300, seed: int = 0):
+def trained_tiny_state(steps: int = 150, seed: int = 0):
     """(cfg, graphdef, pure-dict params) of a float32 tiny model trained with the TiDAR loss."""
     cfg = tiny_config()
     model = init_model(cfg, seed)
@@ -69,7 +69,7 @@ def trained_tiny_state(steps: int = 300, seed: int = 0):
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         state, opt_state, _ = train_step(state, opt_state, jnp.asarray(pattern_batch(rng, 16, seq)))
-    return cfg, graphdef, state.to_pure_dict()
+    return cfg, graphdef, nnx.to_pure_dict(state)
 
 
 def trained_tiny(dtype: str = "float32"):
@@ -92,3 +92,17 @@ def random_tiny(dtype: str = "float32", seed: int = 0, scale: float = 1.0, **ove
         state = jax.tree.map(lambda a: a * scale if a.ndim >= 2 else a, state)
         nnx.update(model, state)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def trained_decoder(dtype: str = "float32"):
+    """One ``Decoder`` per dtype for the whole session, so test files share its compiled programs.
+    Use the float64 one only inside ``jax.enable_x64(True)``."""
+    from tidar_jax.decode import Decoder
+
+    return Decoder.from_model(trained_tiny(dtype))
+
+
+def pattern_prompts(lengths, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return [pattern_batch(rng, 1, n)[0].tolist() for n in lengths]
