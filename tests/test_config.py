@@ -1,6 +1,8 @@
 import pytest
 
 from tidar_jax.config import ConfigError, ModelConfig
+from jax.sharding import PartitionSpec as P
+
 from tidar_jax.sharding import logical_to_spec, make_mesh
 
 
@@ -42,8 +44,8 @@ def test_frozen():
 
 def test_rules_drop_non_dividing_axes():
     mesh = make_mesh(2, 2, 2)
-    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 8), mesh) == ("fsdp", "tensor", None)
-    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 8), mesh) == ("fsdp", None, None)
+    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 8), mesh) == P("fsdp", "tensor", None)
+    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 8), mesh) == P("fsdp", None, None)
     with pytest.raises(KeyError, match="no sharding rule"):
         logical_to_spec(("bogus",))
 
