@@ -16,6 +16,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from tidar_jax.config import ModelConfig
 from tidar_jax.hf.hf_config import model_config_to_hf_config
@@ -84,7 +85,7 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise FileExistsError(f"output {out_dir} already exists; choose a new path or remove it first")
-    pure = params_state.to_pure_dict() if hasattr(params_state, "to_pure_dict") else params_state
+    pure = nnx.to_pure_dict(params_state) if isinstance(params_state, nnx.State) else params_state
     keys = list(bound_keys(config))
     for k in keys:  # every parameter present with the right shape before anything is written
         try:

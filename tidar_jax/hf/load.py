@@ -166,7 +166,7 @@ def params_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray
     ``source_cfg`` describes the stored shapes when the vocabulary grows by ``grow_vocab_rows`` mean rows.
     """
     graphdef, abstract = abstract_model(cfg)
-    shardings = state_shardings(abstract, mesh).to_pure_dict() if mesh is not None else None
+    shardings = nnx.to_pure_dict(state_shardings(abstract, mesh)) if mesh is not None else None
     device = jax.devices()[0]
     param_dtype = jnp.dtype(cfg.param_dtype)
     pure: dict = {}
