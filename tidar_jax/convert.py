@@ -28,7 +28,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if not match or unit not in _SIZE_UNITS or int(match.group(1)) < 1:
-        raise SystemExit(f"--max-shard-size={text!r}: expected a positive size such as 500MB, 5GB or 2GiB")
+        raise SystemExit(f"error: --max-shard-size={text!r}: expected a positive size such as 500MB, 5GB or 2GiB")
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
