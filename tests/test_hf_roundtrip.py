@@ -239,3 +239,24 @@ def test_transformers_generate_matches_our_greedy(tmp_path, family):
     assert hf_tokens.shape == (2, 5 + steps)
     np.testing.assert_array_equal(ours, hf_tokens)
     assert len(set(ours[:, 5:].ravel().tolist())) > 1  # not a degenerate constant continuation
+
+
+@pytest.mark.parametrize("mode", ["ar", pytest.param("tidar", marks=pytest.mark.slow)])
+def test_transformers_generate_matches_decode_api(tmp_path, mode):
+    """The project's decoder (``tidar_jax.decode.generate``) on a re-imported exported checkpoint reproduces
+    transformers' greedy generate(): AR mode, and TiDAR mode with beta=1 (greedy output must equal greedy AR;
+    slow: it compiles the TiDAR step program)."""
+    import torch
+
+    decode = pytest.importorskip("tidar_jax.decode")
+    src = hf_model("qwen3", False, seed=19)
+    bundle = load_hf_dir(save_hf_dir(src, tmp_path / "hf"), mask_token_id=MASK_ID, block_size=4)
+    out = export_hf(bundle.config, bundle.params, str(tmp_path / "out"))
+    reloaded_bundle = load_hf_dir(out)  # what `decode.py HF_DIR` loads
+    prompt = _tokens(6, (2, 5))
+    steps = 8
+    with torch.no_grad():
+        hf_tokens = _reload(out).generate(torch.tensor(prompt), max_new_tokens=steps, do_sample=False,
+                                          attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
+    result = decode.generate(reloaded_bundle, prompt.tolist(), mode=mode, max_new_tokens=steps, eos_token_id=None)
+    np.testing.assert_array_equal(np.asarray(result.tokens), hf_tokens[:, 5:])
