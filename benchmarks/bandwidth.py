@@ -1,0 +1,149 @@
+"""AR decode step time vs the memory-bandwidth bound.
+
+    python benchmarks/bandwidth.py --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
+
+Measured in one interleaved run (jitted, batch 1):
+  * copy bandwidth: ``y = x + 1`` over a large float32 array (bytes read + bytes written per second), and read
+    bandwidth: ``sum(x)`` (bytes read per second);
+  * the AR decode step: one forward of 1 token over a KV cache filled to L (LM head on that token), for each L;
+  * the whole AR decode loop (``tidar_jax.decode`` in mode "ar"): wall time per generated token.
+Bound = bytes one step must read / bandwidth, where bytes = parameters actually read (all of them, except that an
+untied input embedding contributes one row) + the K and V cache slots the step attends over.
+Writes ``bandwidth.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common as bc  # noqa: E402
+import free_slots as fs  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+DEFAULTS = {"contexts": "256,1024,4096", "copy_mib": 512, "rounds": 15, "preset": "m38", "new_tokens": 64}
+QUICK = {"contexts": "64,512", "copy_mib": 128, "rounds": 5, "preset": "small", "new_tokens": 24}
+
+
+def step_bytes(bundle, cache_slots: int) -> dict[str, int]:
+    """Bytes one AR step reads: weights (an untied embedding table only contributes the looked-up row) + KV."""
+    cfg = bundle.config
+    pure = bundle.params.to_pure_dict()
+    total = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pure)))
+    embed = pure["embed"]
+    weight_bytes = total if cfg.tie_embeddings else total - embed.nbytes + embed.shape[1] * embed.dtype.itemsize
+    kv_bytes = 2 * cfg.num_layers * cache_slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return {"weight_bytes": int(weight_bytes), "kv_bytes": int(kv_bytes), "total_bytes": int(weight_bytes + kv_bytes)}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
+    p.add_argument("--preset", choices=sorted(bc.PRESETS))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--contexts", help="comma-separated context lengths L (default 256,1024,4096)")
+    p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth array in MiB (default 512)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--new-tokens", type=int, help="tokens per row for the AR decode-loop timing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")
+    for name in ("copy_mib", "rounds", "new_tokens"):
+        if getattr(args, name) < 1:
+            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    bundle, trained = bc.load_model(args.checkpoint, args.preset, args.seed)
+    cfg = bundle.config
+
+    n = args.copy_mib * 2 ** 20 // 4
+    x = jnp.arange(n, dtype=jnp.float32)
+    copy, read = jax.jit(lambda a: a + 1.0), jax.jit(jnp.sum)
+    cands = {"copy": partial(copy, x), "read": partial(read, x)}
+
+    fwd = jax.jit(partial(fs._forward, bundle.graphdef))
+    rng = np.random.default_rng(args.seed)
+    for context in args.contexts:
+        inputs = [jnp.asarray(a) for a in fs.plain_inputs(cfg, context, 1, rng)]
+        cands[f"ar_step/L={context}"] = partial(fwd, bundle.params, fs.random_cache(cfg, context, args.seed), *inputs)
+
+    from tidar_jax.decode import Decoder
+    dec = Decoder.from_bundle(bundle)
+    prompt_len = args.contexts[0]
+    prompt = [int(t) for t in rng.integers(0, cfg.vocab_size, prompt_len)]
+    loop_kw = dict(mode="ar", max_new_tokens=args.new_tokens, eos_token_id=None)
+    cands["ar_loop"] = partial(dec.generate, [prompt], **loop_kw)
+
+    times = bc.interleaved(cands, rounds=args.rounds, warmup=2,
+                           sync=lambda r: r if hasattr(r, "stats") else jax.block_until_ready(r))
+    s = {k: bc.stats(v) for k, v in times.items()}
+    nbytes = n * 4
+    copy_bw = 2 * nbytes / s["copy"]["p25"]  # read + write
+    read_bw = nbytes / s["read"]["p25"]
+
+    steps = []
+    for context in args.contexts:
+        st = s[f"ar_step/L={context}"]
+        b = step_bytes(bundle, context)
+        steps.append({"context": context, "step_ms_p25": st["p25"] * 1e3, "step_ms_min": st["min"] * 1e3,
+                      "step_ms_median": st["median"] * 1e3, **b,
+                      "bound_ms_copy_bw": b["total_bytes"] / copy_bw * 1e3,
+                      "bound_ms_read_bw": b["total_bytes"] / read_bw * 1e3,
+                      "step_over_bound_copy": st["p25"] / (b["total_bytes"] / copy_bw),
+                      "achieved_gb_s": b["total_bytes"] / st["p25"] / 1e9})
+
+    # the decode loop: one prefill + (new_tokens - 1) steps; attention spans the whole cache buffer every step
+    res = dec.generate([prompt], **loop_kw)
+    from tidar_jax.decode.api import prompt_bucket
+    from tidar_jax.decode.engine import required_cache_size
+    opts = dec.options(**{k: v for k, v in loop_kw.items() if k != "eos_token_id"})
+    cache_slots = required_cache_size(prompt_bucket(prompt_len, dec.max_cache_len), opts)
+    lb = step_bytes(bundle, cache_slots)
+    per_token = s["ar_loop"]["p25"] / res.stats["new_tokens"][0]
+    loop = {"prompt_len": prompt_len, "new_tokens": res.stats["new_tokens"][0], "nfe": res.stats["nfe"],
+            "cache_slots": cache_slots, "ms_per_token_p25": per_token * 1e3, **lb,
+            "bound_ms_copy_bw": lb["total_bytes"] / copy_bw * 1e3,
+            "per_token_over_bound_copy": per_token / (lb["total_bytes"] / copy_bw),
+            "note": "includes the prefill forward, amortised over the generated tokens"}
+
+    result = {"benchmark": "bandwidth", "machine": bc.machine_info(), "model": bc.model_description(bundle, trained),
+              "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "bandwidth": {"array_mib": args.copy_mib, "copy_gb_s": copy_bw / 1e9, "read_gb_s": read_bw / 1e9,
+                            "copy_ms_p25": s["copy"]["p25"] * 1e3, "read_ms_p25": s["read"]["p25"] * 1e3},
+              "ar_step": steps, "ar_loop": loop}
+    bc.write_json(os.path.join(args.out, "bandwidth.json"), result)
+    print(report(result), flush=True)
+    return result
+
+
+def report(result) -> str:
+    bw = result["bandwidth"]
+    lines = [f"copy bandwidth {bw['copy_gb_s']:.1f} GB/s (read+write), read bandwidth {bw['read_gb_s']:.1f} GB/s "
+             f"({bw['array_mib']} MiB array)"]
+    for r in result["ar_step"]:
+        lines.append(f"AR step L={r['context']:<5}: {r['step_ms_p25']:7.3f} ms; reads {r['total_bytes'] / 1e6:7.1f} MB "
+                     f"(weights {r['weight_bytes'] / 1e6:.1f} + KV {r['kv_bytes'] / 1e6:.1f}) -> bound "
+                     f"{r['bound_ms_copy_bw']:.3f} ms at copy bw; step/bound = {r['step_over_bound_copy']:.2f}x "
+                     f"({r['achieved_gb_s']:.1f} GB/s achieved)")
+    lp = result["ar_loop"]
+    lines.append(f"AR decode loop: {lp['ms_per_token_p25']:.3f} ms/token over a {lp['cache_slots']}-slot cache; bound "
+                 f"{lp['bound_ms_copy_bw']:.3f} ms; ratio {lp['per_token_over_bound_copy']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

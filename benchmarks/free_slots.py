@@ -1,0 +1,267 @@
+"""Free-token-slot profiler: forward latency vs number of query tokens at several context lengths, and the draft
+block size that maximises expected tokens/s for a given checkpoint.
+
+    python benchmarks/free_slots.py --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
+
+What is timed (batch 1, ``jax.jit`` over the params state, interleaved round-robin after a warm-up):
+  * "plain" rows: one forward over ``[KV cache filled to L | Q new tokens]`` (cache fully visible, causal among the
+    Q tokens), LM head on all Q rows -- the generic "how much do extra query tokens cost" curve.
+  * "tidar_step" rows: exactly the decode engine's step forward for block size B: Q = B(B+1) tokens (B drafts + B
+    mask groups of B) with the TiDAR decode mask and positions, LM head only on the 2B rows the engine uses
+    (3B when beta < 1).
+Recommendation: for each B, expected tokens/s = E[accepted per step] / step latency, with E[accepted] measured by
+running greedy TiDAR decode of the checkpoint on held-out prompts; the AR baseline is 1 / latency(Q=1).
+Writes ``free_slots.csv`` (one row per timed forward), ``free_slots.json`` and ``free_slots.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common as bc  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tidar_jax import masks  # noqa: E402
+from tidar_jax.model import KVCache  # noqa: E402
+
+DEFAULTS = {"contexts": "256,1024,4096", "max_query": 512, "blocks": "2,4,8,16", "rounds": 15, "preset": "m38",
+            "prompts": 4, "new_tokens": 64, "prompt_len": 64}
+QUICK = {"contexts": "64,256", "max_query": 64, "blocks": "2,4,8", "rounds": 5, "preset": "small",
+         "prompts": 2, "new_tokens": 24, "prompt_len": 32}
+
+
+def query_grid(max_query: int) -> list[int]:
+    out, q = [], 1
+    while q <= max_query:
+        out.append(q)
+        q *= 2
+    return out
+
+
+def head_rows(block: int, beta: float) -> int:
+    """LM-head rows of one engine step: the B draft rows + group k's B slots (+ B group slot-0 rows if beta<1)."""
+    return 3 * block if beta != 1.0 else 2 * block
+
+
+def random_cache(cfg, context: int, seed: int) -> KVCache:
+    """A cache of ``context`` visible slots with random K/V (the values do not change the cost)."""
+    shape = (cfg.num_layers, 1, context, cfg.num_kv_heads, cfg.head_dim)
+    kk, kv = jax.random.split(jax.random.key(seed))
+    dt = jnp.dtype(cfg.dtype)
+    return KVCache(jax.random.normal(kk, shape, dt), jax.random.normal(kv, shape, dt),
+                   jnp.full((1,), context, jnp.int32))
+
+
+def _forward(graphdef, params, cache, tokens_1Q, positions_1Q, mask_1QS, rows_1R):
+    model = nnx.merge(graphdef, params)
+    hidden_1QD, _ = model.hidden(tokens_1Q, positions_1Q, mask_1QS, cache)
+    return model.logits(jnp.take_along_axis(hidden_1QD, rows_1R[:, :, None], axis=1))
+
+
+def plain_inputs(cfg, context: int, q: int, rng):
+    tokens = rng.integers(0, cfg.vocab_size, (1, q)).astype(np.int32)
+    positions = (context + np.arange(q, dtype=np.int32))[None]
+    causal = np.tril(np.ones((q, q), bool))
+    mask = np.concatenate([np.ones((q, context), bool), causal], axis=1)[None]
+    return tokens, positions, mask, np.arange(q, dtype=np.int32)[None]
+
+
+def step_inputs(cfg, context: int, block: int, beta: float, rng):
+    q = block * (block + 1)
+    drafts = rng.integers(0, cfg.vocab_size, (1, block)).astype(np.int32)
+    tokens = np.concatenate([drafts, np.full((1, block * block), cfg.mask_token_id, np.int32)], axis=1)
+    length = jnp.full((1,), context, jnp.int32)
+    positions = np.asarray(masks.decode_positions(length, block))
+    mask = np.asarray(masks.decode_mask(length, block, context))
+    rows = np.arange(2 * block)  # the B draft rows + one group's B slots (which group does not change the cost)
+    if beta != 1.0:
+        rows = np.concatenate([rows, (np.arange(block) + 1) * block])
+    assert rows.size == head_rows(block, beta) and tokens.shape[1] == q
+    return tokens, positions, mask, rows.astype(np.int32)[None]
+
+
+def build_candidates(bundle, contexts, queries, blocks, beta, seed):
+    """name -> (zero-arg callable, row description) for every timed forward."""
+    cfg = bundle.config
+    fwd = jax.jit(partial(_forward, bundle.graphdef))
+    rng = np.random.default_rng(seed)
+    cands, meta = {}, {}
+    for context in contexts:
+        cache = random_cache(cfg, context, seed)
+        specs = [("plain", q, None, plain_inputs(cfg, context, q, rng)) for q in queries]
+        specs += [("tidar_step", b * (b + 1), b, step_inputs(cfg, context, b, beta, rng)) for b in blocks]
+        for kind, q, block, inputs in specs:
+            args = [jnp.asarray(a) for a in inputs]
+            name = f"{kind}/L={context}/Q={q}"
+            cands[name] = partial(fwd, bundle.params, cache, *args)
+            meta[name] = {"kind": kind, "context": context, "query_tokens": q, "block_size": block or "",
+                          "head_rows": int(args[3].shape[1])}
+    return cands, meta
+
+
+def measure_acceptance(bundle, blocks, prompts, new_tokens, beta):
+    from tidar_jax.decode import Decoder
+
+    dec = Decoder.from_bundle(bundle)
+    out = {}
+    for b in blocks:
+        res = dec.generate(prompts, mode="tidar", block_size=b, beta=beta, slot0="verifier",
+                           max_new_tokens=new_tokens, eos_token_id=None, allow_untrained_block_size=True)
+        s = res.stats
+        out[b] = {"mean_accepted": s["mean_accepted"], "tokens_per_nfe": s["tokens_per_nfe"],
+                  "accepted_length_hist": s["accepted_length_hist"]}
+    return out
+
+
+def recommend(latency_ms, acceptance, contexts, blocks, trained_block):
+    """Per context: expected tokens/s for each B and the best B; ``latency_ms[(kind, L, Q)]`` is the p25."""
+    per_context = {}
+    for context in contexts:
+        ar_ms = latency_ms[("plain", context, 1)]
+        rows = []
+        for b in blocks:
+            step_ms = latency_ms[("tidar_step", context, b * (b + 1))]
+            acc = acceptance[b]["mean_accepted"] or 0.0
+            tps = acc / (step_ms / 1e3)
+            rows.append({"block_size": b, "step_ms": step_ms, "step_vs_ar_latency": step_ms / ar_ms,
+                         "mean_accepted": acc, "expected_tokens_per_s": tps,
+                         "expected_speedup_vs_ar": tps * ar_ms / 1e3})
+        best = max(rows, key=lambda r: r["expected_tokens_per_s"])
+        per_context[str(context)] = {"ar_step_ms": ar_ms, "ar_tokens_per_s": 1e3 / ar_ms, "blocks": rows,
+                                     "best_block_size": best["block_size"]}
+    votes = [per_context[str(c)]["best_block_size"] for c in contexts]
+    overall = max(set(votes), key=lambda b: (votes.count(b), -votes.index(b)))
+    note = None
+    if trained_block is not None and overall != trained_block:
+        note = (f"the checkpoint was trained with block size {trained_block}; acceptance at other block sizes was "
+                f"measured with allow_untrained_block_size")
+    return {"per_context": per_context, "best_block_size": overall, "trained_block_size": trained_block,
+            "note": note}
+
+
+def free_slot_summary(latency_ms, contexts, queries):
+    """Largest Q whose latency stays within 1.1x / 1.5x / 2x of Q=1, per context."""
+    out = {}
+    for context in contexts:
+        base = latency_ms[("plain", context, 1)]
+        out[str(context)] = {f"max_q_within_{f}x": max(q for q in queries if latency_ms[("plain", context, q)]
+                                                      <= f * base) for f in (1.1, 1.5, 2.0)}
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
+    p.add_argument("--preset", choices=sorted(bc.PRESETS), help="random model when no checkpoint")
+    p.add_argument("--quick", action="store_true", help="small contexts/queries/rounds (a minute on 2 cores)")
+    p.add_argument("--contexts", help="comma-separated context lengths L (default 256,1024,4096)")
+    p.add_argument("--max-query", type=int, help="largest Q in the 1,2,4,... grid (default 512)")
+    p.add_argument("--blocks", help="candidate draft block sizes (default 2,4,8,16)")
+    p.add_argument("--beta", type=float, default=1.0, help="decode beta (1 = trust AR, lossless)")
+    p.add_argument("--rounds", type=int, help="timed interleaved rounds (default 15)")
+    p.add_argument("--prompts", type=int, help="held-out prompts for the acceptance statistics")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--new-tokens", type=int, help="tokens generated per prompt for the acceptance statistics")
+    p.add_argument("--data", help="prepared data dir for held-out prompts (default: the run's, else data/stdlib)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")
+    args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
+    for name in ("max_query", "rounds", "prompts", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    if not 0.0 <= args.beta <= 1.0:
+        bc.fail(f"--beta={args.beta}: must be in [0, 1]")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    bundle, trained = bc.load_model(args.checkpoint, args.preset, args.seed)
+    cfg = bundle.config
+    queries = query_grid(args.max_query)
+    print(f"model: {bundle.source} ({cfg.num_params / 1e6:.1f}M params); contexts {args.contexts}; Q {queries}; "
+          f"TiDAR step blocks {args.blocks}", flush=True)
+
+    cands, meta = build_candidates(bundle, args.contexts, queries, args.blocks, args.beta, args.seed)
+    times = bc.interleaved(cands, rounds=args.rounds, warmup=2)
+    rows, latency_ms = [], {}
+    for name, samples in times.items():
+        s = bc.stats(samples)
+        m = meta[name]
+        latency_ms[(m["kind"], m["context"], m["query_tokens"])] = s["p25"] * 1e3
+        rows.append({**m, "min_ms": s["min"] * 1e3, "p25_ms": s["p25"] * 1e3, "median_ms": s["median"] * 1e3,
+                     "rounds": s["n"]})
+    for r in rows:
+        base = latency_ms[("plain", r["context"], 1)]
+        r["p25_vs_q1"] = r["p25_ms"] / base
+        r["ms_per_token_p25"] = r["p25_ms"] / r["query_tokens"]
+
+    data_dir = bc.find_data_dir(args.checkpoint, args.data)
+    prompts, prompt_source = bc.heldout_prompts(cfg, data_dir, args.prompts, args.prompt_len, args.seed)
+    acceptance = measure_acceptance(bundle, args.blocks, prompts, args.new_tokens, args.beta)
+    rec = recommend(latency_ms, acceptance, args.contexts, args.blocks, bundle.trained_block_size)
+
+    result = {
+        "benchmark": "free_slots", "machine": bc.machine_info(), "model": bc.model_description(bundle, trained),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "warning": None if trained else bc.RANDOM_MODEL_WARNING,
+        "latency": rows, "free_slots": free_slot_summary(latency_ms, args.contexts, queries),
+        "acceptance": {"prompts": prompt_source, "num_prompts": len(prompts), "new_tokens": args.new_tokens,
+                       "beta": args.beta, "per_block": {str(b): v for b, v in acceptance.items()}},
+        "recommendation": rec,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    bc.write_csv(os.path.join(args.out, "free_slots.csv"), rows)
+    bc.write_json(os.path.join(args.out, "free_slots.json"), result)
+    if not args.no_plot:
+        import plots
+        result["plot"] = plots.latency_curve(rows, rec, os.path.join(args.out, "free_slots.png"))
+    print(report(result), flush=True)
+    return result
+
+
+def report(result) -> str:
+    lines = []
+    if result["warning"]:
+        lines += ["", "!" * 100, result["warning"], "!" * 100]
+    lines.append("")
+    lines.append("latency (p25 ms) of the plain forward, batch 1:")
+    ctxs = sorted({r["context"] for r in result["latency"]})
+    qs = sorted({r["query_tokens"] for r in result["latency"] if r["kind"] == "plain"})
+    lat = {(r["context"], r["query_tokens"]): r for r in result["latency"] if r["kind"] == "plain"}
+    lines.append("  Q     " + "".join(f"L={c:<14}" for c in ctxs))
+    for q in qs:
+        lines.append(f"  {q:<5} " + "".join(f"{lat[(c, q)]['p25_ms']:7.2f} ({lat[(c, q)]['p25_vs_q1']:4.2f}x) "
+                                            for c in ctxs))
+    rec = result["recommendation"]
+    for c, info in rec["per_context"].items():
+        lines.append(f"context {c}: AR {info['ar_tokens_per_s']:.1f} tok/s")
+        for r in info["blocks"]:
+            lines.append(f"  B={r['block_size']:<3} step {r['step_ms']:7.2f} ms ({r['step_vs_ar_latency']:.2f}x AR)"
+                         f"  E[accepted] {r['mean_accepted']:.2f}  -> {r['expected_tokens_per_s']:8.1f} tok/s"
+                         f"  ({r['expected_speedup_vs_ar']:.2f}x AR)")
+    lines.append(f"recommended draft block size: B = {rec['best_block_size']}"
+                 + ("" if result["model"]["trained"] else "   (RANDOM MODEL: not meaningful)"))
+    if rec["note"]:
+        lines.append(f"note: {rec['note']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

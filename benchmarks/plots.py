@@ -1,0 +1,94 @@
+"""PNG plots of benchmark results (matplotlib, Agg backend: no display needed). Each function returns its path."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def latency_curve(rows: list[dict], recommendation: dict, path: str) -> str:
+    """Left: p25 latency vs query tokens per context (plain forward; TiDAR step points marked). Right: expected
+    tokens/s vs block size per context, with the AR baseline as a dashed line."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    contexts = sorted({r["context"] for r in rows})
+    for i, context in enumerate(contexts):
+        color = f"C{i}"
+        plain = sorted((r["query_tokens"], r["p25_ms"]) for r in rows
+                       if r["kind"] == "plain" and r["context"] == context)
+        ax.plot(*zip(*plain), "o-", color=color, label=f"L={context}")
+        steps = sorted((r["query_tokens"], r["p25_ms"], r["block_size"]) for r in rows
+                       if r["kind"] == "tidar_step" and r["context"] == context)
+        if steps:
+            ax.plot([s[0] for s in steps], [s[1] for s in steps], "x", color=color, markersize=9)
+            for q, ms, b in steps:
+                ax.annotate(f"B={b}", (q, ms), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("query tokens per forward (Q)")
+    ax.set_ylabel("latency, p25 (ms)")
+    ax.set_title("forward latency, batch 1 (x = TiDAR step, Q=B(B+1))")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+    for i, (context, info) in enumerate(recommendation["per_context"].items()):
+        blocks = [r["block_size"] for r in info["blocks"]]
+        ax2.plot(blocks, [r["expected_tokens_per_s"] for r in info["blocks"]], "o-", color=f"C{i}",
+                 label=f"TiDAR L={context}")
+        ax2.axhline(info["ar_tokens_per_s"], color=f"C{i}", linestyle="--", alpha=0.6)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("draft block size B")
+    ax2.set_ylabel("expected tokens/s (dashed: AR)")
+    ax2.set_title(f"expected throughput; best B = {recommendation['best_block_size']}")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend()
+    return _save(fig, path)
+
+
+def speedup_vs_block(points: list[dict], path: str, title: str = "TiDAR speedup over AR") -> str:
+    """``points``: dicts with block_size, speedup, tokens_per_nfe and a ``label`` (one line per label)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labels = sorted({p["label"] for p in points})
+    for i, label in enumerate(labels):
+        pts = sorted((p["block_size"], p["speedup"], p["tokens_per_nfe"]) for p in points if p["label"] == label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=f"{label}: speedup")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "s:", color=f"C{i}", alpha=0.6, label=f"{label}: T/NFE")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("draft block size B")
+    ax.set_ylabel("x over AR decode")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def accepted_histogram(hists: dict[str, dict], path: str) -> str:
+    """``hists``: label -> {accepted length (str or int): count}; bars are normalised to fractions of steps."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labels = list(hists)
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        h = {int(k): v for k, v in hists[label].items()}
+        total = sum(h.values()) or 1
+        ks = sorted(h)
+        ax.bar([k + (i - (len(labels) - 1) / 2) * width for k in ks], [h[k] / total for k in ks], width=width,
+               label=label, color=f"C{i}")
+    ax.set_xlabel("accepted tokens per step")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title("accepted-length histogram")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
