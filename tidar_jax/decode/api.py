@@ -202,10 +202,10 @@ class Decoder:
     def stream(self, prompts, seed: int = 0, eos_token_id=_DEFAULT, **option_kwargs) -> "DecodeStream":
         """Iterate per forward pass over the rows' newly emitted tokens (one accepted chunk per row)."""
         opts, cache_size, args = self._inputs(prompts, seed, eos_token_id, option_kwargs)
-        prefill = self._compile("prefill", partial(engine.prefill, self.graphdef, opts, cache_size), opts,
-                                cache_size, args)
+        prefill_fn = partial(engine.prefill, self.graphdef, opts, cache_size)
+        prefill = self._compile("prefill", prefill_fn, opts, cache_size, args)
         compile_s = self._last_compile_s
-        state0 = jax.eval_shape(prefill, *args)
+        state0 = jax.eval_shape(prefill_fn, *args)
         step = self._compile("step", partial(engine.step, self.graphdef, opts), opts, cache_size,
                              (self.params, state0))
         compile_s += self._last_compile_s
@@ -221,11 +221,12 @@ class DecodeStream:
         self._prefill, self._step, self._args = prefill, step, args
         self._compile_s = compile_s
         self.result: GenerateResult | None = None
+        self.state: engine.DecodeState | None = None  # the latest state (for inspection between chunks)
 
     def __iter__(self) -> Iterator[list[list[int]]]:
         t0 = time.perf_counter()
         params = self._args[0]
-        state = self._prefill(*self._args)
+        state = self.state = self._prefill(*self._args)
         seen = np.zeros(state.n_out_N.shape, np.int64)
         while True:
             out, n_out, done = jax.device_get((state.out_NM, state.n_out_N, state.done_N))
@@ -233,7 +234,7 @@ class DecodeStream:
             seen = np.asarray(n_out, np.int64)
             if bool(np.all(done)):
                 break
-            state = self._step(params, state)
+            state = self.state = self._step(params, state)
         state = jax.device_get(state)
         wall_s = time.perf_counter() - t0
         out = np.asarray(state.out_NM)
