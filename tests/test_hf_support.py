@@ -16,13 +16,15 @@ FAMILY_CASES = [(f, t) for f in FAMILIES for t in (False, True)]
 
 
 def hf_model(family: str, tied: bool, *, vocab=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, mlp=48, seed=0,
-             dtype="float32", rope_theta=10000.0):
+             dtype="float32", rope_theta=None):
     """A tiny randomly initialised transformers model. Every parameter (norm scales and biases included) is
     random so a mapping mistake anywhere changes the logits."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, \
         Qwen3ForCausalLM
 
+    if rope_theta is None:  # non-default per family, so a dropped rope_theta mapping changes the logits
+        rope_theta = {"qwen2": 1e6, "qwen3": 5e5, "llama": 500.0}[family]
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
                   rms_norm_eps=1e-6, rope_theta=rope_theta, max_position_embeddings=256, bos_token_id=None,
