@@ -181,6 +181,8 @@ def test_mask_token_policy(tmp_path):
     assert _reload(out).config.vocab_size == VOCAB + 1
     from tokenizers import Tokenizer
     assert Tokenizer.from_file(os.path.join(out, "tokenizer.json")).token_to_id("<|mask|>") == VOCAB
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(out).mask_token_id == VOCAB  # tokenizer_config.json names it
 
 
 def test_cli_import_then_export(tmp_path):

@@ -111,7 +111,7 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
         for fname, shard in zip(names, shards):
             tensors = {}
             for k in shard:  # gather one tensor at a time; a shard holds at most max_shard_bytes on the host
-                tensors[k.hf_name] = k.to_hf(gather(get_path(pure, k.our_path))).astype(np_dtype)
+                tensors[k.hf_name] = k.to_hf(gather(get_path(pure, k.our_path))).astype(np_dtype, copy=False)
                 weight_map[k.hf_name] = fname
                 total += tensors[k.hf_name].nbytes
             if writer:

@@ -171,7 +171,7 @@ def params_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray
     param_dtype = jnp.dtype(cfg.param_dtype)
     pure: dict = {}
     for k in bound_keys(source_cfg or cfg):
-        arr = k.to_ours(np.asarray(get_tensor(k.hf_name))).astype(param_dtype)
+        arr = k.to_ours(np.asarray(get_tensor(k.hf_name))).astype(param_dtype, copy=False)
         if grow_vocab_rows and k.hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
             arr = _grow_vocab(arr, grow_vocab_rows, axis=0 if k.our_path == ("embed",) else 1)
         set_path(pure, k.our_path, _place(arr, k.our_path, shardings, device))
