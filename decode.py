@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Decode with a TiDAR checkpoint (or its AR baseline) from the command line.
+
+    python decode.py --checkpoint CKPT --prompt "def fib(n):" --max-new-tokens 64
+    python decode.py --checkpoint CKPT --prompt-file prompt.txt --compare
+    echo "hello" | python decode.py --checkpoint CKPT --json
+
+Text streams to stdout (in a terminal, each accepted chunk in an alternating colour); stats go to stderr.
+``--json`` prints exactly one JSON object on stdout instead. Bad input exits non-zero with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+COLOURS = ("\033[36m", "\033[33m")
+RESET = "\033[0m"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="params checkpoint, training run dir or HF dir")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="UTF-8 prompt file ('-' = stdin)")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids (for checkpoints without a tokenizer)")
+    p.add_argument("--mode", default="tidar", help="tidar | ar (default tidar)")
+    p.add_argument("--block-size", type=int, default=None, help="draft length B (default: the trained one)")
+    p.add_argument("--allow-untrained-block-size", action="store_true",
+                   help="allow a block size other than the one the checkpoint was trained with")
+    p.add_argument("--beta", type=float, default=1.0, help="verifier mix: 1 = trust AR, 0 = trust diffusion")
+    p.add_argument("--slot0", default="verifier",
+                   help="verifier (lossless with beta=1) | diffusion (the authors' code)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--eos-token-id", type=int, default=None, help="default: the checkpoint's; -1 = none")
+    p.add_argument("--max-cache-len", type=int, default=4096, help="KV cache slots (prompt + new + B)")
+    p.add_argument("--compare", action="store_true", help="also run AR on the same prompt and compare")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
+    return p
+
+
+def read_prompt(args) -> tuple[str | None, list[int] | None]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise SystemExit(f"--prompt-ids={args.prompt_ids!r}: must be comma-separated integers")
+        return None, ids
+    if args.prompt is not None:
+        return args.prompt, None
+    if args.prompt_file is not None and args.prompt_file != "-":
+        if not os.path.isfile(args.prompt_file):
+            raise SystemExit(f"--prompt-file={args.prompt_file!r}: no such file")
+        with open(args.prompt_file, "rb") as f:
+            raw, where = f.read(), args.prompt_file
+    elif args.prompt_file == "-" or not sys.stdin.isatty():
+        raw, where = sys.stdin.buffer.read(), "stdin"
+    else:
+        raise SystemExit("no prompt: give --prompt, --prompt-file, --prompt-ids or pipe text on stdin")
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"prompt from {where} is not valid UTF-8 (byte {e.start}): only UTF-8 text is accepted")
+
+
+def load_decoder(args):
+    from tidar_jax.decode import Decoder
+    from tidar_jax.loading import CheckpointNotFound, load_for_inference
+
+    try:
+        bundle = load_for_inference(args.checkpoint)
+    except CheckpointNotFound as e:
+        raise SystemExit(str(e))
+    except Exception as e:  # a corrupt or unsupported checkpoint: one line, not a traceback
+        raise SystemExit(f"checkpoint {args.checkpoint!r} could not be loaded: {type(e).__name__}: {e}")
+    return Decoder.from_bundle(bundle, max_cache_len=args.max_cache_len)
+
+
+def _option_kwargs(args, mode):
+    return dict(mode=mode, block_size=args.block_size, beta=args.beta, slot0=args.slot0,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens, allow_untrained_block_size=args.allow_untrained_block_size)
+
+
+def _common(args):
+    from tidar_jax.decode.api import _DEFAULT
+
+    return dict(seed=args.seed, eos_token_id=_DEFAULT if args.eos_token_id is None else args.eos_token_id)
+
+
+def _fmt_stats(stats) -> str:
+    hist = " ".join(f"{k}:{c}" for k, c in stats["accepted_length_hist"].items())
+    return (f"[{stats['mode']} B={stats['block_size']}] {stats['new_tokens'][0]} tokens, NFE {stats['nfe']}, "
+            f"T/NFE {stats['tokens_per_nfe']:.2f}, {stats['tokens_per_s']:.1f} tok/s, wall {stats['wall_s']:.3f}s "
+            f"(compile {stats['compile_s']:.1f}s), accepted-length histogram {hist}")
+
+
+def stream_text(dec, prompt, args, colour: bool):
+    stream = dec.stream(prompt, **_common(args), **_option_kwargs(args, args.mode))
+    tokens, shown, n_chunk = [], "", 0
+    for chunk in stream:
+        new = chunk[0]
+        if not new:
+            continue
+        tokens += new
+        if dec.tokenizer is None:
+            piece = " ".join(map(str, new)) + " "
+        else:
+            text = dec.tokenizer.decode(tokens)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                continue
+            piece, shown = text[len(shown):] if text.startswith(shown) else text, text
+        if colour:
+            piece = COLOURS[n_chunk % 2] + piece + RESET
+        n_chunk += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if dec.tokenizer is not None:
+        text = dec.tokenizer.decode(tokens)
+        if text != shown:
+            sys.stdout.write(text[len(shown):] if text.startswith(shown) else text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return stream.result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.mode not in ("tidar", "ar"):
+        raise SystemExit(f"--mode={args.mode!r}: must be tidar or ar")
+    text, ids = read_prompt(args)
+    dec = load_decoder(args)
+    from tidar_jax.decode import DecodeError
+
+    try:
+        prompt = ids if ids is not None else text
+        if isinstance(prompt, str) and dec.tokenizer is None:
+            raise SystemExit(f"checkpoint {args.checkpoint!r} has no tokenizer: pass the prompt as --prompt-ids")
+        prompt_ids = dec.encode(prompt)[0]
+        compare = None
+        if args.json or args.compare:
+            result = dec.generate(prompt_ids, **_common(args), **_option_kwargs(args, args.mode))
+            if args.compare:
+                other = "ar" if args.mode == "tidar" else "tidar"
+                base = dec.generate(prompt_ids, **_common(args), **_option_kwargs(args, other))
+                tidar, ar = (result, base) if args.mode == "tidar" else (base, result)
+                compare = {
+                    "tidar_tokens_per_s": tidar.stats["tokens_per_s"], "ar_tokens_per_s": ar.stats["tokens_per_s"],
+                    "speedup": tidar.stats["tokens_per_s"] / ar.stats["tokens_per_s"],
+                    "tidar_tokens_per_nfe": tidar.stats["tokens_per_nfe"], "identical": tidar.tokens == ar.tokens,
+                    "ar_stats": ar.stats if args.mode == "tidar" else None,
+                    "tidar_stats": tidar.stats if args.mode == "ar" else None}
+        else:
+            colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+            result = stream_text(dec, prompt_ids, args, colour)
+    except DecodeError as e:
+        raise SystemExit(str(e))
+
+    if args.json:
+        obj = {"prompt": text, "prompt_ids": prompt_ids, "tokens": result.tokens[0],
+               "text": result.texts[0] if result.texts else None, "stats": result.stats,
+               "options": {k: v for k, v in _option_kwargs(args, args.mode).items()}, "compare": compare,
+               "checkpoint": args.checkpoint}
+        print(json.dumps(obj))
+        return 0
+    if args.compare:
+        print(result.texts[0] if result.texts else " ".join(map(str, result.tokens[0])))
+    print(_fmt_stats(result.stats), file=sys.stderr)
+    if compare:
+        print(f"AR {compare['ar_tokens_per_s']:.1f} tok/s | TiDAR {compare['tidar_tokens_per_s']:.1f} tok/s | "
+              f"speedup {compare['speedup']:.2f}x | T/NFE {compare['tidar_tokens_per_nfe']:.2f} | "
+              f"outputs {'identical' if compare['identical'] else 'DIFFER'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""decode.py end to end on a saved params checkpoint with a tiny BPE tokenizer, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from test_decode_support import random_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import decode  # noqa: E402
+
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "def add(a, b): return a + b", "héllo wörld"] * 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tidar_jax.params_io import save_params
+
+    tmp = tmp_path_factory.mktemp("decode_cli")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_path = str(tmp / "tokenizer.json")
+    tok.save(tok_path)
+    model = random_tiny("float32", seed=3, vocab_size=320, mask_token_id=319)
+    path = save_params(str(tmp / "ckpt"), model.cfg, nnx.state(model), tokenizer_path=tok_path,
+                       extra={"trained_block_size": 4, "eos_token_id": None})
+    return path
+
+
+def test_json_compare_greedy_is_identical(checkpoint, capsys):
+    assert decode.main(["--checkpoint", checkpoint, "--prompt", "the cat", "--max-new-tokens", "12", "--json",
+                        "--compare"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # exactly one JSON object
+    obj = json.loads(out[0])
+    assert obj["prompt"] == "the cat" and len(obj["tokens"]) == 12 and isinstance(obj["text"], str)
+    assert obj["compare"]["identical"] is True  # beta=1, slot0=verifier, greedy: lossless
+    for key in ("nfe", "tokens_per_nfe", "accepted_length_hist", "wall_s", "tokens_per_s"):
+        assert key in obj["stats"]
+    assert obj["compare"]["speedup"] > 0
+
+
+def test_streaming_colours_chunks_and_prints_stats(checkpoint, capsys, tmp_path):
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("héllo wörld", encoding="utf-8")
+    assert decode.main(["--checkpoint", checkpoint, "--prompt-file", str(prompt_file), "--max-new-tokens", "10",
+                        "--color", "always", "--block-size", "4"]) == 0
+    captured = capsys.readouterr()
+    assert decode.COLOURS[0] in captured.out and decode.RESET in captured.out
+    assert "T/NFE" in captured.err and "NFE" in captured.err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompt", "x", "--block-size", "8"], "trained with block size 4"),
+    (["--prompt", "the cat " * 40, "--max-cache-len", "64"], "too long"),
+    (["--prompt", "x", "--beta", "2"], "beta=2.0"),
+    (["--prompt", "x", "--mode", "fast"], "--mode='fast'"),
+    (["--prompt-ids", "1,x"], "--prompt-ids"),
+])
+def test_bad_input_one_line(checkpoint, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--checkpoint", checkpoint] + argv)
+    assert needle in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_non_utf8_prompt_file(checkpoint, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--checkpoint", checkpoint, "--prompt-file", str(bad)])
+    assert "not valid UTF-8" in str(e.value.code)
+
+
+def test_missing_checkpoint_exits_nonzero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "decode.py"), "--checkpoint",
+                           str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
