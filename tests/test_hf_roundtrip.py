@@ -262,3 +262,32 @@ def test_transformers_generate_matches_decode_api(tmp_path, mode):
                                           attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
     result = decode.generate(reloaded_bundle, prompt.tolist(), mode=mode, max_new_tokens=steps, eos_token_id=None)
     np.testing.assert_array_equal(np.asarray(result.tokens), hf_tokens[:, 5:])
+
+
+def test_qwen_tokenizer_gives_fim_pad_mask_token(tmp_path):
+    """A non-Qwen architecture with a Qwen-sized vocabulary whose tokenizer has <|fim_pad|> at 151662 uses it;
+    without that token it must ask for a mask token. (Weights written with numpy: the rule is about the
+    tokenizer, and a 151k-row torch model is slow to build.)"""
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models
+
+    from tidar_jax.config import ModelConfig
+    from tidar_jax.hf import HFFormatError, bound_keys, model_config_to_hf_config
+
+    cfg = ModelConfig(vocab_size=151680, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, mlp_size=8,
+                      mask_token_id=0, family="llama")
+    hf_cfg = model_config_to_hf_config(cfg)
+    del hf_cfg["mask_token_id"]  # a plain HF checkpoint records no TiDAR fields
+    words = {f"t{i}": i for i in range(151662)}
+    for name, tok in (("qwen_tok", Tokenizer(models.WordLevel({**words, "<|fim_pad|>": 151662}, unk_token="t0"))),
+                      ("plain_tok", Tokenizer(models.WordLevel(words, unk_token="t0")))):
+        path = tmp_path / name
+        path.mkdir()
+        json.dump(hf_cfg, open(path / "config.json", "w"))
+        save_file({k.hf_name: np.ones(k.hf_shape, np.float32) for k in bound_keys(cfg)},
+                  str(path / "model.safetensors"), metadata={"format": "pt"})
+        tok.save(str(path / "tokenizer.json"))
+    bundle = load_hf_dir(str(tmp_path / "qwen_tok"))
+    assert (bundle.config.mask_token_id, bundle.config.vocab_size) == (151662, 151680)
+    with pytest.raises(HFFormatError, match="no mask_token_id for this llama model"):
+        load_hf_dir(str(tmp_path / "plain_tok"))
