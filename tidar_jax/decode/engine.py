@@ -93,7 +93,8 @@ def _gather_rows(x_NTD, idx_NS):
 # TiDAR
 # ----------------------------------------------------------------------------------------------------------------
 
-def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_len_N, key, eos_token) -> DecodeState:
+def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_len_N, key,
+                  eos_token) -> DecodeState:
     """One forward over [prompt | B masks]: prompt K/V into the cache, first drafts from the masks."""
     cfg = model.cfg
     n, p = prompt_NP.shape
@@ -173,7 +174,8 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
 # AR baseline (same cache, same loop)
 # ----------------------------------------------------------------------------------------------------------------
 
-def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_len_N, key, eos_token) -> DecodeState:
+def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_len_N, key,
+               eos_token) -> DecodeState:
     cfg = model.cfg
     n, p = prompt_NP.shape
     positions_NP = masks.prefill_positions(prompt_len_N, p, 0)
@@ -212,7 +214,8 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
 # Pure entry points (jit these with graphdef/opts/cache_size bound by functools.partial)
 # ----------------------------------------------------------------------------------------------------------------
 
-def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key, eos_token) -> DecodeState:
+def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,
+            eos_token) -> DecodeState:
     model = nnx.merge(graphdef, params)
     fn = tidar_prefill if opts.mode == "tidar" else ar_prefill
     return fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, eos_token)
@@ -224,7 +227,8 @@ def step(graphdef, opts: DecodeOptions, params, state: DecodeState) -> DecodeSta
     return fn(model, opts, state)
 
 
-def generate_loop(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key, eos_token):
+def generate_loop(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,
+                  eos_token):
     """The whole generation: prefill, then ``while_loop`` over steps until every row is done."""
     state = prefill(graphdef, opts, cache_size, params, prompt_NP, prompt_len_N, key, eos_token)
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done_N), lambda s: step(graphdef, opts, params, s), state)
