@@ -84,6 +84,8 @@ class LoggingSection:
     eval_every: int = 100
     progress: bool | None = None  # None: a tqdm bar only when stdout is a TTY
     tensorboard: bool = True
+    decode_probe_prompts: int = 0  # held-out prompts decoded with TiDAR at the end of the run (0 = no probe)
+    decode_probe_tokens: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +263,8 @@ def validate(cfg: TrainConfig) -> None:
     need(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1 (keep at least the latest checkpoint)")
     need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
     need(lg.eval_every >= 0, "logging.eval_every", lg.eval_every, "must be >= 0 (0 = evaluate only at the end)")
+    need(lg.decode_probe_prompts >= 0, "logging.decode_probe_prompts", lg.decode_probe_prompts, "must be >= 0")
+    need(lg.decode_probe_tokens >= 1, "logging.decode_probe_tokens", lg.decode_probe_tokens, "must be >= 1")
     need(ds.enabled in ("auto", "true", "false"), "distributed.enabled", ds.enabled, "must be one of auto, true, false")
     arch = cfg.model.arch
     unknown = sorted(set(arch) - _MODEL_FIELDS)

@@ -1,0 +1,178 @@
+"""Run-dir checkpoints: orbax ``CheckpointManager`` with Composite items, restore with target shardings, fallback.
+
+Layout: ``RUN/checkpoints/<step>/{state,meta,data}`` where ``state`` is the train state (pure dicts: params,
+optimizer state, step), ``meta`` a JSON dict (step, tokens seen, resolved config) and ``data`` the grain iterator
+state of every process.  orbax writes a step into a temp dir and renames it when complete, so a save interrupted by
+kill -9 never shows up as a step; a step that exists but cannot be read (corrupt files) is skipped with a warning
+and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import jax
+import orbax.checkpoint as ocp
+
+from tidar_jax.bundle import InferenceBundle
+from tidar_jax.config import ModelConfig
+
+log = logging.getLogger("tidar_jax.train")
+
+CHECKPOINTS = "checkpoints"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.json"
+RUN_CONFIG = "config.yaml"
+DATA_MANIFEST = "data_manifest.json"
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint could not be restored; an older one is used."""
+
+
+def _data_args(data_iter, restore: bool):
+    import grain
+
+    if data_iter is None:
+        return {}
+    return {"data": grain.checkpoint.CheckpointRestore(data_iter) if restore
+            else grain.checkpoint.CheckpointSave(data_iter)}
+
+
+class RunCheckpoints:
+    """The checkpoints of one run dir (every process of a multi-host run opens the same directory)."""
+
+    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(run_dir), CHECKPOINTS)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict, data_iter=None, force: bool = False) -> bool:
+        """Start a (possibly async) save; the state arrays are copied before this returns, so they may be donated."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  **_data_args(data_iter, restore=False))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state, data_iter=None):
+        """``(step, state, meta)`` from the newest readable checkpoint (``None`` when there is none).
+
+        ``abstract_state`` holds ``jax.ShapeDtypeStruct``s with the *target* shardings, so the state lands on the
+        current mesh whatever mesh wrote it.  ``data_iter`` (if given) is advanced in place to the saved position.
+        """
+        for step in reversed(self.steps()):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
+                                      **_data_args(data_iter, restore=True))
+            try:
+                restored = self.manager.restore(step, args=args)
+                meta = restored["meta"]
+                if int(meta["step"]) != step or int(restored["state"]["step"]) != step:
+                    raise ValueError(f"meta/state step {meta['step']}/{int(restored['state']['step'])} != {step}")
+            except Exception as e:  # any unreadable checkpoint: fall back to the previous one
+                message = (f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                           "falling back to the previous checkpoint")
+                warnings.warn(message, CheckpointFallbackWarning, stacklevel=2)
+                log.warning(message)
+                continue
+            return step, restored["state"], meta
+        return None
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference loading (params only)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _run_and_steps(path: str) -> tuple[str, list[str]]:
+    """(run_dir, candidate step dirs newest first) for a run dir or one ``checkpoints/<step>`` dir."""
+    path = os.path.abspath(path)
+    base = os.path.basename(os.path.normpath(path))
+    if base.isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINTS:
+        return os.path.dirname(os.path.dirname(path)), [path]
+    ckpt_dir = os.path.join(path, CHECKPOINTS)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{path}: not a training run dir (no {CHECKPOINTS}/) nor a {CHECKPOINTS}/<step> dir")
+    steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{path}: the run has no completed checkpoint yet")
+    return path, [os.path.join(ckpt_dir, str(s)) for s in steps]
+
+
+def read_model_config(run_dir: str) -> ModelConfig:
+    path = os.path.join(run_dir, MODEL_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no {MODEL_CONFIG} (not a training run dir)")
+    with open(path) as f:
+        return ModelConfig.from_dict(json.load(f))
+
+
+def restore_params(step_dir: str, cfg: ModelConfig, mesh=None):
+    """``(graphdef, nnx.State)``: only the params of a train-state checkpoint (no optimizer state is read)."""
+    from flax import nnx
+
+    from tidar_jax.model.functional import abstract_model
+    from tidar_jax.sharding import state_shardings
+
+    graphdef, abstract = abstract_model(cfg)
+    abstract_pure = nnx.to_pure_dict(abstract)
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(abstract, mesh))
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract_pure)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_pure, shardings)
+    item = {"params": target}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, restored["params"])
+    return graphdef, state
+
+
+def load_inference(run_or_checkpoint_dir: str, mesh=None) -> InferenceBundle:
+    """The newest readable checkpoint's params of a run dir (or one ``checkpoints/<step>`` dir) as a bundle."""
+    run_dir, step_dirs = _run_and_steps(run_or_checkpoint_dir)
+    cfg = read_model_config(run_dir)
+    errors = []
+    for step_dir in step_dirs:
+        try:
+            graphdef, params = restore_params(step_dir, cfg, mesh)
+        except Exception as e:
+            errors.append(f"{step_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            warnings.warn(f"checkpoint {step_dir} cannot be restored ({errors[-1]}); trying the previous one",
+                          CheckpointFallbackWarning, stacklevel=2)
+            continue
+        tokenizer, eos = None, None
+        tok_path = os.path.join(run_dir, TOKENIZER)
+        if os.path.isfile(tok_path):
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(tok_path)
+        manifest_path = os.path.join(run_dir, DATA_MANIFEST)
+        if os.path.isfile(manifest_path):
+            with open(manifest_path) as f:
+                eos = json.load(f).get("eos_token_id")
+        trained_block_size = cfg.block_size
+        config_path = os.path.join(run_dir, RUN_CONFIG)
+        if os.path.isfile(config_path):
+            import yaml
+
+            with open(config_path) as f:
+                objective = ((yaml.safe_load(f) or {}).get("train") or {}).get("objective", "tidar")
+            trained_block_size = cfg.block_size if objective == "tidar" else None  # an AR-only model drafts nothing
+        return InferenceBundle(config=cfg, graphdef=graphdef, params=params, tokenizer=tokenizer,
+                               trained_block_size=trained_block_size, eos_token_id=eos, source=step_dir,
+                               step=int(os.path.basename(step_dir)))
+    raise FileNotFoundError(f"{run_or_checkpoint_dir}: no checkpoint could be restored: {'; '.join(errors)}")
