@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 DEFAULTS = {"contexts": "256,1024,4096", "copy_mib": 512, "rounds": 15, "preset": "m38", "new_tokens": 64}
 QUICK = {"contexts": "64,512", "copy_mib": 128, "rounds": 5, "preset": "small", "new_tokens": 24}
+TINY = {"contexts": "16", "copy_mib": 4, "rounds": 2, "preset": "tiny", "new_tokens": 6}  # smoke tests only
 
 
 def step_bytes(bundle, cache_slots: int) -> dict[str, int]:
@@ -47,6 +48,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
     p.add_argument("--preset", choices=sorted(bc.PRESETS))
+    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--contexts", help="comma-separated context lengths L (default 256,1024,4096)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth array in MiB (default 512)")
@@ -55,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
+    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")

@@ -37,6 +37,8 @@ DEFAULTS = {"contexts": "256,1024,4096", "max_query": 512, "blocks": "2,4,8,16",
             "prompts": 4, "new_tokens": 64, "prompt_len": 64}
 QUICK = {"contexts": "64,256", "max_query": 64, "blocks": "2,4,8", "rounds": 5, "preset": "small",
          "prompts": 2, "new_tokens": 24, "prompt_len": 32}
+TINY = {"contexts": "16", "max_query": 2, "blocks": "2", "rounds": 2, "preset": "tiny", "prompts": 1,
+        "new_tokens": 6, "prompt_len": 8}  # smoke tests only
 
 
 def query_grid(max_query: int) -> list[int]:
@@ -162,6 +164,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
     p.add_argument("--preset", choices=sorted(bc.PRESETS), help="random model when no checkpoint")
+    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
     p.add_argument("--quick", action="store_true", help="small contexts/queries/rounds (a minute on 2 cores)")
     p.add_argument("--contexts", help="comma-separated context lengths L (default 256,1024,4096)")
     p.add_argument("--max-query", type=int, help="largest Q in the 1,2,4,... grid (default 512)")
@@ -176,8 +179,7 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
-    for key, value in base.items():
+    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 DEFAULTS = {"batch": 1, "prompt_len": 64, "new_tokens": 64, "rounds": 5, "preset": "m38"}
 QUICK = {"batch": 1, "prompt_len": 32, "new_tokens": 32, "rounds": 3, "preset": "small"}
+TINY = {"batch": 2, "prompt_len": 8, "new_tokens": 6, "rounds": 1, "preset": "tiny"}  # smoke tests only
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
@@ -63,6 +64,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
     p.add_argument("--preset", choices=sorted(bc.PRESETS))
+    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, help="prompts per generate call (equal lengths, no padding)")
     p.add_argument("--prompt-len", type=int)
@@ -74,7 +76,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
+    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for name in ("batch", "prompt_len", "new_tokens", "rounds"):
