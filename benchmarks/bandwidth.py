@@ -27,6 +27,7 @@ import free_slots as fs  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 DEFAULTS = {"contexts": "256,1024,4096", "copy_mib": 512, "rounds": 15, "preset": "m38", "new_tokens": 64}
 QUICK = {"contexts": "64,512", "copy_mib": 128, "rounds": 5, "preset": "small", "new_tokens": 24}
@@ -36,10 +37,11 @@ TINY = {"contexts": "16", "copy_mib": 4, "rounds": 2, "preset": "tiny", "new_tok
 def step_bytes(bundle, cache_slots: int) -> dict[str, int]:
     """Bytes one AR step reads: weights (an untied embedding table only contributes the looked-up row) + KV."""
     cfg = bundle.config
-    pure = bundle.params.to_pure_dict()
+    pure = nnx.to_pure_dict(bundle.params)
     total = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pure)))
     embed = pure["embed"]
-    weight_bytes = total if cfg.tie_embeddings else total - embed.nbytes + embed.shape[1] * embed.dtype.itemsize
+    embed_bytes = embed.size * embed.dtype.itemsize
+    weight_bytes = total if cfg.tie_embeddings else total - embed_bytes + embed.shape[1] * embed.dtype.itemsize
     kv_bytes = 2 * cfg.num_layers * cache_slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     return {"weight_bytes": int(weight_bytes), "kv_bytes": int(kv_bytes), "total_bytes": int(weight_bytes + kv_bytes)}
 

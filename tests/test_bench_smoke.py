@@ -1,0 +1,117 @@
+"""Smoke tests: every benchmark script runs end to end at its tiniest size (so the scripts cannot rot), writes
+the files it promises, and what it reports obeys the invariants that hold for any machine:
+  * lossless TiDAR output == our AR output == transformers' greedy output on the exported weights;
+  * the recommendation picks a candidate block size; the random model is labelled as such;
+  * bad input exits non-zero with one line naming the value.
+Timings are never asserted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def run(script, *args, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user's run
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_free_slots_tiny(tmp_path):
+    proc = run("free_slots.py", "--tiny", "--contexts", "8,16", "--out", tmp_path)
+    assert "RANDOM-INIT" in proc.stderr + proc.stdout
+    with open(tmp_path / "free_slots.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 2 contexts x (Q in {1, 2} plain + one TiDAR step at B=2, Q=6)
+    assert sorted((int(r["context"]), r["kind"], int(r["query_tokens"])) for r in rows) == sorted(
+        [(c, "plain", q) for c in (8, 16) for q in (1, 2)] + [(c, "tidar_step", 6) for c in (8, 16)])
+    for r in rows:
+        assert 0 < float(r["min_ms"]) <= float(r["p25_ms"]) <= float(r["median_ms"])
+    res = json.loads((tmp_path / "free_slots.json").read_text())
+    assert res["model"]["trained"] is False and res["warning"]
+    assert res["recommendation"]["best_block_size"] == 2
+    acc = res["acceptance"]["per_block"]["2"]
+    assert 1.0 <= acc["mean_accepted"] <= 2.0
+    assert res["machine"]["cpu_threads"] >= 1 and res["machine"]["load_average_1_5_15"] is not None
+    assert is_png(tmp_path / "free_slots.png")
+
+
+def test_vs_transformers_tiny_greedy_outputs_agree(tmp_path):
+    run("vs_transformers.py", "--tiny", "--out", tmp_path)
+    res = json.loads((tmp_path / "vs_transformers.json").read_text())
+    agree = res["greedy_agreement"]
+    assert agree["ours_ar_vs_transformers"]["all_equal"], agree
+    assert agree["ours_tidar_vs_ours_ar"]["all_equal"], agree  # lossless mode
+    assert res["settings"]["torch_threads"] == res["settings"]["xla_cpu_threads"]
+    assert set(res["speed"]) == {"transformers", "ours_ar", "ours_tidar"}
+    assert all(v["tokens_per_s"] > 0 for v in res["speed"].values())
+
+
+def test_run_all_tiny_writes_summary(tmp_path):
+    run("run_all.py", "--tiny", "--random-init", "--only", "decode_modes,bandwidth", "--out", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    b = summary["benchmarks"]
+    assert {k: v["status"] for k, v in b.items()} == {"decode_modes": "ok", "bandwidth": "ok"}
+    assert summary["trained"] is False and summary["machine"]["cpu_model"]
+    rows = b["decode_modes"]["headline"]["rows"]
+    assert {r["mode"] for r in rows} == {"ar", "lossless", "trust-diff"}
+    assert all(r["equal_to_ar"] for r in rows if r["mode"] in ("ar", "lossless"))
+    assert [r["speedup_vs_ar"] for r in rows if r["mode"] == "ar"] == [1.0]
+    bw = json.loads((tmp_path / "bandwidth.json").read_text())
+    for s in bw["ar_step"]:
+        assert s["total_bytes"] == s["weight_bytes"] + s["kv_bytes"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "RANDOM INIT" in md and "python benchmarks/run_all.py --tiny" in md
+    assert is_png(tmp_path / "speedup_vs_block.png") and is_png(tmp_path / "accepted_hist.png")
+    assert os.path.isfile(tmp_path / "logs" / "bandwidth.log")
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("free_slots.py", ["--contexts", "0"], "--contexts"),
+    ("decode_modes.py", ["--modes", "fast"], "--modes"),
+    ("run_all.py", ["--only", "everything"], "--only"),
+    ("free_slots.py", ["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+])
+def test_bad_input_is_one_line_and_nonzero(script, args, needle, tmp_path):
+    proc = run(script, *args, "--out", tmp_path, check=False)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_fidelity_tiny(tmp_path):
+    small = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+             "model.mlp_size=64", "data.seq_len=32", "data.global_batch=2", "data.eval_batches=1",
+             "data.eval_batch_size=2"]
+    args = ["--steps", 2, "--blocks", "2,4", "--runs-dir", tmp_path / "runs", "--out", tmp_path,
+            "--eval-seq-len", 32, "--eval-batch", 2, "--eval-batches", 1, "--prompts", 2, "--prompt-len", 8,
+            "--new-tokens", 6]
+    for s in small:
+        args += ["--set", s]
+    run("fidelity.py", *args)
+    res = json.loads((tmp_path / "fidelity.json").read_text())
+    assert [r["name"] for r in res["runs"]] == ["ar", "tidar_b2", "tidar_b4"]
+    assert [r["objective"] for r in res["runs"]] == ["ar", "tidar", "tidar"]
+    for r in res["runs"]:
+        assert r["step"] == 2 and r["heldout"]["tokens"] == 2 * 31
+        assert r["heldout"]["ar_loss"] > 0 and 1.0 <= r["decode"]["tokens_per_nfe"] <= r["decode"]["block_size"]
+    assert res["runs"][0]["ar_loss_minus_ar_only"] == 0.0
+    assert "| tidar_b4 | tidar | 4 / 4 |" in (tmp_path / "fidelity.md").read_text()
