@@ -192,3 +192,12 @@ def test_write_json_is_atomic_and_replaces(tmp_path):
     import json
     assert json.loads(path.read_text()) == {"a": 2}
     assert os.listdir(tmp_path / "r") == ["x.json"]
+
+
+def test_distinct_ngram_fraction_flags_loops():
+    import fidelity
+
+    assert fidelity.distinct_ngram_fraction([[5] * 20], 4) == pytest.approx(1 / 17)  # one 4-gram, 17 times
+    assert fidelity.distinct_ngram_fraction([list(range(10)), list(range(10, 20))], 4) == 1.0
+    assert fidelity.distinct_ngram_fraction([[1, 2]], 4) == 1.0  # nothing to count
+    assert fidelity.variants([8, 4])[0] == {"name": "ar", "objective": "ar", "block_size": 4}
