@@ -287,3 +287,25 @@ def test_two_processes_match_one_process_with_eight_devices(reference, data_dir,
     a, b = _params_of(ref_dir), _params_of(run_dir)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow  # one train.py subprocess
+def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, TIDAR_TRAIN_STEP_SLEEP="0.3", PYTHONPATH=REPO)
+    proc = subprocess.Popen(_train_cmd(data_dir, run_dir) + ["checkpoint.every=100"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.isfile(os.path.join(run_dir, "tb", os.listdir(os.path.join(run_dir, "tb"))[0])
+                          if os.path.isdir(os.path.join(run_dir, "tb")) and os.listdir(os.path.join(run_dir, "tb"))
+                          else "/nonexistent"):
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)  # a few steps in
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM received: saved a checkpoint at step" in err
+    saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+    assert len(saved) == 1 and 0 < saved[0] < STEPS
