@@ -171,6 +171,9 @@ def parse_args(argv):
     p.add_argument("--blocks", help="candidate draft block sizes (default 2,4,8,16)")
     p.add_argument("--beta", type=float, default=1.0, help="decode beta (1 = trust AR, lossless)")
     p.add_argument("--rounds", type=int, help="timed interleaved rounds (default 15)")
+    p.add_argument("--stat", choices=("min", "p25", "median"), default="p25",
+                   help="latency statistic used for ratios and the recommendation (min is the most robust on a "
+                        "busy machine)")
     p.add_argument("--prompts", type=int, help="held-out prompts for the acceptance statistics")
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--new-tokens", type=int, help="tokens generated per prompt for the acceptance statistics")
@@ -206,13 +209,13 @@ def main(argv=None) -> dict:
     for name, samples in times.items():
         s = bc.stats(samples)
         m = meta[name]
-        latency_ms[(m["kind"], m["context"], m["query_tokens"])] = s["p25"] * 1e3
+        latency_ms[(m["kind"], m["context"], m["query_tokens"])] = s[args.stat] * 1e3
         rows.append({**m, "min_ms": s["min"] * 1e3, "p25_ms": s["p25"] * 1e3, "median_ms": s["median"] * 1e3,
                      "rounds": s["n"]})
     for r in rows:
         base = latency_ms[("plain", r["context"], 1)]
-        r["p25_vs_q1"] = r["p25_ms"] / base
-        r["ms_per_token_p25"] = r["p25_ms"] / r["query_tokens"]
+        r["vs_q1"] = r[f"{args.stat}_ms"] / base  # by --stat
+        r["ms_per_token"] = r[f"{args.stat}_ms"] / r["query_tokens"]
 
     data_dir = bc.find_data_dir(args.checkpoint, args.data)
     prompts, prompt_source = bc.heldout_prompts(cfg, data_dir, args.prompts, args.prompt_len, args.seed)
@@ -233,7 +236,7 @@ def main(argv=None) -> dict:
     bc.write_json(os.path.join(args.out, "free_slots.json"), result)
     if not args.no_plot:
         import plots
-        result["plot"] = plots.latency_curve(rows, rec, os.path.join(args.out, "free_slots.png"))
+        result["plot"] = plots.latency_curve(rows, rec, os.path.join(args.out, "free_slots.png"), args.stat)
     print(report(result), flush=True)
     return result
 
@@ -243,13 +246,14 @@ def report(result) -> str:
     if result["warning"]:
         lines += ["", "!" * 100, result["warning"], "!" * 100]
     lines.append("")
-    lines.append("latency (p25 ms) of the plain forward, batch 1:")
+    lines.append(f"latency ({result['settings']['stat']} ms) of the plain forward, batch 1:")
     ctxs = sorted({r["context"] for r in result["latency"]})
     qs = sorted({r["query_tokens"] for r in result["latency"] if r["kind"] == "plain"})
     lat = {(r["context"], r["query_tokens"]): r for r in result["latency"] if r["kind"] == "plain"}
     lines.append("  Q     " + "".join(f"L={c:<14}" for c in ctxs))
     for q in qs:
-        lines.append(f"  {q:<5} " + "".join(f"{lat[(c, q)]['p25_ms']:7.2f} ({lat[(c, q)]['p25_vs_q1']:4.2f}x) "
+        stat = result["settings"]["stat"]
+        lines.append(f"  {q:<5} " + "".join(f"{lat[(c, q)][stat + '_ms']:7.2f} ({lat[(c, q)]['vs_q1']:4.2f}x) "
                                             for c in ctxs))
     rec = result["recommendation"]
     for c, info in rec["per_context"].items():

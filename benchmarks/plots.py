@@ -19,17 +19,17 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def latency_curve(rows: list[dict], recommendation: dict, path: str) -> str:
+def latency_curve(rows: list[dict], recommendation: dict, path: str, stat: str = "p25") -> str:
     """Left: p25 latency vs query tokens per context (plain forward; TiDAR step points marked). Right: expected
     tokens/s vs block size per context, with the AR baseline as a dashed line."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     contexts = sorted({r["context"] for r in rows})
     for i, context in enumerate(contexts):
         color = f"C{i}"
-        plain = sorted((r["query_tokens"], r["p25_ms"]) for r in rows
+        plain = sorted((r["query_tokens"], r[f"{stat}_ms"]) for r in rows
                        if r["kind"] == "plain" and r["context"] == context)
         ax.plot(*zip(*plain), "o-", color=color, label=f"L={context}")
-        steps = sorted((r["query_tokens"], r["p25_ms"], r["block_size"]) for r in rows
+        steps = sorted((r["query_tokens"], r[f"{stat}_ms"], r["block_size"]) for r in rows
                        if r["kind"] == "tidar_step" and r["context"] == context)
         if steps:
             ax.plot([s[0] for s in steps], [s[1] for s in steps], "x", color=color, markersize=9)
@@ -38,7 +38,7 @@ def latency_curve(rows: list[dict], recommendation: dict, path: str) -> str:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("query tokens per forward (Q)")
-    ax.set_ylabel("latency, p25 (ms)")
+    ax.set_ylabel(f"latency, {stat} (ms)")
     ax.set_title("forward latency, batch 1 (x = TiDAR step, Q=B(B+1))")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -279,7 +279,8 @@ def main(argv=None) -> int:
     results = {s["name"]: run_step(s, args.out) for s in steps(args)}
     machine = bc.machine_info()
     model_info = next((st["result"]["model"] for st in results.values()
-                       if isinstance(st.get("result"), dict) and "model" in st["result"]), {})
+                       if isinstance(st.get("result"), dict) and isinstance(st["result"].get("model"), dict)
+                       and "source" in st["result"]["model"]), {})
     plots = sorted(f for f in os.listdir(args.out) if f.endswith(".png"))
     extra = make_plots(results, args.out)
     summary = {"command": command.strip(), "machine": machine, "load_average_start": load_start,
