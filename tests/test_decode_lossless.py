@@ -29,7 +29,10 @@ def _check_equal(dec, prompts, block, eos_token_id=None, max_new=MAX_NEW):
     return ar, td
 
 
-@pytest.mark.parametrize("block,lengths", [(1, [5]), (2, [3, 9]), (4, [2, 7, 4]), (8, [6, 1, 11, 3])])
+# batch 4 by default (one AR program serves all four block sizes); batches 1-3 run with -m slow
+@pytest.mark.parametrize("block,lengths", [(1, [5, 2, 9, 4]), (2, [3, 9, 1, 6]), (4, [2, 7, 4, 12]),
+                                           (8, [6, 1, 11, 3])] + [
+    pytest.param(b, ls, marks=pytest.mark.slow) for b, ls in [(1, [5]), (2, [3, 9]), (4, [2, 7, 4]), (8, [13])]])
 def test_greedy_tidar_equals_greedy_ar(block, lengths):
     dec = trained_decoder("float64")
     prompts = pattern_prompts(lengths, seed=block)

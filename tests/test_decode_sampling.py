@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats as sps
 
 from test_decode_support import random_tiny
@@ -28,12 +29,16 @@ V = 16
 
 def exact_ar_distribution(model, temperature, top_k, top_p):
     """(p(t1, t2) [V, V], p(t3) [V]) of AR sampling after PROMPT, by brute-force causal forwards."""
-    def next_probs(prefixes):
-        toks = jnp.asarray(prefixes, jnp.int32)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def last_probs(params_, toks):
         n, t = toks.shape
-        logits, _ = model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))
-        return np.asarray(verifier_probs(logits[:, -1].astype(jnp.float64), temperature, top_k, top_p),
-                          np.float64)
+        logits, _ = nnx.merge(graphdef, params_)(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))
+        return verifier_probs(logits[:, -1], temperature, top_k, top_p)
+
+    def next_probs(prefixes):
+        return np.asarray(last_probs(params, jnp.asarray(prefixes, jnp.int32)), np.float64)
 
     p1 = next_probs([PROMPT])[0]
     p2 = next_probs([PROMPT + [a] for a in range(V)])  # [t1, t2]

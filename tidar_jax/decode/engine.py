@@ -131,11 +131,14 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
 
     # LM head only where needed: the B draft rows (+ each group's slot 0 when beta < 1), then group k.
-    if opts.full_logits:
+    if opts.full_logits:  # the straightforward way (benchmark baseline): logits and argmax at every position
         all_NQV = model.logits(hidden_NQD)
+        argmax_NQ = greedy_token(all_NQV)
         head = lambda idx_NS: _gather_rows(all_NQV, idx_NS)  # noqa: E731
+        group_argmax = lambda idx_NS: jnp.take_along_axis(argmax_NQ, idx_NS, axis=1)  # noqa: E731
     else:
         head = lambda idx_NS: model.logits(_gather_rows(hidden_NQD, idx_NS))  # noqa: E731
+        group_argmax = lambda idx_NS: greedy_token(head(idx_NS))  # noqa: E731
     draft_idx_NB = jnp.broadcast_to(jnp.arange(b)[None], (n, b))
     verifier_NBV = head(draft_idx_NB)  # AR logits at draft i predict position L+i+1
     if opts.beta != 1.0:
@@ -151,7 +154,7 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
         u_tok_N = jax.random.uniform(k_tok, (n,), probs_NBV.dtype)
         accepted_N, token_N = sampled_accept(drafts_NB, probs_NBV, u_acc_NM, u_tok_N)
 
-    next_NB = greedy_token(head(accepted_N[:, None] * b + jnp.arange(b)[None]))
+    next_NB = group_argmax(accepted_N[:, None] * b + jnp.arange(b)[None])
     if opts.slot0 == "verifier" or not opts.greedy:
         next_NB = next_NB.at[:, 0].set(token_N)
 
