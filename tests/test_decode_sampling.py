@@ -53,7 +53,10 @@ def no_residual_joint(model, joint12, temperature, top_k, top_p):
     d_1 is the prefill's mask-slot-1 argmax, computed here independently with the prefill mask."""
     b, n = 4, len(PROMPT)
     toks = jnp.asarray([PROMPT + [model.cfg.mask_token_id] * b], jnp.int32)
-    logits, _ = model(toks, masks.prefill_positions(jnp.asarray([n]), n, b), masks.prefill_mask(jnp.asarray([n]), n, b))
+    graphdef, params = nnx.split(model)
+    lens = jnp.asarray([n])
+    logits, _ = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, masks.prefill_positions(lens, n, b),
+                                                            masks.prefill_mask(lens, n, b)))(params, toks)
     d1 = int(jnp.argmax(logits[0, n + 1]))
     p1 = joint12.sum(axis=1)
     p2 = joint12 / p1[:, None]
