@@ -295,12 +295,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     env = dict(os.environ, TIDAR_TRAIN_STEP_SLEEP="0.3", PYTHONPATH=REPO)
     proc = subprocess.Popen(_train_cmd(data_dir, run_dir) + ["checkpoint.every=100"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tb = os.path.join(run_dir, "tb")  # created just before the loop installs its signal handlers
     deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        if os.path.isfile(os.path.join(run_dir, "tb", os.listdir(os.path.join(run_dir, "tb"))[0])
-                          if os.path.isdir(os.path.join(run_dir, "tb")) and os.listdir(os.path.join(run_dir, "tb"))
-                          else "/nonexistent"):
-            break
+    while proc.poll() is None and time.time() < deadline and not (os.path.isdir(tb) and os.listdir(tb)):
         time.sleep(0.05)
     time.sleep(1.0)  # a few steps in
     proc.send_signal(signal.SIGTERM)
@@ -309,3 +306,24 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     assert "SIGTERM received: saved a checkpoint at step" in err
     saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
     assert len(saved) == 1 and 0 < saved[0] < STEPS
+
+
+def test_init_from_params_checkpoint_starts_from_those_weights(reference, data_dir, tmp_path):
+    """``model.init_from`` = a params checkpoint: the first step's loss is the loss of those weights on batch 0."""
+    from tidar_jax.data import make_train_iterator
+    from tidar_jax.params_io import save_params
+    from tidar_jax.train import checkpointing as ck
+    from tidar_jax.train.loop import train
+    from tidar_jax.train.step import make_loss_fn
+
+    cfg, ref_dir, _ = reference
+    bundle = ck.load_inference(ref_dir)
+    params_dir = save_params(str(tmp_path / "params"), bundle.config, bundle.params,
+                             tokenizer_path=os.path.join(ref_dir, "tokenizer.json"))
+    fresh = cfg.replace(**{"model.init_from": params_dir, "train.steps": 1, "data.eval_batches": 0})
+    result = train(fresh, str(tmp_path / "run"), show_progress=False)
+    batch0 = next(make_train_iterator(data_dir, cfg.data.seq_len, cfg.data.global_batch, cfg.train.seed))["tokens"]
+    from flax import nnx
+
+    loss, _ = make_loss_fn(bundle.graphdef, bundle.params, bundle.config)(nnx.to_pure_dict(bundle.params), batch0)
+    assert result.losses[0][1] == pytest.approx(float(loss), rel=1e-5)

@@ -178,16 +178,24 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     """``(ModelConfig, pure params)`` from ``model.init_from`` (HF dir or params checkpoint), sharded on ``mesh``."""
     from flax import nnx
 
-    from tidar_jax.loading import load_for_inference
+    from tidar_jax.loading import checkpoint_kind, load_for_inference
+    from tidar_jax.model.functional import abstract_model
+    from tidar_jax.train.step import param_shardings
 
-    bundle = load_for_inference(cfg.model.init_from, mesh=mesh)
+    # params checkpoints load onto one device and are resharded below: params_io.restore_params(mesh=...) mixes an
+    # nnx.State of Variables with one of NamedShardings in a tree.map (reported to the lead); HF dirs load sharded.
+    kind = checkpoint_kind(cfg.model.init_from)
+    bundle = load_for_inference(cfg.model.init_from, mesh=None if kind == "params" else mesh)
     over = _arch_overrides(cfg, manifest)
     mcfg = bundle.config.replace(**over)
     if mcfg.vocab_size < int(manifest["vocab_size"]):
         raise ConfigError(f"model.init_from={cfg.model.init_from!r} has vocab {mcfg.vocab_size}, smaller than the "
                           f"data tokenizer's {manifest['vocab_size']}; tokenize the data with the model's tokenizer")
     params = nnx.to_pure_dict(bundle.params)
-    return mcfg, params
+    _, abstract = abstract_model(mcfg)
+    # the checkpoint may store another param dtype (e.g. bf16 HF weights) than this run trains in
+    params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, nnx.to_pure_dict(abstract))
+    return mcfg, jax.device_put(params, param_shardings(abstract, mesh))
 
 
 # ----------------------------------------------------------------------------------------------------------------
