@@ -7,7 +7,6 @@ Re-running the same command resumes from the newest checkpoint in the run dir. S
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 

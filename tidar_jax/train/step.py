@@ -2,8 +2,8 @@
 
 Train state is a plain dict ``{"params": pure dict, "opt": optax state, "step": int32}``; params are the model's
 ``nnx.State`` as a pure nested dict (``nnx.to_pure_dict(state)``), which is what optax, orbax and the shardings
-see.  The TiDAR objective runs both losses in one forward over the doubled sequence ``[tokens | MASK * S]``; the AR objective (baseline) runs
-a causal forward over the clean ``S`` tokens only.  There is no randomness in either objective (full masking, no
+see.  The TiDAR objective runs both losses in one forward over the doubled sequence ``[tokens | MASK * S]``; the
+AR objective (baseline) runs a causal forward over the clean ``S`` tokens only.  There is no randomness in either objective (full masking, no
 dropout), so a step is a deterministic function of (state, batch): the basis of bitwise resume.
 """
 
