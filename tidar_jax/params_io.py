@@ -67,13 +67,14 @@ def restore_params(params_path: str, cfg: ModelConfig, mesh=None):
     import orbax.checkpoint as ocp
 
     graphdef, abstract = abstract_model(cfg)
+    abstract_pure = nnx.to_pure_dict(abstract)
     if mesh is not None:
-        shardings = state_shardings(abstract, mesh)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        shardings_pure = nnx.to_pure_dict(state_shardings(abstract, mesh))
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
-    target_pure = target.to_pure_dict()
+        shardings_pure = jax.tree.map(lambda a: dev, abstract_pure)
+    target_pure = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               abstract_pure, shardings_pure)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(params_path), target_pure)
     state = nnx.State(abstract)  # copy structure
