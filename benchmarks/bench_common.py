@@ -79,6 +79,25 @@ def _mem_total_gib() -> float | None:
     return None
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache (Linux sysfs), or None where it cannot be read."""
+    best = None
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for name in os.listdir(root):
+            try:
+                with open(os.path.join(root, name, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+            value = int(text.rstrip("KMG")) * scale
+            best = value if best is None else max(best, value)
+    except (OSError, ValueError):
+        return best
+    return best
+
+
 def cpu_threads() -> int:
     """CPUs this process may run on (what XLA's CPU thread pool is sized to)."""
     try:
@@ -108,6 +127,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_threads": cpu_threads(),
         "memory_gib": _mem_total_gib(),
+        "last_level_cache_mib": (lambda c: round(c / 2 ** 20, 1) if c else None)(last_level_cache_bytes()),
         "platform": platform.platform(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in devices],

@@ -108,7 +108,7 @@ def headline_free_slots(r) -> dict:
 
 
 def headline_bandwidth(r) -> dict:
-    return {"copy_gb_s": r["bandwidth"]["copy_gb_s"], "read_gb_s": r["bandwidth"]["read_gb_s"],
+    return {"copy_gb_s": r["bandwidth"]["copy_gb_s"], "read_gb_s": r["bandwidth"]["read_gb_s"], "note": r.get("note"),
             "ar_step": [{k: s[k] for k in ("context", "step_ms_p25", "bound_ms_copy_bw", "step_over_bound_copy")}
                         for s in r["ar_step"]]}
 
@@ -225,6 +225,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {s['context']} | {s['step_ms_p25']:.3f} | {s['bound_ms_copy_bw']:.3f} | "
                          f"{s['step_over_bound_copy']:.2f}x |")
         lines.append("")
+        if bw.get("note"):
+            lines += [f"Note: {bw['note']}.", ""]
     vt = b.get("vs_transformers", {}).get("headline")
     if vt:
         r = vt["ratios"]
