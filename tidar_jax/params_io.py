@@ -62,10 +62,9 @@ def load_model_config(path: str) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
-def restore_params(params_path: str, cfg: ModelConfig, mesh=None):
-    """Restore a pure-dict params tree saved by orbax into an ``nnx.State`` (sharded on ``mesh`` if given)."""
-    import orbax.checkpoint as ocp
-
+def restore_target(cfg: ModelConfig, mesh=None):
+    """``(graphdef, abstract_state, target_pure)``: the pure-dict restore target with each leaf's target sharding
+    (the rules table on ``mesh``, or the first device), so orbax reads every tensor straight into place."""
     graphdef, abstract = abstract_model(cfg)
     abstract_pure = nnx.to_pure_dict(abstract)
     if mesh is not None:
@@ -75,11 +74,24 @@ def restore_params(params_path: str, cfg: ModelConfig, mesh=None):
         shardings_pure = jax.tree.map(lambda a: dev, abstract_pure)
     target_pure = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                abstract_pure, shardings_pure)
+    return graphdef, abstract, target_pure
+
+
+def state_from_pure(abstract, pure):
+    """An ``nnx.State`` shaped like ``abstract`` holding the arrays of the pure dict ``pure``."""
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def restore_params(params_path: str, cfg: ModelConfig, mesh=None):
+    """Restore a pure-dict params tree saved by orbax into an ``nnx.State`` (sharded on ``mesh`` if given)."""
+    import orbax.checkpoint as ocp
+
+    graphdef, abstract, target_pure = restore_target(cfg, mesh)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(params_path), target_pure)
-    state = nnx.State(abstract)  # copy structure
-    nnx.replace_by_pure_dict(state, restored)
-    return graphdef, state
+    return graphdef, state_from_pure(abstract, restored)
 
 
 def load_params(path: str, mesh=None):

@@ -120,26 +120,14 @@ def read_model_config(run_dir: str) -> ModelConfig:
 
 def restore_params(step_dir: str, cfg: ModelConfig, mesh=None):
     """``(graphdef, nnx.State)``: only the params of a train-state checkpoint (no optimizer state is read)."""
-    from flax import nnx
+    from tidar_jax.params_io import restore_target, state_from_pure
 
-    from tidar_jax.model.functional import abstract_model
-    from tidar_jax.sharding import state_shardings
-
-    graphdef, abstract = abstract_model(cfg)
-    abstract_pure = nnx.to_pure_dict(abstract)
-    if mesh is not None:
-        shardings = nnx.to_pure_dict(state_shardings(abstract, mesh))
-    else:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: one, abstract_pure)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_pure, shardings)
+    graphdef, abstract, target = restore_target(cfg, mesh)
     item = {"params": target}
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    state = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(state, restored["params"])
-    return graphdef, state
+    return graphdef, state_from_pure(abstract, restored["params"])
 
 
 def load_inference(run_or_checkpoint_dir: str, mesh=None) -> InferenceBundle:
