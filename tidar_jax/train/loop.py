@@ -181,10 +181,8 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.train.step import param_shardings
 
-    # params checkpoints load onto one device and are resharded below: params_io.restore_params(mesh=...) mixes an
-    # nnx.State of Variables with one of NamedShardings in a tree.map (reported to the lead); HF dirs load sharded.
-    kind = checkpoint_kind(cfg.model.init_from)
-    bundle = load_for_inference(cfg.model.init_from, mesh=None if kind == "params" else mesh)
+    checkpoint_kind(cfg.model.init_from)  # one clear error for a path that is no checkpoint
+    bundle = load_for_inference(cfg.model.init_from, mesh=mesh)  # loads straight into the target shardings
     over = _arch_overrides(cfg, manifest)
     mcfg = bundle.config.replace(**over)
     if mcfg.vocab_size < int(manifest["vocab_size"]):
