@@ -17,6 +17,7 @@ Writes ``fidelity.json`` and ``fidelity.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -44,8 +45,20 @@ def variants(blocks: list[int]) -> list[dict]:
         [{"name": f"tidar_b{b}", "objective": "tidar", "block_size": b} for b in blocks]
 
 
+TRAIN_RECORD = "fidelity_train.json"  # in each run dir: what training that run cost, kept when it is reused
+
+
 def train_variant(args, variant: dict) -> dict:
     run_dir = os.path.join(args.runs_dir, variant["name"])
+    record_path = os.path.join(run_dir, TRAIN_RECORD)
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record.get("steps") == args.steps:  # already trained to this budget: reuse, keep its measured cost
+            print(f"[fidelity] reusing {run_dir} (trained {args.steps} steps in {record['train_wall_s']:.0f} s)",
+                  flush=True)
+            return {"run_dir": run_dir, "train_wall_s": record["train_wall_s"], "reused": True,
+                    "train_step_s_median": logged_step_time(run_dir), "train_log_tail": record.get("log_tail", [])}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", args.config, "--run-dir", run_dir,
            "--steps", str(args.steps), f"train.objective={variant['objective']}",
            f"model.block_size={variant['block_size']}", f"train.seed={args.seed}",
@@ -58,8 +71,10 @@ def train_variant(args, variant: dict) -> dict:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         bc.fail(f"training {variant['name']} failed (exit {proc.returncode}): " + " | ".join(tail))
-    return {"run_dir": run_dir, "train_wall_s": wall, "train_step_s_median": logged_step_time(run_dir),
-            "train_log_tail": proc.stdout.strip().splitlines()[-8:]}
+    tail = proc.stdout.strip().splitlines()[-8:]
+    bc.write_json(record_path, {"steps": args.steps, "train_wall_s": wall, "command": cmd[1:], "log_tail": tail})
+    return {"run_dir": run_dir, "train_wall_s": wall, "reused": False, "train_step_s_median": logged_step_time(run_dir),
+            "train_log_tail": tail}
 
 
 def logged_step_time(run_dir: str) -> float | None:

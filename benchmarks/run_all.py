@@ -38,24 +38,25 @@ def default_checkpoint() -> str | None:
 
 def steps(args) -> list[dict]:
     """name, script, its arguments, and the JSON it writes (relative to --out)."""
-    ckpt = ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    ckpt = ["--checkpoint", _shown(args.checkpoint)] if args.checkpoint else []
     size = ["--tiny"] if args.tiny else ["--quick"] if args.quick else []
-    mine = ["--out", args.out, *ckpt, *size] + (["--preset", args.preset] if args.preset and not args.checkpoint
+    out = _shown(args.out)
+    mine = ["--out", out, *ckpt, *size] + (["--preset", args.preset] if args.preset and not args.checkpoint
                                                 else [])
     # owned by other engineers: called with their own CLIs (no --quick/--tiny there: sizes spelled out)
-    decode_speed = ["--out-dir", args.out, *ckpt]
+    decode_speed = ["--out-dir", out, *ckpt]
     if args.tiny:
         decode_speed += ["--block-sizes", "2", "--batch-sizes", "1", "--rounds", "1", "--max-new-tokens", "6",
                          "--prompt-len", "8", "--vocab", "256", "--hidden", "32", "--layers", "1"]
     elif args.quick:
         decode_speed += ["--block-sizes", "4,8", "--batch-sizes", "1,4", "--rounds", "3", "--max-new-tokens", "32"]
-    train_step = ["--out", args.out]
+    train_step = ["--out", out]
     if args.tiny:
         train_step += ["--rounds", "1", "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2",
                        "model.num_kv_heads=1", "model.mlp_size=64", "data.seq_len=16", "data.global_batch=2"]
     elif args.quick:
         train_step += ["--rounds", "5"]
-    out = [
+    table = [
         {"name": "free_slots", "script": "free_slots.py", "args": mine, "json": "free_slots.json"},
         {"name": "decode_modes", "script": "decode_modes.py", "args": mine, "json": "decode_modes.json"},
         {"name": "bandwidth", "script": "bandwidth.py", "args": mine, "json": "bandwidth.json"},
@@ -63,7 +64,13 @@ def steps(args) -> list[dict]:
         {"name": "decode_speed", "script": "decode_speed.py", "args": decode_speed, "json": "decode_speed.json"},
         {"name": "train_step", "script": "train_step.py", "args": train_step, "json": "train_step.json"},
     ]
-    return [s for s in out if s["name"] in args.only] if args.only else out
+    return [s for s in table if s["name"] in args.only] if args.only else table
+
+
+def _shown(path: str) -> str:
+    """A path as commands show it: relative to the repository (where the scripts run) when inside it."""
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return os.path.abspath(path) if rel.startswith("..") else rel
 
 
 def run_step(step: dict, out: str) -> dict:
