@@ -101,6 +101,17 @@ def run_step(step: dict, out: str) -> dict:
     return status
 
 
+def existing_result(step: dict, out: str) -> dict:
+    """``--summarize-only``: the JSON a previous run of this benchmark left in ``out`` (its own command line is not
+    known, so the summary names the script only)."""
+    path = os.path.join(out, step["json"])
+    if not os.path.isfile(path):
+        return {"status": "missing", "error": f"{step['json']} is not in {out}"}
+    with open(path) as f:
+        return {"status": "ok", "command": f"(existing {step['json']}, written by benchmarks/{step['script']})",
+                "result": json.load(f)}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Headline figures per benchmark (each tolerant of what the result holds)
 # ------------------------------------------------------------------------------------------------------------
@@ -155,6 +166,9 @@ def summarize(results: dict) -> dict:
     out = {}
     for name, st in results.items():
         entry = {k: v for k, v in st.items() if k != "result"}
+        machine = st.get("result", {}).get("machine") if isinstance(st.get("result"), dict) else None
+        if isinstance(machine, dict):
+            entry["load_average"] = machine.get("load_average_1_5_15")
         if "result" in st:
             fn = HEADLINES.get(name)
             try:
@@ -244,10 +258,12 @@ def markdown(summary: dict) -> str:
                       f"**{r['ours_tidar_over_transformers']:.2f}x** (T/NFE {vt['tidar_tokens_per_nfe']:.2f}); "
                       f"threads XLA {vt['threads']['xla']}, torch {vt['threads']['torch']}. Greedy outputs equal: "
                       + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in vt["greedy_equal"].items()) + ".", ""]
-    lines += ["## Status", "", "| benchmark | status | wall s | command |", "|---|---|---|---|"]
+    lines += ["## Status", "", "| benchmark | status | wall s | load average when it finished | command |",
+              "|---|---|---|---|---|"]
     for name, st in b.items():
         wall = f"{st['wall_s']:.0f}" if "wall_s" in st else "-"
-        lines.append(f"| {name} | {st['status']} | {wall} | `{st.get('command', st.get('error', ''))}` |")
+        load = st.get("load_average") or "-"
+        lines.append(f"| {name} | {st['status']} | {wall} | {load} | `{st.get('command', st.get('error', ''))}` |")
     pngs = summary.get("plots", [])
     if pngs:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in pngs)]
@@ -263,6 +279,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="every benchmark at its smallest size (smoke tests)")
     p.add_argument("--only", help="comma-separated subset: free_slots,decode_modes,bandwidth,vs_transformers,"
                                   "decode_speed,train_step")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="run nothing: rebuild summary.{json,md} and the plots from the JSON files already in --out")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     known = {"free_slots", "decode_modes", "bandwidth", "vs_transformers", "decode_speed", "train_step"}
@@ -285,7 +303,10 @@ def main(argv=None) -> int:
     if args.checkpoint is None:
         print(bc.RANDOM_MODEL_WARNING, flush=True)
     load_start = bc.load_average()
-    results = {s["name"]: run_step(s, args.out) for s in steps(args)}
+    if args.summarize_only:
+        results = {s["name"]: existing_result(s, args.out) for s in steps(args)}
+    else:
+        results = {s["name"]: run_step(s, args.out) for s in steps(args)}
     machine = bc.machine_info()
     model_info = next((st["result"]["model"] for st in results.values()
                        if isinstance(st.get("result"), dict) and isinstance(st["result"].get("model"), dict)
