@@ -52,8 +52,10 @@ def test_greedy_tidar_equals_greedy_ar(block, lengths):
         assert cut == expected
 
 
-@pytest.mark.parametrize("block,lengths", [(8, [9, 2, 5])] + [
-    pytest.param(b, ls, marks=pytest.mark.slow) for b, ls in [(1, [4, 6]), (2, [1]), (4, [3, 12, 7, 2])]])
+# random models accept almost nothing (k = 1 paths only); the trained model above is the stronger check, so
+# these run with -m slow to keep the default suite short
+@pytest.mark.slow
+@pytest.mark.parametrize("block,lengths", [(8, [9, 2, 5]), (1, [4, 6]), (2, [1]), (4, [3, 12, 7, 2])])
 def test_random_model_lossless(block, lengths):
     model = random_tiny("float64", seed=block, scale=3.0, vocab_size=512, mask_token_id=511)
     dec = Decoder.from_model(model)
