@@ -81,6 +81,12 @@ def test_run_all_tiny_writes_summary(tmp_path):
     assert "RANDOM INIT" in md and "python benchmarks/run_all.py --tiny" in md
     assert is_png(tmp_path / "speedup_vs_block.png") and is_png(tmp_path / "accepted_hist.png")
     assert os.path.isfile(tmp_path / "logs" / "bandwidth.log")
+    # --summarize-only rebuilds the same headline figures from the JSON files, running nothing
+    os.remove(tmp_path / "summary.json")
+    run("run_all.py", "--summarize-only", "--random-init", "--only", "decode_modes,bandwidth", "--out", tmp_path)
+    again = json.loads((tmp_path / "summary.json").read_text())["benchmarks"]
+    assert again["decode_modes"]["headline"] == b["decode_modes"]["headline"]
+    assert again["bandwidth"]["headline"] == b["bandwidth"]["headline"]
 
 
 @pytest.mark.parametrize("script,args,needle", [
