@@ -135,11 +135,14 @@ def main(argv=None) -> dict:
 
     llc = bc.last_level_cache_bytes()
     fits = bool(llc) and steps[0]["weight_bytes"] <= llc
-    note = (f"the weights ({steps[0]['weight_bytes'] / 2 ** 20:.1f} MiB) fit in the {llc / 2 ** 20:.1f} MiB last-level "
-            "cache, so a step need not stream them from DRAM and can beat this DRAM bound" if fits else None)
-    result = {"benchmark": "bandwidth", "weights_fit_in_last_level_cache": fits, "note": note, "machine": bc.machine_info(), "model": bc.model_description(bundle, trained),
+    note = (f"the weights ({steps[0]['weight_bytes'] / 2 ** 20:.1f} MiB) fit in the {llc / 2 ** 20:.1f} MiB "
+            "last-level cache, so a step need not stream them from DRAM and can beat this DRAM bound"
+            if fits else None)
+    result = {"benchmark": "bandwidth", "weights_fit_in_last_level_cache": fits, "note": note,
+              "machine": bc.machine_info(), "model": bc.model_description(bundle, trained),
               "settings": {k: v for k, v in vars(args).items() if k != "out"},
-              "bandwidth": {"array_mib": args.copy_mib, "array_exceeds_llc": (not llc) or nbytes > 2 * llc, "copy_gb_s": copy_bw / 1e9, "read_gb_s": read_bw / 1e9,
+              "bandwidth": {"array_mib": args.copy_mib, "array_exceeds_llc": (not llc) or nbytes > 2 * llc,
+                            "copy_gb_s": copy_bw / 1e9, "read_gb_s": read_bw / 1e9,
                             "copy_ms_p25": s["copy"]["p25"] * 1e3, "read_ms_p25": s["read"]["p25"] * 1e3},
               "ar_step": steps, "ar_loop": loop}
     bc.write_json(os.path.join(args.out, "bandwidth.json"), result)

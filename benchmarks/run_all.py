@@ -206,7 +206,8 @@ def markdown(summary: dict) -> str:
             pc = fs["per_context"][c]
             lines.append(f"| {c} | {v['max_q_within_1.1x']} | {v['max_q_within_1.5x']} | {v['max_q_within_2.0x']} | "
                          f"{pc['best_block_size']} | {pc['ar_tokens_per_s']:.1f} |")
-        lines += ["", "| context L | B | step latency / AR step | E[accepted] | expected speedup |", "|---|---|---|---|---|"]
+        lines += ["", "| context L | B | step latency / AR step | E[accepted] | expected speedup |",
+                  "|---|---|---|---|---|"]
         for c, pc in fs["per_context"].items():
             for blk in pc["blocks"]:
                 lines.append(f"| {c} | {blk['block_size']} | {blk['step_vs_ar_latency']:.2f}x | "
@@ -225,7 +226,8 @@ def markdown(summary: dict) -> str:
     ds = b.get("decode_speed", {}).get("headline")
     if ds:
         lines += ["## Selective LM head (benchmarks/decode_speed.py)", "", f"Model: {ds['model']}", "",
-                  "| config | tokens/s | T/NFE | speedup vs AR | full-head / selective step time |", "|---|---|---|---|---|"]
+                  "| config | tokens/s | T/NFE | speedup vs AR | full-head / selective step time |",
+                  "|---|---|---|---|---|"]
         for r in ds["rows"]:
             saving = f"{r['head_saving_step_ratio']:.2f}x" if r.get("head_saving_step_ratio") else "-"
             lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['tokens_per_nfe']:.2f} | "
@@ -235,13 +237,15 @@ def markdown(summary: dict) -> str:
     if ts:
         lines += ["## Train step: TiDAR objective vs AR objective (benchmarks/train_step.py)", "",
                   f"{ts['model_params_M']:.2f}M-param model, batch {ts['batch']} x S={ts['seq_len']}: TiDAR step "
-                  f"{ts['tidar_step_ms']:.1f} ms, AR step {ts['ar_step_ms']:.1f} ms -> **{ts['ratio_tidar_over_ar']:.2f}x**.",
+                  f"{ts['tidar_step_ms']:.1f} ms, AR step {ts['ar_step_ms']:.1f} ms -> "
+                  f"**{ts['ratio_tidar_over_ar']:.2f}x**.",
                   ""]
     bw = b.get("bandwidth", {}).get("headline")
     if bw:
         lines += ["## AR decode step vs the memory-bandwidth bound", "",
                   f"Copy bandwidth {bw['copy_gb_s']:.1f} GB/s (read+write), read bandwidth {bw['read_gb_s']:.1f} GB/s.",
-                  "", "| context L | AR step ms (p25) | bound ms (weights+KV / copy bw) | step / bound |", "|---|---|---|---|"]
+                  "", "| context L | AR step ms (p25) | bound ms (weights+KV / copy bw) | step / bound |",
+                  "|---|---|---|---|"]
         for s in bw["ar_step"]:
             lines.append(f"| {s['context']} | {s['step_ms_p25']:.3f} | {s['bound_ms_copy_bw']:.3f} | "
                          f"{s['step_over_bound_copy']:.2f}x |")
@@ -304,8 +308,11 @@ def main(argv=None) -> int:
         print(bc.RANDOM_MODEL_WARNING, flush=True)
     load_start = bc.load_average()
     if args.summarize_only:
+        if not os.path.isdir(args.out):
+            bc.fail(f"--out {args.out}: no such directory (--summarize-only reads the results already there)")
         results = {s["name"]: existing_result(s, args.out) for s in steps(args)}
     else:
+        os.makedirs(args.out, exist_ok=True)
         results = {s["name"]: run_step(s, args.out) for s in steps(args)}
     machine = bc.machine_info()
     model_info = next((st["result"]["model"] for st in results.values()
@@ -344,7 +351,8 @@ def make_plots(results: dict, out: str) -> list[str]:
                  if r["batch"] == min(x["batch"] for x in tidar)}
         title = "measured TiDAR speedup over AR decode"
     elif fs:
-        points = [{"label": f"expected, L={c}", "block_size": blk["block_size"], "speedup": blk["expected_speedup_vs_ar"],
+        points = [{"label": f"expected, L={c}", "block_size": blk["block_size"],
+                   "speedup": blk["expected_speedup_vs_ar"],
                    "tokens_per_nfe": fs["acceptance"]["per_block"][str(blk["block_size"])]["tokens_per_nfe"]}
                   for c, v in fs["recommendation"]["per_context"].items() for blk in v["blocks"]]
         hists = {f"B={b}": v["accepted_length_hist"] for b, v in fs["acceptance"]["per_block"].items()}

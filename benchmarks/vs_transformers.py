@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
                      "xla_cpu_threads": threads, "torch_threads": torch_threads, "prompts": prompt_source},
         "warning": None if trained else bc.RANDOM_MODEL_WARNING,
         "speed": speed,
-        "ratios": {"ours_ar_over_transformers": speed["ours_ar"]["tokens_per_s"] / speed["transformers"]["tokens_per_s"],
+        "ratios": {"ours_ar_over_transformers": speed["ours_ar"]["tokens_per_s"]
+                   / speed["transformers"]["tokens_per_s"],
                    "ours_tidar_over_transformers": speed["ours_tidar"]["tokens_per_s"]
                    / speed["transformers"]["tokens_per_s"],
                    "ours_tidar_over_ours_ar": speed["ours_tidar"]["tokens_per_s"] / speed["ours_ar"]["tokens_per_s"]},
@@ -153,7 +154,8 @@ def report(result) -> str:
         lines.append(f"  {k:<13} {v['s_p25'] * 1e3:9.1f} ms  {v['tokens_per_s']:9.1f} tok/s")
     r = result["ratios"]
     lines.append(f"ours AR / transformers = {r['ours_ar_over_transformers']:.2f}x; ours TiDAR (B={st['block_size']}, "
-                 f"T/NFE {result['tidar_tokens_per_nfe']:.2f}) / transformers = {r['ours_tidar_over_transformers']:.2f}x;"
+                 f"T/NFE {result['tidar_tokens_per_nfe']:.2f}) / transformers = "
+                 f"{r['ours_tidar_over_transformers']:.2f}x;"
                  f" TiDAR / AR = {r['ours_tidar_over_ours_ar']:.2f}x")
     for k, v in result["greedy_agreement"].items():
         lines.append(f"  greedy {k}: {v['rows_equal']}/{v['rows']} rows equal; common prefix {v['common_prefix']}")
