@@ -59,7 +59,7 @@ def no_residual_joint(model, joint12, temperature, top_k, top_p):
                                                             masks.prefill_mask(lens, n, b)))(params, toks)
     d1 = int(jnp.argmax(logits[0, n + 1]))
     p1 = joint12.sum(axis=1)
-    p2 = joint12 / p1[:, None]
+    p2 = np.divide(joint12, p1[:, None], out=np.zeros_like(joint12), where=p1[:, None] > 0)  # p1=0: top-k cut
     wrong2 = (1 - p2[:, d1:d1 + 1]) * p2
     wrong2[:, d1] += p2[:, d1]
     return p1[:, None] * wrong2
