@@ -110,13 +110,13 @@ def build_candidates(bundle, contexts, queries, blocks, beta, seed):
     return cands, meta
 
 
-def measure_acceptance(bundle, blocks, prompts, new_tokens, beta):
+def measure_acceptance(bundle, blocks, prompts, new_tokens, beta, slot0="verifier"):
     from tidar_jax.decode import Decoder
 
     dec = Decoder.from_bundle(bundle)
     out = {}
     for b in blocks:
-        res = dec.generate(prompts, mode="tidar", block_size=b, beta=beta, slot0="verifier",
+        res = dec.generate(prompts, mode="tidar", block_size=b, beta=beta, slot0=slot0,
                            max_new_tokens=new_tokens, eos_token_id=None, allow_untrained_block_size=True)
         s = res.stats
         out[b] = {"mean_accepted": s["mean_accepted"], "tokens_per_nfe": s["tokens_per_nfe"],
@@ -170,6 +170,8 @@ def parse_args(argv):
     p.add_argument("--max-query", type=int, help="largest Q in the 1,2,4,... grid (default 512)")
     p.add_argument("--blocks", help="candidate draft block sizes (default 2,4,8,16)")
     p.add_argument("--beta", type=float, default=1.0, help="decode beta (1 = trust AR, lossless)")
+    p.add_argument("--slot0", choices=("verifier", "diffusion"), default="verifier",
+                   help="decode slot0 rule for the acceptance statistics (trust-diff: --beta 0 --slot0 diffusion)")
     p.add_argument("--rounds", type=int, help="timed interleaved rounds (default 15)")
     p.add_argument("--stat", choices=("min", "p25", "median"), default="p25",
                    help="latency statistic used for ratios and the recommendation (min is the most robust on a "
@@ -219,7 +221,7 @@ def main(argv=None) -> dict:
 
     data_dir = bc.find_data_dir(args.checkpoint, args.data)
     prompts, prompt_source = bc.heldout_prompts(cfg, data_dir, args.prompts, args.prompt_len, args.seed)
-    acceptance = measure_acceptance(bundle, args.blocks, prompts, args.new_tokens, args.beta)
+    acceptance = measure_acceptance(bundle, args.blocks, prompts, args.new_tokens, args.beta, args.slot0)
     rec = recommend(latency_ms, acceptance, args.contexts, args.blocks, bundle.trained_block_size)
 
     result = {
@@ -228,7 +230,7 @@ def main(argv=None) -> dict:
         "warning": None if trained else bc.RANDOM_MODEL_WARNING,
         "latency": rows, "free_slots": free_slot_summary(latency_ms, args.contexts, queries),
         "acceptance": {"prompts": prompt_source, "num_prompts": len(prompts), "new_tokens": args.new_tokens,
-                       "beta": args.beta, "per_block": {str(b): v for b, v in acceptance.items()}},
+                       "beta": args.beta, "slot0": args.slot0, "per_block": {str(b): v for b, v in acceptance.items()}},
         "recommendation": rec,
     }
     os.makedirs(args.out, exist_ok=True)
