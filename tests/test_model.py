@@ -183,6 +183,6 @@ def test_remat_gives_same_loss_and_grads():
     for remat in (False, True):
         graphdef, state = split(init_model(cfg, 0, remat=remat))
         loss = lambda st: tidar_loss(apply(graphdef, st, doubled, pos, mask)[0], tokens)[0]
-        out.append(jax.value_and_grad(loss)(state))
+        out.append(jax.jit(jax.value_and_grad(loss))(state))
     np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[0][1], out[1][1])

@@ -88,14 +88,14 @@ def test_gradients_flow_into_both_halves():
             return {"total": loss, "ar": m["ar_loss"], "diff": m["diff_loss"]}[which]
         return f
 
-    g_ar = jax.grad(loss_of(1.0, "ar"))(state)
-    g_diff = jax.grad(loss_of(1.0, "diff"))(state)
+    g_ar = jax.jit(jax.grad(loss_of(1.0, "ar")))(state)
+    g_diff = jax.jit(jax.grad(loss_of(1.0, "diff")))(state)
     norm = lambda g: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
     assert norm(g_ar) > 0 and norm(g_diff) > 0
     # the mask-token input embedding row (untied head) only gets gradient from the diffusion half
     assert float(jnp.abs(g_ar["embed"][...][cfg.mask_token_id]).sum()) == 0.0
     assert float(jnp.abs(g_diff["embed"][...][cfg.mask_token_id]).sum()) > 0.0
     # total gradient = (alpha * g_ar + g_diff) / (1 + alpha)
-    g_tot = jax.grad(loss_of(0.5, "total"))(state)
+    g_tot = jax.jit(jax.grad(loss_of(0.5, "total")))(state)
     jax.tree.map(lambda t, a, d: np.testing.assert_allclose(t, (0.5 * a + d) / 1.5, rtol=1e-4, atol=1e-7),
                  g_tot, g_ar, g_diff)
