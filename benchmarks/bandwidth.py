@@ -61,13 +61,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
     args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")
-    for name in ("copy_mib", "rounds", "new_tokens"):
-        if getattr(args, name) < 1:
-            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    bc.require_positive(args, ("copy_mib", "rounds", "new_tokens"))
     return args
 
 

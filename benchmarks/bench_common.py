@@ -307,3 +307,20 @@ def parse_int_list(text: str, name: str, minimum: int = 1) -> list[int]:
     if not values or any(v < minimum for v in values):
         fail(f"{name}={text!r}: must be a non-empty comma-separated list of integers >= {minimum}")
     return values
+
+
+def fill_size_defaults(args, defaults: dict, quick: dict | None = None, tiny: dict | None = None):
+    """Fill every option the user left unset from the chosen size preset (--tiny, else --quick, else defaults)."""
+    preset = tiny if tiny is not None and getattr(args, "tiny", False) else \
+        quick if quick is not None and getattr(args, "quick", False) else defaults
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def require_positive(args, names) -> None:
+    """One clear CLI error for the first option in ``names`` that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")

@@ -41,17 +41,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
     args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
     args.batches = bc.parse_int_list(str(args.batches), "--batches")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
         bc.fail(f"--modes={','.join(args.modes)}: must be a non-empty subset of {','.join(MODES)}")
-    for name in ("rounds", "new_tokens", "prompt_len"):
-        if getattr(args, name) < 1:
-            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    bc.require_positive(args, ("rounds", "new_tokens", "prompt_len"))
     return args
 
 

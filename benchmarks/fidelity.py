@@ -173,14 +173,10 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK)
     args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
-    for name in ("steps", "eval_seq_len", "eval_batch", "eval_batches", "prompts", "prompt_len", "new_tokens",
-                 "short_prompts"):
-        if getattr(args, name) < 1:
-            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    bc.require_positive(args, ("steps", "eval_seq_len", "eval_batch", "eval_batches", "prompts", "prompt_len",
+                               "new_tokens", "short_prompts"))
     if not os.path.isfile(args.config):
         bc.fail(f"--config {args.config}: no such file")
     for item in args.set:

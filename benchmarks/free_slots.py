@@ -184,14 +184,10 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
     args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")
     args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
-    for name in ("max_query", "rounds", "prompts", "prompt_len", "new_tokens"):
-        if getattr(args, name) < 1:
-            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    bc.require_positive(args, ("max_query", "rounds", "prompts", "prompt_len", "new_tokens"))
     if not 0.0 <= args.beta <= 1.0:
         bc.fail(f"--beta={args.beta}: must be in [0, 1]")
     return args

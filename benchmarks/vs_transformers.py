@@ -76,12 +76,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for name in ("batch", "prompt_len", "new_tokens", "rounds"):
-        if getattr(args, name) < 1:
-            bc.fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")
+    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
+    bc.require_positive(args, ("batch", "prompt_len", "new_tokens", "rounds"))
     if args.block_size is not None and args.block_size < 1:
         bc.fail(f"--block-size={args.block_size}: must be an integer >= 1")
     return args
