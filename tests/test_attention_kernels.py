@@ -47,21 +47,25 @@ def _segments(n, s, seed):
 
 
 # (name, layout builder, batch, tile): S not a multiple of the tile in most cases
+def _case(name, make, n, tile, slow=False):
+    return pytest.param(make, n, tile, id=name, marks=[pytest.mark.slow] if slow else [])
+
+
 CASES = [
-    ("train-S12-B4-t5", lambda: masks.training_layout(12, 4), 2, 5),
-    pytest.param("train-S16-B4-t8", lambda: masks.training_layout(16, 4), 1, 8, marks=pytest.mark.slow),
-    pytest.param("train-S24-B8-t7", lambda: masks.training_layout(24, 8), 1, 7, marks=pytest.mark.slow),
-    ("train-seg-S16-B4-t6", lambda: masks.training_layout(16, 4, _segments(2, 16, 1)), 2, 6),
-    pytest.param("causal-S13-t4", lambda: masks.causal_layout(13), 2, 4, marks=pytest.mark.slow),
-    ("prefill-P9-B3-t5", lambda: masks.prefill_layout(jnp.array([9, 4]), 9, 3), 2, 5),
-    ("decode-B3-C10-t7", lambda: masks.decode_attention_layout(jnp.array([0, 6]), 3, 10), 2, 7),
-    pytest.param("ar-decode-C9-t4", lambda: masks.decode_attention_layout(jnp.array([3, 9]), 1, 9, groups=False),
-                 2, 4, marks=pytest.mark.slow),
+    _case("train-S12-B4-t5", lambda: masks.training_layout(12, 4), 2, 5),
+    _case("train-S16-B4-t8", lambda: masks.training_layout(16, 4), 1, 8, slow=True),
+    _case("train-S24-B8-t7", lambda: masks.training_layout(24, 8), 1, 7, slow=True),
+    _case("train-seg-S16-B4-t6", lambda: masks.training_layout(16, 4, _segments(2, 16, 1)), 2, 6),
+    _case("causal-S13-t4", lambda: masks.causal_layout(13), 2, 4, slow=True),
+    _case("prefill-P9-B3-t5", lambda: masks.prefill_layout(jnp.array([9, 4]), 9, 3), 2, 5),
+    _case("decode-B3-C10-t7", lambda: masks.decode_attention_layout(jnp.array([0, 6]), 3, 10), 2, 7),
+    _case("ar-decode-C9-t4", lambda: masks.decode_attention_layout(jnp.array([3, 9]), 1, 9, groups=False), 2, 4,
+          slow=True),
 ]
 
 
-@pytest.mark.parametrize("name,make,n,tile", CASES)
-def test_blockwise_equals_reference_fp32(name, make, n, tile):
+@pytest.mark.parametrize("make,n,tile", CASES)
+def test_blockwise_equals_reference_fp32(make, n, tile):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32)
     out_ref, g_ref = _value_and_grads(reference.attend, layout, q, k, v, w)
