@@ -126,6 +126,12 @@ class _Layout:
             allowed = allowed[None]
         return allowed
 
+    def static_rule(self, q_idx, k_idx, xp=np):
+        """The static bound's rule elementwise on broadcasting index arrays (no padding check). Lengths enter as
+        Python ints, so this also runs inside a Pallas kernel (splash's computable mask)."""
+        bound = self.static_bound()
+        return bound._bound_rule(bound._info(q_idx, "q", xp), bound._info(k_idx, "k", xp))
+
     @property
     def is_static(self) -> bool:
         """True when the mask depends on nothing traced (so per-tile fullness is known at trace time)."""
@@ -170,6 +176,8 @@ class TrainingLayout(_Layout):
     def _rule(self, q, k):
         return training_rule(q, k, self.block_size)
 
+    _bound_rule = _rule
+
     def static_bound(self):
         return TrainingLayout(self.seq_len, self.block_size)
 
@@ -202,6 +210,8 @@ class CausalLayout(_Layout):
 
     def _rule(self, q, k):
         return training_rule(q, k, 1)
+
+    _bound_rule = _rule
 
     def static_bound(self):
         return CausalLayout(self.seq_len)
@@ -236,6 +246,9 @@ class PrefillLayout(_Layout):
     def _rule(self, q, k):
         xp = _xp(self.prompt_len_N)
         return prefill_rule(q, k, xp.asarray(self.prompt_len_N).reshape(-1, 1, 1))
+
+    def _bound_rule(self, q, k):
+        return prefill_rule(q, k, self.padded_len)
 
     def static_bound(self):
         """Every prompt token real (L = P): a superset of the mask of any row."""
@@ -283,6 +296,9 @@ class DecodeLayout(_Layout):
     def _rule(self, q, k):
         xp = _xp(self.cache_len_N)
         return decode_rule(q, k, xp.asarray(self.cache_len_N).reshape(-1, 1, 1))
+
+    def _bound_rule(self, q, k):
+        return decode_rule(q, k, self.cache_size)
 
     def static_bound(self):
         """Every cache slot committed (L = C): a superset of the mask of any row."""

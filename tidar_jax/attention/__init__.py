@@ -5,7 +5,10 @@ boolean ``[B|1, T, S]`` mask, which always runs the ``reference`` kernel); ``ker
 value. Each kernel is a function ``(q_BTHD, k_BSKD, v_BSKD, layout) -> out_BTHD`` registered by name and derives
 what it needs (dense mask, tile schedule, per-tile mask) from the layout.
 
-``auto`` resolves per backend to the first registered kernel of ``AUTO_PREFERENCE``.
+``auto`` resolves per backend to the first usable kernel of ``AUTO_PREFERENCE``. A kernel that needs particular
+hardware (``splash``: TPU, ``cudnn``: GPU) registers an ``unavailable(backend) -> reason | None`` check; asking for
+it elsewhere raises one ``ConfigError`` line with the reason, and ``auto`` skips it. Their modules import the
+hardware-specific JAX pieces lazily, so this package imports everywhere.
 """
 
 from __future__ import annotations
@@ -14,25 +17,32 @@ from typing import Callable
 
 import jax
 
-from tidar_jax.attention import blockwise, reference
+from tidar_jax.attention import blockwise, cudnn, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import is_layout
 
 KERNELS: dict[str, Callable] = {}
+UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
-# ``splash`` (TPU) and ``cudnn`` (GPU) go first on their backends once registered.
+# On GPU ``cudnn`` (dense compute, fused) joins once the accelerator suite measures it faster than ``blockwise``
+# (block-sparse, about a quarter of the dense work on the training layout).
 AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("blockwise",), "cpu": ("blockwise",)}
 
 
-def register(name: str, fn: Callable) -> None:
-    """Make ``fn(q_BTHD, k_BSKD, v_BSKD, layout) -> out_BTHD`` available as ``model.attention=name``."""
+def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
+    """Make ``fn(q_BTHD, k_BSKD, v_BSKD, layout) -> out_BTHD`` available as ``model.attention=name``;
+    ``unavailable(backend)`` returns why it cannot run on that backend (None when it can)."""
     if name not in ATTENTION_KERNELS or name == "auto":
         raise ValueError(f"kernel name {name!r}: must be one of {', '.join(ATTENTION_KERNELS[1:])}")
     KERNELS[name] = fn
+    if unavailable is not None:
+        UNAVAILABLE[name] = unavailable
 
 
 register("reference", reference.attend)
 register("blockwise", blockwise.attend)
+register("splash", splash.attend, splash.unavailable_reason)
+register("cudnn", cudnn.attend, cudnn.unavailable_reason)
 
 
 def _backend_kind(backend: str) -> str:
@@ -41,15 +51,24 @@ def _backend_kind(backend: str) -> str:
 
 def resolve(kernel: str, backend: str | None = None) -> str:
     """The registered kernel name that ``kernel`` means on ``backend`` (default: JAX's default backend)."""
+    kind = _backend_kind(backend or jax.default_backend())
     if kernel == "auto":
-        prefs = AUTO_PREFERENCE.get(_backend_kind(backend or jax.default_backend()), ("blockwise",))
-        return next(name for name in prefs if name in KERNELS)
+        prefs = AUTO_PREFERENCE.get(kind, ("blockwise",))
+        return next(name for name in prefs if name in KERNELS and _reason(name, kind) is None)
     if kernel not in KERNELS:
         if kernel in ATTENTION_KERNELS:
             raise ConfigError(f"model.attention={kernel!r}: not available in this build; available: auto, "
                               f"{', '.join(sorted(KERNELS))}")
         raise ConfigError(f"model.attention={kernel!r}: must be one of {', '.join(ATTENTION_KERNELS)}")
+    reason = _reason(kernel, kind)
+    if reason is not None:
+        raise ConfigError(reason)
     return kernel
+
+
+def _reason(name: str, kind: str) -> str | None:
+    check = UNAVAILABLE.get(name)
+    return None if check is None else check(kind)
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, layout, kernel: str = "auto"):
@@ -59,4 +78,4 @@ def attend(q_BTHD, k_BSKD, v_BSKD, layout, kernel: str = "auto"):
     return KERNELS[resolve(kernel)](q_BTHD, k_BSKD, v_BSKD, layout)
 
 
-__all__ = ["AUTO_PREFERENCE", "KERNELS", "attend", "register", "resolve"]
+__all__ = ["AUTO_PREFERENCE", "KERNELS", "UNAVAILABLE", "attend", "register", "resolve"]
