@@ -12,16 +12,16 @@ from flax import nnx
 
 from reference import training_mask_ref
 from tidar_jax import attention, masks
-from tidar_jax.attention import blockwise, reference
+from tidar_jax.attention import blockwise, cudnn, reference, splash
 from tidar_jax.attention.schedule import tile_classes
 from tidar_jax.config import ConfigError, ModelConfig
 
 H, KV, D = 4, 2, 8  # GQA: two query heads per kv head
 
 
-def _inputs(layout, n, dtype, seed=0, heads=H, kv_heads=KV):
+def _inputs(layout, n, dtype, seed=0, heads=H, kv_heads=KV, d=D):
     rng = np.random.default_rng(seed)
-    shape_q, shape_k = (n, layout.q_len, heads, D), (n, layout.k_len, kv_heads, D)
+    shape_q, shape_k = (n, layout.q_len, heads, d), (n, layout.k_len, kv_heads, d)
     q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in (shape_q, shape_k, shape_k))
     w = jnp.asarray(rng.normal(size=shape_q), jnp.float32)  # a random cotangent for the gradients
     return q, k, v, w
@@ -176,10 +176,6 @@ def test_resolve_per_backend():
     assert attention.resolve("auto", "gpu") == "blockwise"
     assert attention.resolve("auto", "tpu") in ("splash", "blockwise")
     assert attention.resolve("reference") == "reference"
-    for name in ("splash", "cudnn"):
-        if name not in attention.KERNELS:
-            with pytest.raises(ConfigError, match=f"model.attention='{name}': not available"):
-                attention.resolve(name)
 
 
 def test_train_config_override_reaches_model_config():
@@ -242,3 +238,144 @@ def test_blockwise_train_step_has_no_quadratic_intermediate():
         size, shape, prim = _largest_intermediate(closed.jaxpr)
         per_head = size / cfg.num_heads
         assert (per_head <= limit) == expect_ok, (kernel, size, shape, prim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# splash (TPU kernel, run here with the Pallas interpreter) and cudnn (GPU; its bias checked through XLA on CPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+SPLASH_D = 128  # splash's kv blocks are multiples of 128 lanes; head_dim 128 as on the real models
+
+
+def _splash(q, k, v, lay):
+    return splash.attend(q, k, v, lay, interpret=True)
+
+
+def _assert_close(got, want, tol):
+    out, grads = got
+    out_ref, grads_ref = want
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=tol, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * float(jnp.max(jnp.abs(b))))
+
+
+SPLASH_CASES = [
+    # S=96 -> T=192: not a multiple of the 128 block (padded queries and keys); documents via SegmentIds; GQA 2:1
+    _case("train-seg-S96-B16", lambda: masks.training_layout(96, 16, _segments(2, 96, 7)), 2, None),
+    _case("train-S128-B16", lambda: masks.training_layout(128, 16), 1, None, slow=True),
+    _case("decode-B3-C100", lambda: masks.decode_attention_layout(jnp.array([0, 70]), 3, 100), 2, None, slow=True),
+    _case("causal-seg-S100", lambda: masks.causal_layout(100, _segments(1, 100, 9)), 1, None, slow=True),
+]
+
+
+@pytest.mark.parametrize("make,n,tile", SPLASH_CASES)
+def test_splash_equals_reference_fp32(make, n, tile):
+    """The real splash Pallas kernel (interpreted) against the reference, outputs and gradients, fp32."""
+    layout = make()
+    q, k, v, w = _inputs(layout, n, jnp.float32, seed=11, heads=2, kv_heads=1, d=SPLASH_D)
+    _assert_close(_value_and_grads(_splash, layout, q, k, v, w),
+                  _value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
+
+
+@pytest.mark.slow
+def test_splash_equals_reference_bf16():
+    """bf16: splash's error against a float32 reference stays within 2x the reference kernel's own bf16 error
+    plus 1e-2 (outputs) / 2e-2 x max|grad| (gradients), as for blockwise."""
+    layout = masks.training_layout(64, 16, _segments(1, 64, 4))
+    q, k, v, w = _inputs(layout, 1, jnp.bfloat16, seed=3, heads=2, kv_heads=1, d=SPLASH_D)
+    exact_out, exact_g = _value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
+    ref_out, ref_g = _value_and_grads(reference.attend, layout, q, k, v, w)
+    sp_out, sp_g = _value_and_grads(_splash, layout, q, k, v, w)
+
+    def err(a, b):
+        return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+
+    assert err(sp_out, exact_out) <= 2 * err(ref_out, exact_out) + 1e-2
+    for sp, rf, ex in zip(sp_g, ref_g, exact_g):
+        assert err(sp, ex) <= 2 * err(rf, ex) + 2e-2 * float(jnp.max(jnp.abs(ex)))
+
+
+def _splash_dense(layout, t_pad, s_pad):
+    """What splash computes, in numpy: its computable mask on the padded grid AND-ed with its segment ids."""
+    fn = splash._mask_function(layout.static_bound(), layout.q_len, layout.k_len)
+    static_TS = fn(np.arange(t_pad)[:, None], np.arange(s_pad)[None, :])
+    segs = splash._segments(layout, 3, layout.q_len, layout.k_len)
+    if segs is None:
+        return static_TS[None]
+    seg_q, seg_kv = (np.asarray(x) for x in segs)
+    seg_kv = np.pad(seg_kv, ((0, 0), (0, s_pad - layout.k_len)), constant_values=-1)
+    seg_q = np.concatenate([seg_q, np.repeat(seg_kv[:, :1], t_pad - layout.q_len, axis=1)], axis=1)
+    return static_TS[None] & (seg_q[:, :, None] == seg_kv[:, None, :])
+
+
+@pytest.mark.parametrize("layout", [
+    masks.TrainingLayout(24, 4, np.asarray(_segments(3, 24, 2))),
+    masks.TrainingLayout(24, 4),
+    masks.CausalLayout(20, np.asarray(_segments(3, 20, 6))),
+    masks.DecodeLayout(np.array([0, 5, 11]), 3, 11),
+    masks.DecodeLayout(np.array([0, 4, 9]), 1, 9, groups=False),
+], ids=["train-seg", "train", "causal-seg", "decode", "ar-decode"])
+def test_splash_mask_and_segments_reproduce_the_layout(layout):
+    """Splash's static computable mask AND its segment ids equal the layout's own dense mask on the real rows
+    (exactly, per row), padded keys are never allowed, and every padded query row is allowed something."""
+    t_pad, s_pad = layout.q_len + 5, layout.k_len + 3
+    got_RTS = _splash_dense(layout, t_pad, s_pad)
+    want_RTS = np.broadcast_to(np.asarray(layout.block()), (got_RTS.shape[0], layout.q_len, layout.k_len))
+    np.testing.assert_array_equal(got_RTS[:, :layout.q_len, :layout.k_len], want_RTS)
+    assert not got_RTS[:, :, layout.k_len:].any()
+    assert got_RTS[:, layout.q_len:].any(axis=-1).all()
+    assert got_RTS.any(axis=-1).all()  # no empty row anywhere (splash's softmax would be 0/0)
+
+
+def test_splash_prefill_falls_back_to_blockwise():
+    """Prefill is not expressible as splash mask + segment ids (see splash.py): the blockwise result, forward only
+    (blockwise's gradients are tested above)."""
+    layout = masks.prefill_layout(jnp.array([9, 4]), 9, 3)
+    q, k, v, _ = _inputs(layout, 2, jnp.float32)
+    np.testing.assert_allclose(np.asarray(_splash(q, k, v, layout)), np.asarray(reference.attend(q, k, v, layout)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_splash_missing_module_is_one_clear_line(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.ops.tpu.splash_attention", None)
+    layout = masks.training_layout(8, 4)
+    q, k, v, _ = _inputs(layout, 1, jnp.float32)
+    with pytest.raises(splash.SplashUnavailable) as info:
+        splash.attend(q, k, v, layout, interpret=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "splash_attention" in msg and "use blockwise" in msg
+    assert splash.unavailable_reason("tpu") == msg
+
+
+@pytest.mark.parametrize("make,n,tile", [c for c in CASES if "slow" not in str(c.marks)])
+def test_cudnn_bias_through_xla_equals_reference(make, n, tile):
+    """The cudnn kernel's bias and GQA call, run by ``implementation="xla"`` here: equals the reference."""
+    layout = make()
+    q, k, v, w = _inputs(layout, n, jnp.float32)
+    xla = lambda q, k, v, lay: cudnn.attend(q, k, v, lay, implementation="xla")  # noqa: E731
+    _assert_close(_value_and_grads(xla, layout, q, k, v, w),
+                  _value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cudnn runs on an NVIDIA GPU only (none here)")
+@pytest.mark.parametrize("make,n,tile", [c for c in CASES if "slow" not in str(c.marks)])
+def test_cudnn_equals_reference_bf16_on_gpu(make, n, tile):
+    """cuDNN fused attention (bf16, head_dim 64) against a float32 reference on the same rounded inputs."""
+    layout = make()
+    q, k, v, w = _inputs(layout, n, jnp.bfloat16, d=64)
+    exact = _value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
+    got = _value_and_grads(cudnn.attend, layout, q, k, v, w)
+    _assert_close((got[0].astype(jnp.float32), [g.astype(jnp.float32) for g in got[1]]), exact, 3e-2)
+
+
+def test_unavailable_kernels_fail_with_one_line():
+    assert attention.resolve("auto", "tpu") == "splash"
+    assert attention.resolve("auto", "gpu") == "blockwise"
+    assert attention.resolve("splash", "tpu") == "splash"
+    assert attention.resolve("cudnn", "gpu") == "cudnn"
+    with pytest.raises(ConfigError, match=r"^model.attention='splash' needs a TPU \(backend is cpu\)"):
+        attention.resolve("splash", "cpu")
+    with pytest.raises(ConfigError, match=r"^model.attention='cudnn' needs an NVIDIA GPU with cuDNN \(backend is "
+                                          r"tpu\)"):
+        attention.resolve("cudnn", "tpu")

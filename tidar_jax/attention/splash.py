@@ -22,6 +22,8 @@ The Pallas TPU module is imported lazily: where it is missing, using this kernel
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +40,7 @@ class SplashUnavailable(RuntimeError):
 
 def _splash_module():
     try:
-        from jax.experimental.pallas.ops.tpu import splash_attention
+        splash_attention = importlib.import_module("jax.experimental.pallas.ops.tpu.splash_attention")
     except ImportError as e:  # pragma: no cover - depends on the installed jax
         raise SplashUnavailable(f"model.attention='splash': jax {jax.__version__} has no importable "
                                 f"jax.experimental.pallas.ops.tpu.splash_attention ({e}); use blockwise") from None
