@@ -165,12 +165,13 @@ def _flash(treedef, sched: TileSchedule):
     return flash
 
 
-def schedule_for(layout, t: int, s: int, tile_q: int = TILE_Q, tile_k: int = TILE_K) -> TileSchedule:
-    """The tile schedule ``attend`` uses for ``layout`` (tiles clamped to the lengths)."""
-    return tile_schedule(layout, min(tile_q, t), min(tile_k, s))
+def schedule_for(layout, t: int, s: int, tile_q: int | None = None, tile_k: int | None = None) -> TileSchedule:
+    """The tile schedule ``attend`` uses for ``layout`` (tiles clamped to the lengths; None: ``TILE_Q/TILE_K``,
+    read at trace time so a benchmark can sweep them)."""
+    return tile_schedule(layout, min(tile_q or TILE_Q, t), min(tile_k or TILE_K, s))
 
 
-def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, tile_q: int = TILE_Q, tile_k: int = TILE_K):
+def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, tile_q: int | None = None, tile_k: int | None = None):
     """Attention of ``q [N, T, H, D]`` over ``k, v [N, S, K, D]`` under ``layout`` (a ``tidar_jax.masks`` layout)."""
     t, s = q_NTHD.shape[1], k_NSKD.shape[1]
     if (layout.q_len, layout.k_len) != (t, s):
