@@ -6,7 +6,7 @@
 # - Uses the image's python3 (jax 0.11 with its CUDA plugin, flax, optax, tokenizers; no grain: the suite's
 #   path never imports it). Override with PYTHON=...
 # - ACCEL_BUDGET_S (default 330) is the suite's wall budget: about 1.5 min of machine start + 6 min of run,
-#   so a 15-minute device allowance leaves room to run it once more. 450 gives the full evidence in ~8 min.
+#   so a 15-minute device allowance leaves room to run it once more. 440 gives the full evidence in ~8 min.
 # - data/stdlib (prepare it here first: python -m tidar_jax.data.prepare --out data/stdlib) is carried so the
 #   device does not spend its time tokenizing; without it the suite prepares the device's own stdlib corpus.
 # - Writes accelerator.json, accelerator.md, the PNGs and accelerator.log into $OUT (at most 8 files come back).

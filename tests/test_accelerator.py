@@ -39,7 +39,7 @@ SECTION_FIELDS = {
 }
 TRAINING_FIELDS = ["num_params", "seq_len", "batch", "block_size", "steps", "wall_s", "tokens_seen",
                    "train_tokens_per_s", "epochs_over_train_split", "heldout", "train_windows",
-                   "heldout_minus_train_ar_loss", "overfits", "loss_curve"]
+                   "heldout_minus_train_ar_loss", "overfits", "loss_curve", "heldout_curve"]
 DECODE_ROW_FIELDS = ["mode", "block_size", "batch", "tokens", "wall_s_min", "tokens_per_s", "nfe", "tokens_per_nfe",
                      "speedup_vs_ar", "outputs_identical_to_ar", "rows_identical_to_ar", "compile_s"]
 LATENCY_FIELDS = ["kind", "batch", "context", "query_tokens", "block_size", "head_rows", "min_ms", "median_ms",
@@ -234,13 +234,19 @@ def test_mfu_and_peak_table():
 @pytest.mark.parametrize("tie", [True, False])
 def test_roofline_bytes_match_the_real_parameter_arrays(tie):
     """weight/KV bytes against bandwidth.step_bytes, which sums the bytes of the model's actual arrays."""
+    import types
+
     import bandwidth
     import bench_common as bc
+    from tidar_jax.config import ModelConfig
+    from tidar_jax.model.functional import abstract_model
 
-    bundle = bc.random_bundle("tiny", tie_embeddings=tie, dtype="bfloat16", param_dtype="bfloat16")
-    ref = bandwidth.step_bytes(bundle, cache_slots=24)
-    assert acc.weight_bytes_per_token(bundle.config, 2) == ref["weight_bytes"]
-    assert acc.kv_bytes(bundle.config, 24, 2) == ref["kv_bytes"]
+    cfg = ModelConfig(**{**bc.PRESETS["tiny"], "tie_embeddings": tie, "dtype": "bfloat16",
+                         "param_dtype": "bfloat16"})
+    _, abstract = abstract_model(cfg)  # shapes and dtypes of the real parameter arrays, nothing allocated
+    ref = bandwidth.step_bytes(types.SimpleNamespace(config=cfg, params=abstract), cache_slots=24)
+    assert acc.weight_bytes_per_token(cfg, 2) == ref["weight_bytes"]
+    assert acc.kv_bytes(cfg, 24, 2) == ref["kv_bytes"]
 
 
 def test_depth_extrapolation_is_exact_on_linear_data():
@@ -269,13 +275,19 @@ def test_tiny_budget_records_sections_as_skipped(tmp_path):
     assert set(on_disk["sections"]) == set(acc.SECTIONS)
 
 
-@pytest.mark.parametrize("args,needle", [(["--budget-s", "0"], "--budget-s=0"),
-                                         (["--sections", "bogus"], "--sections='bogus'"),
-                                         (["--prompt-file", "/nonexistent"], "--prompt-file=/nonexistent")])
-def test_bad_input_is_one_line(args, needle, tmp_path):
+def test_bad_input_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator.py"), "--smoke", "--out", str(tmp_path),
-                           *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                           "--sections", "bogus"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert len(err) == 1 and "--sections='bogus'" in err[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "accelerator.json").exists()
+
+
+@pytest.mark.parametrize("args,needle", [(["--budget-s", "0"], "--budget-s=0"),
+                                         (["--prompt-file", "/nonexistent"], "--prompt-file=/nonexistent"),
+                                         (["--data", "/nonexistent"], "--data=/nonexistent")])
+def test_bad_values_are_named(args, needle, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        acc.parse_args(["--smoke", "--out", str(tmp_path), *args])
+    assert needle in str(e.value) and "\n" not in str(e.value)
