@@ -128,6 +128,7 @@ class Sizes:
     tp_layers: tuple  # depths timed; the full-depth figure is extrapolated linearly when the deepest < full
     tp_rounds: int
     tp_remat: bool  # the 1.5B recipe's remat; off in --smoke only (it doubles the tiny step's compile time)
+    tp_max_kernels: int  # kernels measured (in ATTENTION_KERNELS order); --smoke: 1, the rest recorded as skipped
     min_section_s: float
 
 
@@ -139,7 +140,8 @@ DEVICE = Sizes(
     new_tokens=128, decode_rounds=3,
     shapes=QWEN_SHAPES, slot_contexts=(1024, 4096), slot_batches=(1, 8), slot_max_query=512, slot_blocks=(4, 8, 16),
     slot_rounds=10, copy_bytes=2 << 30, loop_prompt_len=64, loop_new_tokens=256, loop_models=3,
-    tp_model="qwen2.5-1.5b", tp_seq=4096, tp_batch=16, tp_layers=(1, 2), tp_rounds=3, tp_remat=True, min_section_s=15.0)
+    tp_model="qwen2.5-1.5b", tp_seq=4096, tp_batch=16, tp_layers=(1, 2), tp_rounds=3, tp_remat=True, tp_max_kernels=len(ATTENTION_KERNELS),
+    min_section_s=15.0)
 
 SMOKE = Sizes(
     train_model=dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_size=64, family="qwen2",
@@ -147,9 +149,10 @@ SMOKE = Sizes(
     train_seq=32, train_batch=4, train_block=4, train_dtype="float32", train_lr=3e-3, train_wall_cap_s=5.0,
     train_max_steps=30, eval_windows=4, decode_blocks=(4,), decode_batches=(2,), prompt_len=12, new_tokens=8,
     decode_rounds=1,
-    shapes=SMOKE_SHAPES, slot_contexts=(8,), slot_batches=(1,), slot_max_query=2, slot_blocks=(16,),
+    shapes=SMOKE_SHAPES, slot_contexts=(8,), slot_batches=(1,), slot_max_query=1, slot_blocks=(16,),
     slot_rounds=2, copy_bytes=4 << 20, loop_prompt_len=8, loop_new_tokens=6, loop_models=1,
-    tp_model="qwen2.5-1.5b", tp_seq=16, tp_batch=2, tp_layers=(1,), tp_rounds=1, tp_remat=False, min_section_s=0.0)
+    tp_model="qwen2.5-1.5b", tp_seq=16, tp_batch=2, tp_layers=(1,), tp_rounds=1, tp_remat=False, tp_max_kernels=1,
+    min_section_s=0.0)
 
 
 class SectionSkipped(Exception):
@@ -652,6 +655,17 @@ def _forward(graphdef, params, cache, tokens_NQ, positions_NQ, mask_NQS, rows_NR
     return model.logits(jnp.take_along_axis(hidden_NQD, rows_NR[:, :, None], axis=1))
 
 
+def resolved_kernel(setting: str | None) -> str:
+    """The kernel a ``model.attention`` setting runs on this backend ("auto" resolved), for the record."""
+    if setting is None:
+        return "reference (this tidar_jax has no model.attention setting)"
+    try:
+        from tidar_jax import attention as registry
+        return f"{registry.resolve(setting)} (model.attention={setting})"
+    except Exception:  # noqa: BLE001 -- only a label
+        return setting
+
+
 def engine_layouts() -> bool:
     """Whether this tidar_jax's decode engine passes attention layouts (``masks.decode_attention_layout``) instead
     of dense masks; then the model's ``attention`` kernel runs, and the engine-step rows must use the same."""
@@ -766,7 +780,7 @@ def section_free_slots(ctx, deadline: Deadline) -> dict:
     return {"models": models, "projections": projections, "queries": queries, "blocks": list(sizes.slot_blocks),
             "contexts": list(sizes.slot_contexts), "batches": list(sizes.slot_batches), "statistic": "min",
             "dtype": "bfloat16", "engine_layouts": layouts,
-            "attention_kernel": getattr(qwen_config(order[0], sizes), "attention", "reference (dense masks)"),
+            "attention_kernel": resolved_kernel(getattr(qwen_config(order[0], sizes), "attention", None)),
             "note": ("random-init weights with the real shapes; plain rows: [KV cache | q tokens] with the LM head "
                      "on all q rows, dense masks (reference kernel); tidar_step rows: the decode engine's step "
                      "forward (q = B(B+1), head on 2B rows) and ar_step rows its AR step, each with the engine's "
@@ -947,6 +961,10 @@ def section_train_throughput(ctx, deadline: Deadline) -> dict:
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tokens = np.random.default_rng(ctx.args.seed).integers(0, full.vocab_size - 1, (N, S)).astype(np.int32)
     kernels: dict[str, dict] = {k["kernel"]: {"status": "skipped", "reason": k["reason"]} for k in rejected}
+    for kernel in kinds[sizes.tp_max_kernels:]:
+        kernels[kernel] = {"status": "skipped", "reason": f"this size measures the first {sizes.tp_max_kernels} "
+                                                          "kernel(s) only"}
+    kinds = kinds[:sizes.tp_max_kernels]
     lowered, meta = {}, {}
     for kernel in kinds:
         micro = choose_micro_batch(full, S, N, kernel, limit)
