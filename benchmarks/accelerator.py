@@ -470,9 +470,11 @@ def section_trained_speedup(ctx, deadline: Deadline) -> dict:
     cfg = train_model_config(corpus, sizes)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     graphdef, params = create_sharded(cfg, mesh, seed=ctx.args.seed)
+    # the number of steps depends on the wall budget: a linear warm-up of 100 steps (1 in --smoke), then constant
+    warmup = 100 if not ctx.args.smoke else 1
     optim = OptimSection(name="adamw", lr=sizes.train_lr, min_lr=sizes.train_lr, schedule="constant",
-                         warmup_frac=0.0, weight_decay=0.0, clip_norm=1.0)
-    fns = make_step_fns(graphdef, cfg, params, mesh, optim, total_steps=1, objective="tidar")
+                         warmup_frac=0.01, weight_decay=0.0, clip_norm=1.0)
+    fns = make_step_fns(graphdef, cfg, params, mesh, optim, total_steps=100 * warmup, objective="tidar")
     state = init_train_state(fns.tx, params, fns.state_shardings)
     rng = np.random.default_rng(ctx.args.seed)
     S, N = sizes.train_seq, sizes.train_batch
@@ -522,7 +524,7 @@ def section_trained_speedup(ctx, deadline: Deadline) -> dict:
     training = {
         "model_config": cfg.to_dict(), "num_params": cfg.num_params, "seq_len": S, "batch": N,
         "block_size": cfg.block_size, "compute_dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-        "optimizer": f"adamw lr {sizes.train_lr} constant, clip 1.0", "steps": steps, "wall_s": train_wall,
+        "optimizer": f"adamw lr {sizes.train_lr}, {warmup} warm-up steps then constant, clip 1.0", "steps": steps, "wall_s": train_wall,
         "compile_s": train_compile_s, "tokens_seen": tokens_seen, "train_tokens_per_s": tokens_seen / train_wall,
         "epochs_over_train_split": tokens_seen / corpus.tokens["train"].size,
         "corpus": {"dir": corpus.dir, "train_tokens": int(corpus.tokens["train"].size),
