@@ -1131,7 +1131,8 @@ def markdown(result: dict) -> str:
                              f"{r['ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} |")
             lines.append("")
         elif name == "train_throughput":
-            lines += [f"{sec['model']} train step, S={sec['seq_len']}, global batch {sec['global_batch']}, remat; "
+            lines += [f"{sec['model']} train step, S={sec['seq_len']}, global batch {sec['global_batch']}, "
+                      f"{'remat' if sec['remat'] else 'no remat'}; "
                       f"peak {_f(sec['peak_flops_per_s'] and sec['peak_flops_per_s'] / 1e12, '{:.0f}')} TFLOP/s "
                       f"(datasheet), measured matmul {sec['measured_matmul']['flops_per_s'] / 1e12:.1f} TFLOP/s.", "",
                       "| kernel | objective | layers | step s | tokens/s | MFU | full-depth tokens/s (est.) | "
@@ -1199,7 +1200,7 @@ def make_plots(result: dict, out: str) -> list[dict]:
                       and r["batch"] == batch and r["context"] == ctxlen]
                 if st:
                     ax.plot(*zip(*st), "x", color=f"C{i}", ms=10)
-            ax.set(xscale="log", xlabel="query tokens q (x: TiDAR step)", ylabel="ms", title=name)
+            ax.set(xscale="log", yscale="log", xlabel="query tokens q (x: TiDAR step)", ylabel="ms", title=name)
             ax.legend(fontsize=7)
         save(fig, "free_slots.png", "forward latency vs query tokens", "free_slots")
     s3 = result["sections"]["roofline"]
