@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.draft_loss import POSITION_WEIGHTINGS
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
@@ -106,6 +107,12 @@ class TrainSection:
     seed: int = 0
     objective: str = "tidar"  # tidar | ar
     alpha: float = 1.0  # weight of the AR term: (alpha * ar + diff) / (1 + alpha)
+    # draft-loss options (tidar_jax/draft_loss.py); all off = the paper's objective
+    distill_weight: float = 0.0  # KL(sg(AR) || diffusion) at each target position
+    distill_temperature: float = 1.0
+    chain_weight: float = 0.0  # 1 - differentiable expected accepted fraction of a block's drafts
+    position_weighting: str = "none"  # none | exponential (slot j of a block weighs position_decay**j)
+    position_decay: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +242,15 @@ def validate(cfg: TrainConfig) -> None:
     need(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     need(t.objective in ("tidar", "ar"), "train.objective", t.objective, "must be one of tidar, ar")
     need(t.alpha >= 0, "train.alpha", t.alpha, "must be >= 0")
+    need(t.distill_weight >= 0, "train.distill_weight", t.distill_weight, "must be >= 0 (0 = off)")
+    need(t.distill_temperature > 0, "train.distill_temperature", t.distill_temperature, "must be > 0")
+    need(t.chain_weight >= 0, "train.chain_weight", t.chain_weight, "must be >= 0 (0 = off)")
+    need(t.position_weighting in POSITION_WEIGHTINGS, "train.position_weighting", t.position_weighting,
+         "must be one of " + ", ".join(POSITION_WEIGHTINGS))
+    need(0 < t.position_decay <= 1, "train.position_decay", t.position_decay, "must be in (0, 1]")
+    drafting = t.distill_weight > 0 or t.chain_weight > 0 or t.position_weighting != "none"
+    need(not drafting or t.objective == "tidar", "train.objective", t.objective,
+         "draft-loss options (distill_weight, chain_weight, position_weighting) need objective tidar")
     need(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
     need(d.global_batch >= 1, "data.global_batch", d.global_batch, "must be >= 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")

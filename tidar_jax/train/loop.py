@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.draft_loss import DraftLoss
 from tidar_jax.train import checkpointing as ck
 from tidar_jax.train.config import TrainConfig, dump_yaml
 from tidar_jax.train.distributed import initialize, resolve_mesh_shape
@@ -241,7 +242,8 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
 
     graphdef, abstract = abstract_model(mcfg, remat=cfg.model.remat)
     total = cfg.train.steps
-    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha)
+    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha,
+                        DraftLoss.from_train(cfg.train))
 
     if main:  # run-dir files next to the checkpoints (the resolved config is also in every checkpoint's meta)
         _write_atomic(os.path.join(run_dir, ck.RUN_CONFIG), dump_yaml(cfg))

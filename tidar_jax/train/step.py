@@ -22,6 +22,7 @@ from tidar_jax.masks import training_mask, training_positions
 from flax import nnx
 
 from tidar_jax.model.functional import merge
+from tidar_jax.draft_loss import DraftLoss
 from tidar_jax.objective import ar_loss, tidar_loss
 from tidar_jax.sharding import replicated, state_shardings
 
@@ -96,13 +97,14 @@ def to_model(graphdef, template, params):
     return merge(graphdef, state)
 
 
-def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0):
-    """``loss_fn(params, tokens_NS) -> (loss, metrics)`` for the chosen objective."""
+def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0,
+                 draft: DraftLoss | None = None):
+    """``loss_fn(params, tokens_NS) -> (loss, metrics)`` for the chosen objective (``draft``: draft-loss options)."""
 
     def tidar(params, tokens_NS):
         tokens_N2S, pos, mask = tidar_inputs(tokens_NS, cfg)
         logits, _ = to_model(graphdef, template, params)(tokens_N2S, pos, mask)
-        return tidar_loss(logits, tokens_NS, alpha=alpha)
+        return tidar_loss(logits, tokens_NS, alpha=alpha, draft=draft, block_size=cfg.block_size)
 
     def ar(params, tokens_NS):
         pos, mask = causal_inputs(tokens_NS.shape[1])
@@ -223,13 +225,13 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh):
 
 
 def make_step_fns(graphdef, cfg: ModelConfig, abstract_state, mesh: Mesh, optim, total_steps: int,
-                  objective: str = "tidar", alpha: float = 1.0) -> StepFns:
+                  objective: str = "tidar", alpha: float = 1.0, draft: DraftLoss | None = None) -> StepFns:
     """``abstract_state``: the model's ``nnx.State`` (abstract or concrete; only shapes/metadata are used)."""
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
     tx, schedule = make_optimizer(optim, total_steps)
     shardings = train_state_shardings(tx, template, mesh)
     batch_sh = batch_sharding(mesh)
-    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha)
+    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha, draft)
     accum = optim.grad_accum
 
     def train_step(state, tokens_NS):
