@@ -247,6 +247,9 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--merge-json", metavar="A.json,B.json",
+                   help="train nothing: merge the runs of earlier fidelity.json files (e.g. two halves of a study run "
+                        "in parallel; the first file wins for a repeated variant and seed) and rewrite the results")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     bc.fill_size_defaults(args, DEFAULTS, quick=QUICK)
@@ -267,8 +270,32 @@ def parse_args(argv):
     return args
 
 
+def merge(args) -> dict:
+    runs, plan = {}, {}
+    for path in args.merge_json.split(","):
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            bc.fail(f"--merge-json {path}: cannot read a fidelity.json ({e})")
+        for r in part["runs"]:
+            runs.setdefault((r["name"], r["seed"]), r)
+        for p in part["plan"]:
+            plan.setdefault(p["name"], p)
+    order = {name: i for i, name in enumerate(
+        ["ar"] + [v["name"] for b in sorted({p["block_size"] for p in plan.values()})
+                  for v in variants([b], list(OPTIONS))[1:]])}
+    rows = sorted(runs.values(), key=lambda r: (r["seed"], order.get(r["name"], 99)))
+    args.seeds = sorted({r["seed"] for r in rows})
+    args.blocks = sorted({r["block_size"] for r in rows if r["objective"] == "tidar"})
+    args.options = [o for o in OPTIONS if any(r.get("option") == o for r in rows)]
+    return _write(args, rows, sorted(plan.values(), key=lambda p: order.get(p["name"], 99)), final=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge_json:
+        return merge(args)
     plan = variants(args.blocks, args.options)
     try:
         assign_steps(args, plan)
