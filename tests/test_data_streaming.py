@@ -272,3 +272,18 @@ def test_mixture_proportions_and_exact_mid_epoch_resume(tmp_path):
         other.set_state(state)
     with pytest.raises(DataError, match="weight=0"):
         make_train_iterator([(a, 1.0), (b, 0)], seq_len=s, global_batch=8, seed=0)
+
+
+@pytest.mark.slow
+def test_peak_rss_of_a_1gb_preparation_stays_bounded(tmp_path):
+    """1 GB of generated JSONL, 2 workers: the summed RSS of the preparation's processes stays under 1.5 GB.
+    (The same code as ``benchmarks/prepare.py --mb 1024``, which reports the figure.)"""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import prepare as bench
+
+    tok_dir = tmp_path / "tok"
+    prepare_corpus(tok_dir, max_files=100, vocab_size=1024)
+    bench.generate_corpus(str(tmp_path / "corpus"), 1024)
+    result = bench.run_prepare(str(tmp_path / "corpus"), str(tok_dir / "tokenizer.json"), str(tmp_path / "out"), 2)
+    assert result["bytes"] >= 1_000_000_000
+    assert result["peak_rss_mb"] < 1500
