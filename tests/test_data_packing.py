@@ -231,17 +231,19 @@ def test_packing_config_default_and_old_run_dirs(tmp_path):
 
     cfg = TrainConfig()
     assert cfg.data.packing is None
-    assert resolve_packing(cfg, str(tmp_path / "new")).data.packing == "documents"
+    assert resolve_packing(cfg, str(tmp_path / "new")) == "documents"
     old = tmp_path / "old"
     old.mkdir()
     saved = cfg.to_dict()
     del saved["data"]["packing"]  # a run dir written before data.packing existed
     import yaml
     (old / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert resolve_packing(cfg, str(old)).data.packing == "windows"
-    (old / "config.yaml").write_text(dump_yaml(cfg.replace(**{"data.packing": "documents"})))
-    assert resolve_packing(cfg, str(old)).data.packing == "documents"
-    assert resolve_packing(cfg.replace(**{"data.packing": "windows"}), str(tmp_path / "new")).data.packing == "windows"
+    assert resolve_packing(cfg, str(old)) == "windows"
+    (old / "config.yaml").write_text(dump_yaml(cfg))  # a run started by this code with packing: null
+    assert resolve_packing(cfg, str(old)) == "documents"
+    (old / "config.yaml").write_text(dump_yaml(cfg.replace(**{"data.packing": "windows"})))
+    assert resolve_packing(cfg, str(old)) == "windows"
+    assert resolve_packing(cfg.replace(**{"data.packing": "windows"}), str(tmp_path / "new")) == "windows"
     with pytest.raises(Exception, match="data.packing"):
         cfg.replace(**{"data.packing": "rows"})
     assert FORMAT_VERSION == 2

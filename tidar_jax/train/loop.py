@@ -158,19 +158,21 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
     return data_dir, load_manifest(data_dir)
 
 
-def resolve_packing(cfg: TrainConfig, run_dir: str) -> TrainConfig:
-    """``data.packing: null`` -> documents for a new run, windows for a run dir whose saved config predates it."""
+def resolve_packing(cfg: TrainConfig, run_dir: str) -> str:
+    """``data.packing: null`` -> documents for a new run, windows for a run dir whose saved config predates the
+    option (its ``data`` section has no ``packing`` key), so an old run resumes with the batches it started with."""
     if cfg.data.packing is not None:
-        return cfg
-    packing = "documents"
+        return cfg.data.packing
     saved = os.path.join(run_dir, ck.RUN_CONFIG)
     if os.path.isfile(saved):
         import yaml
 
         with open(saved) as f:
             data = (yaml.safe_load(f) or {}).get("data") or {}
-        packing = data.get("packing") or "windows"
-    return cfg.replace(**{"data.packing": packing})
+        if "packing" not in data:
+            return "windows"
+        return data["packing"] or "documents"
+    return "documents"
 
 
 def data_sources(cfg: TrainConfig, data_dir: str):
@@ -244,10 +246,14 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
     main = jax.process_index() == 0
     show = show_progress and main
     os.makedirs(run_dir, exist_ok=True)
-    cfg = resolve_packing(cfg, run_dir)
+    packing_mode = resolve_packing(cfg, run_dir)
+    if cfg.data.packing is None and packing_mode == "windows":
+        cfg = cfg.replace(**{"data.packing": "windows"})  # an old run dir: recorded in its config.yaml from now on
     if cfg.data.sources:  # a mixture: the first source supplies the tokenizer and the eval split
-        cfg = cfg.replace(**{"data.dir": cfg.data.sources[0]["dir"], "data.prepare": False})
-    data_dir, manifest = prepare_data(cfg)
+        data_dir, manifest = prepare_data(cfg.replace(**{"data.dir": cfg.data.sources[0]["dir"],
+                                                         "data.prepare": False}))
+    else:
+        data_dir, manifest = prepare_data(cfg)
 
     mesh_shape = resolve_mesh_shape(cfg.mesh, jax.device_count())
     mesh = make_mesh(*mesh_shape)
@@ -286,7 +292,7 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
             shutil.copyfile(tok_src, os.path.join(run_dir, ck.TOKENIZER))
 
     # documents start on block boundaries, so a TiDAR mask block never holds two documents
-    packing = {"packing": cfg.data.packing,
+    packing = {"packing": packing_mode,
                "block_size": mcfg.block_size if cfg.train.objective == "tidar" else 1}
     data_iter = make_train_iterator(data_sources(cfg, data_dir), cfg.data.seq_len, cfg.data.global_batch,
                                     cfg.train.seed, process_index=jax.process_index(),
