@@ -1,7 +1,10 @@
-"""The grain input pipeline over a prepared corpus: fixed-length windows, seeded shuffle, process sharding, batching.
+"""The grain input pipeline over prepared corpora: fixed-length windows or packed documents (segment ids), weighted
+mixtures, seeded shuffle, process sharding, batching.
 
 Order contract (what makes multi-process runs reproduce single-process runs):
-  * window i of a split is ``tokens[i*S:(i+1)*S]`` (non-overlapping; the tail shorter than S is unused);
+  * window i of a split is ``tokens[i*S:(i+1)*S]`` of its token stream (non-overlapping; the tail shorter than S is
+    unused); with ``packing="documents"`` the stream is the packed-document stream of ``tidar_jax.data.packing``;
+  * a mixture interleaves its sources' streams deterministically by weight (``grain.MapDataset.mix``);
   * the window *stream* is epoch 0's permutation, then epoch 1's, ... (grain shuffles each epoch with its own seed,
     derived from ``seed``), so each epoch visits every window exactly once;
   * global step t consumes stream items ``[t*G, (t+1)*G)`` (G = global_batch), batches may straddle epochs;
