@@ -155,6 +155,8 @@ class TokenStream:
 def document_spans(data_dir: str, manifest: dict, split: str) -> np.ndarray:
     """int64 ``[D, 2]``: (offset in the split stream, token count without eos) of every document, in order."""
     parts = split_parts(data_dir, manifest, split)
+    if not parts:  # a split without documents
+        return np.zeros((0, 2), np.int64)
     if parts[0]["docs_path"] is None:  # format 1: boundaries are in documents.jsonl
         rows = []
         with open(os.path.join(data_dir, manifest.get("documents_file", "documents.jsonl"))) as f:
