@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.masks import training_mask, training_positions
+from tidar_jax.masks import causal_layout, training_layout, training_positions
 from flax import nnx
 
 from tidar_jax.model.functional import merge
@@ -76,25 +76,24 @@ def make_optimizer(optim, total_steps: int):
 # ----------------------------------------------------------------------------------------------------------------
 
 def tidar_inputs(tokens_NS, cfg: ModelConfig, segment_ids_NS=None):
-    """Doubled tokens ``[N, 2S]``, positions and mask: ``[1, 2S]`` / ``[1, 2S, 2S]`` (constant), or per row
-    ``[N, 2S]`` / ``[N, 2S, 2S]`` for packed documents (positions restart per document; no cross-document keys)."""
+    """Doubled tokens ``[N, 2S]``, positions and the training attention layout (``masks``): positions ``[1, 2S]``,
+    or per row ``[N, 2S]`` restarting per document when packed (the layout then carries the segment ids, so no
+    query sees another document's keys)."""
     n, s = tokens_NS.shape
     masks_NS = jnp.full((n, s), cfg.mask_token_id, tokens_NS.dtype)
     tokens_N2S = jnp.concatenate([tokens_NS, masks_NS], axis=1)
     if segment_ids_NS is None:
-        return tokens_N2S, training_positions(s)[None], training_mask(s, cfg.block_size)[None]
+        return tokens_N2S, training_positions(s)[None], training_layout(s, cfg.block_size)
     return (tokens_N2S, training_positions(s, segment_ids_NS),
-            training_mask(s, cfg.block_size, segment_ids_NS))
+            training_layout(s, cfg.block_size, segment_ids_NS))
 
 
 def causal_inputs(seq_len: int, segment_ids_NS=None):
+    """Positions ``[1, S]`` (or ``[N, S]`` per document) and the causal attention layout of the AR objective."""
     if segment_ids_NS is None:
-        positions_1S = jnp.arange(seq_len, dtype=jnp.int32)[None]
-        mask_1SS = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
-        return positions_1S, mask_1SS
+        return jnp.arange(seq_len, dtype=jnp.int32)[None], causal_layout(seq_len)
     positions_NS = training_positions(seq_len, segment_ids_NS)[:, :seq_len]
-    same_NSS = segment_ids_NS[:, :, None] == segment_ids_NS[:, None, :]
-    return positions_NS, jnp.tril(jnp.ones((seq_len, seq_len), bool))[None] & same_NSS
+    return positions_NS, causal_layout(seq_len, segment_ids_NS)
 
 
 def packed_loss_mask(segment_ids_NS):
