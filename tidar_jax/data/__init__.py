@@ -2,7 +2,9 @@
 weighted mixtures and the grain pipeline.
 
 See docs/data.md for the commands, the manifest fields and the batch-order contract. Names are imported on first use
-so that preparation worker processes (which import ``tidar_jax.data.encode``) do not load grain or JAX.
+so that preparation worker processes (which import ``tidar_jax.data.encode``) do not load grain or JAX, and so that
+corpus preparation, the tokenizer and the manifest work where grain is not installed (the accelerator image has no
+grain; see docs/benchmarks.md).
 """
 
 import importlib
