@@ -23,8 +23,8 @@ class ModelSection:
     """``ModelConfig`` fields plus how to initialise the weights.
 
     With ``init_from`` (an HF dir or a params checkpoint) the architecture comes from that checkpoint; only the
-    TiDAR fields given here (block_size, mask_token_id, dtype, param_dtype) override it.  ``mask_token_id: null``
-    takes the id from the data manifest.
+    TiDAR fields given here (block_size, mask_token_id, dtype, param_dtype) and ``attention`` override it.
+    ``mask_token_id: null`` takes the id from the data manifest.
     """
 
     arch: dict = dataclasses.field(default_factory=dict)  # ModelConfig keys as written in the YAML
@@ -46,6 +46,13 @@ class DataSection:
     prefetch: int = 2
     eval_batch_size: int = 8
     eval_batches: int = 4
+    # documents: whole documents packed with segment ids (no attention or AR target across documents);
+    # windows: fixed windows of the token stream. null: documents for a new run, windows for a run dir created
+    # before this option existed (so it resumes with the same batches).
+    packing: str | None = None
+    # A weighted mixture of prepared dirs (same tokenizer): [{dir: ..., weight: ...}, ...]; null: data.dir alone.
+    # Eval and the tokenizer come from the first source.
+    sources: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +264,14 @@ def validate(cfg: TrainConfig) -> None:
     need(d.eval_batches >= 0, "data.eval_batches", d.eval_batches, "must be >= 0")
     need(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
     need(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction, "must be in (0, 1)")
+    need(d.packing in (None, "documents", "windows"), "data.packing", d.packing,
+         "must be documents, windows or null (documents for new runs)")
+    if d.sources is not None:
+        need(len(d.sources) >= 1 and all(isinstance(x, dict) and set(x) <= {"dir", "weight"} and "dir" in x
+                                         and isinstance(x.get("weight", 1.0), (int, float))
+                                         and not isinstance(x.get("weight", 1.0), bool)
+                                         and x.get("weight", 1.0) > 0 for x in d.sources),
+             "data.sources", d.sources, "must be a non-empty list of {dir: PATH, weight: NUMBER > 0}")
     need(o.name in ("adamw", "adam"), "optim.name", o.name, "must be one of adamw, adam")
     need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be one of cosine, constant")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
