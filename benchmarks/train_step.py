@@ -203,7 +203,8 @@ def kernel_sweep(args) -> int:
             f"H={mcfg.num_heads}/{mcfg.num_kv_heads}, V={mcfg.vocab_size}, B={mcfg.block_size}, {mcfg.dtype}), batch "
             f"{cfg.data.global_batch}, {result['devices']} ({result['host']}); {args.rounds} interleaved rounds per S "
             f"(all candidates of one S alternate). Load average before/after: "
-            f"{', '.join(f'{x:.1f}' for x in load_before)} / {', '.join(f'{x:.1f}' for x in result['load_avg_after'])}.",
+            f"{', '.join(f'{x:.1f}' for x in load_before)} / "
+            f"{', '.join(f'{x:.1f}' for x in result['load_avg_after'])}.",
             "",
             "| S | kernel | TiDAR step (ms) | AR step (ms) | TiDAR / AR | TiDAR tokens/s | AR tokens/s | "
             "tiles visited TiDAR / AR |",
