@@ -21,3 +21,21 @@ def test_train_step_benchmark_smoke(tmp_path):
         assert result[objective]["tokens_per_s"] == 2 * 16 / result[objective]["median_s"]
     assert result["ratio_tidar_over_ar"] == result["tidar"]["median_s"] / result["ar"]["median_s"]
     assert "TiDAR / AR step-time ratio" in (tmp_path / "train_step.md").read_text()
+
+
+def test_kernel_sweep_arguments_and_tile_fractions():
+    """--kernels / --seq-lens parsing (one clear line on bad input) and the tile fractions the sweep reports."""
+    import pytest
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import train_step
+
+    assert train_step._parse_kernel("blockwise@256") == ("blockwise", 256)
+    assert train_step._parse_kernel("reference") == ("reference", None)
+    for bad in ("flash", "reference@128", "blockwise@0", "blockwise@x"):
+        with pytest.raises(SystemExit, match=r"--kernels entry .*: must be one of"):
+            train_step._parse_kernel(bad)
+    with pytest.raises(SystemExit, match=r"--seq-lens='512,x': must be a comma list of positive integers"):
+        train_step._positive_ints("512,x", "--seq-lens")
+    tidar, causal = train_step._tile_fractions(4096, 16, 128)
+    assert round(100 * tidar, 1) == 26.6  # kernels.md, measured
+    assert causal == (32 * 33 / 2) / 32 ** 2  # the AR step's causal S=4096: the lower triangle of 32x32 tiles
