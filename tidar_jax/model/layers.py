@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 def _dtype(name: str):
@@ -100,9 +101,10 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, cos_BTD, sin_BTD, mask_BTS, cache_k_BCKD=None, cache_v_BCKD=None):
         """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here."""
         dt = x_BTD.dtype
-        q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt))
+        # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
+        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)), "q_proj")
+        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt)), "k_proj")
+        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt)), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -116,7 +118,7 @@ class Attention(nnx.Module):
         else:
             keys, values = k, v
         attn_BTHD = dot_product_attention(q, keys, values, mask_BTS)
-        out = jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt))
+        out = checkpoint_name(jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), "o_proj")
         return out, k, v
 
 

@@ -28,7 +28,7 @@ class ModelSection:
 
     arch: dict = dataclasses.field(default_factory=dict)  # ModelConfig keys as written in the YAML
     init_from: str | None = None
-    remat: bool = False
+    remat: str = "none"  # a policy of tidar_jax.model.remat: none | full | qkvo | dots (old true/false: full/none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,7 @@ class MeshSection:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    strict: bool = False  # a mesh axis that does not divide a dimension is an error (else: that dim replicates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,7 @@ class TrainSection:
     seed: int = 0
     objective: str = "tidar"  # tidar | ar
     alpha: float = 1.0  # weight of the AR term: (alpha * ar + diff) / (1 + alpha)
+    loss_chunk: int = 0  # target positions per cross-entropy chunk (0 = whole sequence at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +216,10 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
         if name == "model":
             arch = {k: raw.pop(k) for k in list(raw) if k in _MODEL_FIELDS}
             kwargs["arch"] = arch
+            if "remat" in raw:  # a policy name; old configs say true/false
+                from tidar_jax.model.remat import policy_name
+
+                raw["remat"] = policy_name(raw["remat"])
         unknown = sorted(set(raw) - (set(types) - {"arch"}))
         if unknown:
             allowed = sorted((set(types) - {"arch"}) | (_MODEL_FIELDS if name == "model" else set()))
@@ -235,6 +241,9 @@ def validate(cfg: TrainConfig) -> None:
     need(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     need(t.objective in ("tidar", "ar"), "train.objective", t.objective, "must be one of tidar, ar")
     need(t.alpha >= 0, "train.alpha", t.alpha, "must be >= 0")
+    need(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "must be >= 0 (0 = no chunking)")
+    need(t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0, "train.loss_chunk", t.loss_chunk,
+         f"must divide data.seq_len={d.seq_len}")
     need(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
     need(d.global_batch >= 1, "data.global_batch", d.global_batch, "must be >= 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
@@ -278,6 +287,8 @@ def validate(cfg: TrainConfig) -> None:
         bs = arch.get("block_size", ModelConfig.block_size)
         if t.objective == "tidar":
             need(d.seq_len % bs == 0, "data.seq_len", d.seq_len, f"must be a multiple of model.block_size={bs}")
+            need(t.loss_chunk % bs == 0, "train.loss_chunk", t.loss_chunk,
+                 f"must be a multiple of model.block_size={bs} (chunks align to blocks)")
 
 
 def _apply_overrides(values: dict, overrides) -> dict:

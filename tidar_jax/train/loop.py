@@ -241,7 +241,11 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
 
     graphdef, abstract = abstract_model(mcfg, remat=cfg.model.remat)
     total = cfg.train.steps
-    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha)
+    if cfg.train.objective == "tidar" and cfg.train.loss_chunk % mcfg.block_size:
+        raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk}: must be a multiple of model.block_size="
+                          f"{mcfg.block_size} (chunks align to blocks)")
+    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha,
+                        cfg.train.loss_chunk, cfg.mesh.strict, (cfg.data.global_batch, cfg.data.seq_len))
 
     if main:  # run-dir files next to the checkpoints (the resolved config is also in every checkpoint's meta)
         _write_atomic(os.path.join(run_dir, ck.RUN_CONFIG), dump_yaml(cfg))

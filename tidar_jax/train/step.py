@@ -22,14 +22,16 @@ from tidar_jax.masks import training_mask, training_positions
 from flax import nnx
 
 from tidar_jax.model.functional import merge
+from tidar_jax.chunked_loss import chunked_ar_loss, chunked_tidar_loss
 from tidar_jax.objective import ar_loss, tidar_loss
-from tidar_jax.sharding import replicated, state_shardings
+from tidar_jax.sharding import activation_mesh, batch_spec, replicated, state_shardings
 
-BATCH_SPEC = P(("data", "fsdp"), None)
+BATCH_SPEC = batch_spec()  # [batch, length] tokens, from the rules table
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, BATCH_SPEC)
+def batch_sharding(mesh: Mesh, shape=None, strict: bool = False) -> NamedSharding:
+    """Token batches' sharding; with ``shape`` (and ``strict``), checked against the mesh like any tensor."""
+    return NamedSharding(mesh, batch_spec(mesh, shape, strict) if shape is not None else BATCH_SPEC)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,17 +98,30 @@ def to_model(graphdef, template, params):
     return merge(graphdef, state)
 
 
-def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0):
-    """``loss_fn(params, tokens_NS) -> (loss, metrics)`` for the chosen objective."""
+def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0,
+                 loss_chunk: int = 0):
+    """``loss_fn(params, tokens_NS) -> (loss, metrics)`` for the chosen objective.
+
+    ``loss_chunk > 0``: the cross-entropy runs over chunks of that many target positions
+    (``tidar_jax.chunked_loss``), so the full-vocabulary logits of the whole sequence never exist at once.
+    """
 
     def tidar(params, tokens_NS):
         tokens_N2S, pos, mask = tidar_inputs(tokens_NS, cfg)
-        logits, _ = to_model(graphdef, template, params)(tokens_N2S, pos, mask)
+        model = to_model(graphdef, template, params)
+        if loss_chunk:
+            hidden, _ = model.hidden(tokens_N2S, pos, mask)
+            return chunked_tidar_loss(model.logits, hidden, tokens_NS, alpha=alpha, chunk=loss_chunk)
+        logits, _ = model(tokens_N2S, pos, mask)
         return tidar_loss(logits, tokens_NS, alpha=alpha)
 
     def ar(params, tokens_NS):
         pos, mask = causal_inputs(tokens_NS.shape[1])
-        logits, _ = to_model(graphdef, template, params)(tokens_NS, pos, mask)
+        model = to_model(graphdef, template, params)
+        if loss_chunk:
+            hidden, _ = model.hidden(tokens_NS, pos, mask)
+            return chunked_ar_loss(model.logits, hidden, tokens_NS, chunk=loss_chunk)
+        logits, _ = model(tokens_NS, pos, mask)
         return ar_loss(logits, tokens_NS)
 
     if objective == "tidar":
@@ -147,13 +162,13 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
         transform_non_params=lambda _: replicated(mesh))
 
 
-def param_shardings(abstract_state, mesh: Mesh):
+def param_shardings(abstract_state, mesh: Mesh, strict: bool = False):
     """Pure-dict NamedShardings of the params (from the Params' ``logical_axes``)."""
-    return nnx.to_pure_dict(state_shardings(abstract_state, mesh))
+    return nnx.to_pure_dict(state_shardings(abstract_state, mesh, strict=strict))
 
 
-def train_state_shardings(tx, abstract_state, mesh: Mesh):
-    param_sh = param_shardings(abstract_state, mesh)
+def train_state_shardings(tx, abstract_state, mesh: Mesh, strict: bool = False):
+    param_sh = param_shardings(abstract_state, mesh, strict)
     abstract_params = nnx.to_pure_dict(abstract_state)
     return {"params": param_sh, "opt": opt_state_shardings(tx, abstract_params, param_sh, mesh),
             "step": replicated(mesh)}
@@ -203,7 +218,7 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh):
     n, s = tokens_NS.shape
     # rows j*accum + a form micro-batch a, so every micro-batch keeps the batch sharding of the full batch
     micro_ANS = jnp.swapaxes(tokens_NS.reshape(n // accum, accum, s), 0, 1)
-    micro_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+    micro_sh = NamedSharding(mesh, P(None, *BATCH_SPEC))
     micro_ANS = jax.lax.with_sharding_constraint(micro_ANS, micro_sh)
 
     def body(carry, tokens_MS):
@@ -223,18 +238,25 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh):
 
 
 def make_step_fns(graphdef, cfg: ModelConfig, abstract_state, mesh: Mesh, optim, total_steps: int,
-                  objective: str = "tidar", alpha: float = 1.0) -> StepFns:
-    """``abstract_state``: the model's ``nnx.State`` (abstract or concrete; only shapes/metadata are used)."""
+                  objective: str = "tidar", alpha: float = 1.0, loss_chunk: int = 0, strict: bool = False,
+                  batch_shape=None) -> StepFns:
+    """``abstract_state``: the model's ``nnx.State`` (abstract or concrete; only shapes/metadata are used).
+
+    Activations are pinned at layer boundaries by the rules table (``sharding.constrain``). ``strict``: a mesh
+    axis that does not divide a parameter, activation or (given ``batch_shape``) batch dimension raises a
+    ``ShardingError`` instead of replicating that dimension.
+    """
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
     tx, schedule = make_optimizer(optim, total_steps)
-    shardings = train_state_shardings(tx, template, mesh)
-    batch_sh = batch_sharding(mesh)
-    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha)
+    shardings = train_state_shardings(tx, template, mesh, strict)
+    batch_sh = batch_sharding(mesh, batch_shape, strict)
+    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha, loss_chunk)
     accum = optim.grad_accum
 
     def train_step(state, tokens_NS):
         params = state["params"]
-        loss, metrics, grads = _accumulate(loss_fn, params, tokens_NS, accum, mesh)
+        with activation_mesh(mesh, strict):
+            loss, metrics, grads = _accumulate(loss_fn, params, tokens_NS, accum, mesh)
         grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
