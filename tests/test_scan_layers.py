@@ -50,7 +50,9 @@ def _inputs(cfg, s=6):
     return tokens_2S, masks.training_positions(s)[None], masks.training_mask(s, cfg.block_size)[None]
 
 
-@pytest.mark.parametrize("policy", REMAT_POLICIES)
+# one policy in the default suite (the scan + remat path); the others compile the same program with another policy
+@pytest.mark.parametrize("policy", [p if p == "full" else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in REMAT_POLICIES])
 def test_scanned_equals_unrolled_logits_kv_and_grads(policy):
     with jax.enable_x64(True):
         cfg = _cfg()
