@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from tidar_jax.objective import ar_targets, diffusion_targets
+from tidar_jax.scan_options import scan_unroll
 
 
 def shift_to_targets(values_NS, fill):
@@ -73,7 +74,7 @@ def position_stats(logits_fn: Callable, sources: dict, labels_NS, chunk: int):
         return carry, one_chunk(hiddens, labels_Nc)
 
     xs = (tuple(_chunk_major(sources[n], chunk) for n in names), _chunk_major(labels_NS, chunk))
-    _, stats = jax.lax.scan(body, None, xs)
+    _, stats = jax.lax.scan(body, None, xs, unroll=scan_unroll())
     return {k: _position_major(v) for k, v in stats.items()}
 
 

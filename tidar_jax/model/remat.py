@@ -15,8 +15,6 @@ Old configs said ``remat: true`` / ``false``; those mean ``full`` / ``none``.
 
 from __future__ import annotations
 
-import jax
-
 from tidar_jax.config import ConfigError
 
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -37,6 +35,8 @@ def policy_name(remat) -> str:
 
 def checkpoint_policy(name: str):
     """The ``jax.checkpoint`` policy for a policy name (``None`` for ``none``: no checkpointing at all)."""
+    import jax
+
     name = policy_name(name)
     if name == "none":
         return None
@@ -49,6 +49,8 @@ def checkpoint_policy(name: str):
 
 def rematerialize(fn, name: str):
     """``fn`` wrapped in ``jax.checkpoint`` with the named policy (``fn`` itself for ``none``)."""
+    import jax
+
     policy = checkpoint_policy(name)
     if policy is None:
         return fn

@@ -15,6 +15,7 @@ from flax import nnx
 from tidar_jax.config import ModelConfig
 from tidar_jax.model.layers import MLP, Attention, RMSNorm, _normal, param, rope_tables
 from tidar_jax.model.remat import policy_name, rematerialize
+from tidar_jax.scan_options import scan_unroll
 from tidar_jax.sharding import constrain
 
 LAYERS_AXIS = "layers"
@@ -109,7 +110,7 @@ class Transformer(nnx.Module):
 
         caches = (cache.k_LBCKD, cache.v_LBCKD) if cache is not None else (None, None)
         x_BTD, (k_LBTKD, v_LBTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_BTD,
-                                                 (layer_state, *caches))
+                                                 (layer_state, *caches), unroll=scan_unroll())
         x_BTD = constrain(x_BTD, ACTIVATION_AXES, "final activations")
         return self.final_norm(x_BTD), StepKV(k_LBTKD, v_LBTKD)
 
