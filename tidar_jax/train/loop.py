@@ -184,6 +184,13 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     checkpoint_kind(cfg.model.init_from)  # one clear error for a path that is no checkpoint
     bundle = load_for_inference(cfg.model.init_from, mesh=mesh)  # loads straight into the target shardings
     over = _arch_overrides(cfg, manifest)
+    # a preset may spell out the architecture (for train.py --plan); it must be the checkpoint's
+    differ = {k: (v, getattr(bundle.config, k)) for k, v in cfg.model.arch.items()
+              if k not in over and v is not None and getattr(bundle.config, k) != v}
+    if differ:
+        k, (want, got) = sorted(differ.items())[0]
+        raise ConfigError(f"model.{k}={want!r} in the config but model.init_from={cfg.model.init_from!r} has "
+                          f"{k}={got!r}; remove the key or make it match the checkpoint")
     mcfg = bundle.config.replace(**over)
     if mcfg.vocab_size < int(manifest["vocab_size"]):
         raise ConfigError(f"model.init_from={cfg.model.init_from!r} has vocab {mcfg.vocab_size}, smaller than the "

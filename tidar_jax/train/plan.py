@@ -128,8 +128,8 @@ def _step_flops(graphdef, mcfg, abstract, mesh, cfg: TrainConfig, devices) -> fl
     return float(cost.get("flops", float("nan"))) * accum / len(devices)
 
 
-def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
-    """Compile the train step for ``cfg`` on the available (fake) devices; return per-device figures."""
+def compile_train_step(cfg: TrainConfig, num_devices: int | None = None):
+    """``(compiled, seconds, context)``: the real train step lowered and compiled on abstract inputs."""
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.sharding import make_mesh
     from tidar_jax.train.distributed import resolve_mesh_shape
@@ -156,6 +156,16 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
     lowered = fns.train_step.lower(state, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    context = dict(devices=devices, mcfg=mcfg, mesh=mesh, mesh_shape=mesh_shape, graphdef=graphdef,
+                   abstract=abstract, state=state, batch=batch)
+    return compiled, compile_s, context
+
+
+def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
+    """Compile the train step for ``cfg`` on the available (fake) devices; return per-device figures."""
+    compiled, compile_s, ctx = compile_train_step(cfg, num_devices)
+    devices, mcfg, mesh, mesh_shape = ctx["devices"], ctx["mcfg"], ctx["mesh"], ctx["mesh_shape"]
+    graphdef, abstract, state, batch = ctx["graphdef"], ctx["abstract"], ctx["state"], ctx["batch"]
     mem = compiled.memory_analysis()
     flops = _step_flops(graphdef, mcfg, abstract, mesh, cfg, devices)
     argument = int(mem.argument_size_in_bytes)
