@@ -91,7 +91,8 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
         try:
             leaf = get_path(pure, k.param_path)
         except (KeyError, TypeError, IndexError):
-            raise HFFormatError(f"params have no {'.'.join(map(str, k.param_path))}, which the config implies") from None
+            name = ".".join(map(str, k.param_path))
+            raise HFFormatError(f"params have no {name}, which the config implies") from None
         want = k.our_shape if k.layer is None else (config.num_layers,) + k.our_shape
         if tuple(leaf.shape) != want:
             raise HFFormatError(f"parameter {'.'.join(map(str, k.param_path))} has shape {tuple(leaf.shape)}, the "

@@ -72,7 +72,7 @@ def analytic(cfg: TrainConfig, mcfg: ModelConfig, mesh_shape, attention: str = "
     saved_activations = L * b * t * per_token / tensor ** (policy != "full")
     # one layer recomputed at a time: its working set is the 'none' per-token footprint
     layer_workspace = b * t * (4 * d + 2 * (h + 2 * kv) * hd + h * hd + 4 * f) * act
-    if attention == "dense":
+    if attention in ("dense", "reference"):
         attn = b * (h / tensor) * t * t * (4 + act + 1)  # f32 scores, probs, boolean mask broadcast
     else:
         attn = b * (h / tensor) * t * 512 * (4 + act)  # one key tile of scores/probs per query row
@@ -172,7 +172,8 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
     output = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
     temp = int(mem.temp_size_in_bytes)
-    attention = getattr(getattr(mcfg, "attention", None), "name", None) or "dense"
+    kernel = getattr(mcfg, "attention", None)  # model.attention (issue 10) when present; dense otherwise
+    attention = kernel if isinstance(kernel, str) else (getattr(kernel, "name", None) or "dense")
     return {
         "config": {"num_devices": len(devices), "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
                    "seq_len": cfg.data.seq_len, "global_batch": cfg.data.global_batch,
