@@ -44,7 +44,7 @@ def _sharded_bytes(tree) -> int:
     return total
 
 
-def analytic(cfg: TrainConfig, mcfg: ModelConfig, mesh_shape, attention: str = "dense") -> dict:
+def analytic(cfg: TrainConfig, mcfg: ModelConfig, mesh_shape, attention: str = "reference") -> dict:
     """Independent per-device estimates from the config alone (formulas in docs/training.md)."""
     data, fsdp, tensor = mesh_shape
     dp = data * fsdp
@@ -72,10 +72,12 @@ def analytic(cfg: TrainConfig, mcfg: ModelConfig, mesh_shape, attention: str = "
     saved_activations = L * b * t * per_token / tensor ** (policy != "full")
     # one layer recomputed at a time: its working set is the 'none' per-token footprint
     layer_workspace = b * t * (4 * d + 2 * (h + 2 * kv) * hd + h * hd + 4 * f) * act
-    if attention in ("dense", "reference"):
+    if attention == "reference":
         attn = b * (h / tensor) * t * t * (4 + act + 1)  # f32 scores, probs, boolean mask broadcast
-    else:
-        attn = b * (h / tensor) * t * 512 * (4 + act)  # one key tile of scores/probs per query row
+    else:  # block-sparse kernels: one key tile of f32 scores and probabilities per query, plus the f32 accumulator
+        from tidar_jax.attention.blockwise import TILE_K
+
+        attn = b * (h / tensor) * t * (TILE_K * 8 + hd * 4 + 8)
     chunk = cfg.train.loss_chunk or s
     halves = 2 if tidar else 1
     loss = b * halves * chunk * (v / tensor) * 4 * 2  # f32 logits and their softmax for one chunk
@@ -106,9 +108,16 @@ def training_flops(cfg: TrainConfig, mcfg: ModelConfig) -> float:
     return n * (3 * fwd + recompute)
 
 
+def nnx_abstract(mcfg: ModelConfig, remat: str):
+    from tidar_jax.model.functional import abstract_model
+
+    return abstract_model(mcfg, remat=remat)
+
+
 def _step_flops(graphdef, mcfg, abstract, mesh, cfg: TrainConfig, devices) -> float:
     """Per-device FLOPs of one step by XLA's cost analysis of an unrolled lowering of one micro-batch (XLA counts
-    a while-loop body once, so the scanned program under-reports); times the number of micro-batches."""
+    a while-loop body once, so the scanned program under-reports); times the number of micro-batches. Attention
+    is counted dense (every query-key pair)."""
     import dataclasses
 
     from tidar_jax.scan_options import unrolled_scans
@@ -116,6 +125,10 @@ def _step_flops(graphdef, mcfg, abstract, mesh, cfg: TrainConfig, devices) -> fl
 
     accum = cfg.optim.grad_accum
     micro_shape = (cfg.data.global_batch // accum, cfg.data.seq_len)
+    # the block-sparse kernels scan their tiles (a loop XLA would count once): count with the dense reference
+    # kernel instead, an upper bound that includes the empty tiles those kernels skip
+    mcfg = mcfg.replace(attention="reference")
+    graphdef, abstract = nnx_abstract(mcfg, cfg.model.remat)
     optim = dataclasses.replace(cfg.optim, grad_accum=1)
     fns = make_step_fns(graphdef, mcfg, abstract, mesh, optim, cfg.train.steps, cfg.train.objective,
                         cfg.train.alpha, cfg.train.loss_chunk, cfg.mesh.strict, micro_shape)
@@ -172,8 +185,9 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
     output = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
     temp = int(mem.temp_size_in_bytes)
-    kernel = getattr(mcfg, "attention", None)  # model.attention (issue 10) when present; dense otherwise
-    attention = kernel if isinstance(kernel, str) else (getattr(kernel, "name", None) or "dense")
+    from tidar_jax.attention import resolve
+
+    attention = resolve(mcfg.attention, "gpu")  # what model.attention means on a GPU (auto: blockwise)
     return {
         "config": {"num_devices": len(devices), "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
                    "seq_len": cfg.data.seq_len, "global_batch": cfg.data.global_batch,
