@@ -20,7 +20,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "unrolled_params_v
 
 
 def _cfg(**kw):
-    base = dict(vocab_size=48, hidden_size=16, num_layers=3, num_heads=4, num_kv_heads=2, mlp_size=24,
+    base = dict(vocab_size=48, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=24,
                 qkv_bias=True, qk_norm=True, tie_embeddings=False, mask_token_id=47, block_size=2,
                 dtype="float64", param_dtype="float64", family="qwen2")
     base.update(kw)

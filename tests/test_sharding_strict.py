@@ -12,8 +12,8 @@ from tidar_jax.sharding import ShardingError, batch_spec, logical_to_spec, make_
 from tidar_jax.train.config import OptimSection
 from tidar_jax.train.step import BATCH_SPEC, init_train_state, make_step_fns
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=64,
-                  mask_token_id=63, block_size=4, dtype="float64", param_dtype="float64")
+CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_size=64,
+                  mask_token_id=63, block_size=4, dtype="float64", param_dtype="float64", attention="reference")
 OPTIM = OptimSection(lr=1e-2, min_lr=1e-3, warmup_frac=0.0, weight_decay=0.01, clip_norm=1.0)
 
 
