@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
 
@@ -90,9 +91,10 @@ class Attention(nnx.Module):
         ``mask_BTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
         mask over keys ``[cache | current]`` (attended with the reference kernel)."""
         dt = x_BTD.dtype
-        q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt))
+        # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
+        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)), "q_proj")
+        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt)), "k_proj")
+        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt)), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -106,7 +108,7 @@ class Attention(nnx.Module):
         else:
             keys, values = k, v
         attn_BTHD = attention.attend(q, keys, values, mask_BTS, self.cfg.attention)
-        out = jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt))
+        out = checkpoint_name(jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), "o_proj")
         return out, k, v
 
 
