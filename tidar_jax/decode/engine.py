@@ -82,6 +82,26 @@ def empty_cache(cfg, opts: DecodeOptions, batch: int, cache_size: int, mesh=None
     return constrain_cache(cache, mesh)
 
 
+def constrain_state(state: DecodeState, mesh) -> DecodeState:
+    """One fixed layout for the state between steps (per-row arrays over batch, the rest replicated), so that
+    the prefill's output, a step's input and a step's output agree and the donated step never reshards."""
+    if mesh is None:
+        return state
+    from tidar_jax.sharding import logical_sharding, replicated
+
+    def rows(x):
+        return jax.lax.with_sharding_constraint(x, logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape,
+                                                                    mesh))
+
+    def rep(x):
+        return jax.lax.with_sharding_constraint(x, replicated(mesh))
+
+    return state._replace(
+        cache=constrain_cache(state.cache, mesh), pending_NB=rows(state.pending_NB), out_NM=rows(state.out_NM),
+        n_out_N=rows(state.n_out_N), done_N=rows(state.done_N), nfe_N=rows(state.nfe_N), key=rep(state.key),
+        accept_hist_K=rep(state.accept_hist_K), steps=rep(state.steps), stops=jax.tree.map(rep, state.stops))
+
+
 def constrain_cache(cache: KVCache, mesh) -> KVCache:
     if mesh is None:
         return cache
@@ -242,10 +262,7 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
 
     group_N, shift_N = layout.next_draft_source(accepted_N, b, counts)
     source_NB = jnp.where((group_N > 0)[:, None], group_argmax(group_N), drafts_NB)
-    slots_NB = jnp.minimum(shift_N[:, None] + jnp.arange(b)[None], b - 1)
-    next_NB = jnp.take_along_axis(source_NB, slots_NB, axis=1)
-    use_verifier_N = (shift_N > 0) | (opts.slot0 == "verifier") | (not opts.greedy)
-    next_NB = next_NB.at[:, 0].set(jnp.where(use_verifier_N, token_N, next_NB[:, 0]))
+    next_NB = layout.next_drafts(source_NB, shift_N, token_N, opts.slot0 == "verifier" or not opts.greedy)
 
     # Commit: drafts' K/V go to slots L..L+B-1; only the accepted k become visible. Mask K/V is never written.
     cache = kvops.write_tokens(cache, step_kv, b, length_N)
@@ -310,14 +327,13 @@ def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, p
             stops: Stops, mesh=None) -> DecodeState:
     model = nnx.merge(graphdef, params)
     fn = tidar_prefill if opts.mode == "tidar" else ar_prefill
-    return fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh)
+    return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
 
 
 def step(graphdef, opts: DecodeOptions, params, state: DecodeState, mesh=None) -> DecodeState:
     model = nnx.merge(graphdef, params)
     fn = tidar_step if opts.mode == "tidar" else ar_step
-    state = fn(model, opts, state)
-    return state._replace(cache=constrain_cache(state.cache, mesh))
+    return constrain_state(fn(model, opts, state), mesh)
 
 
 def generate_loop(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,

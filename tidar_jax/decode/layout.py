@@ -68,3 +68,13 @@ def next_draft_source(accepted_N, block_size: int, counts: tuple[int, ...]):
     group_N = jnp.sum(counts_G[None, :] <= accepted_N[:, None], axis=1).astype(jnp.int32)
     j_N = jnp.where(group_N > 0, counts_G[jnp.maximum(group_N - 1, 0)], 0)
     return group_N, (accepted_N - j_N).astype(jnp.int32)
+
+
+def next_drafts(source_NB, shift_N, token_N, verifier_slot0: bool):
+    """Next drafts from the chosen source (see ``next_draft_source``): slot t is the source's slot
+    ``min(shift + t, B - 1)``; slot 0 is the verifier token when ``shift > 0`` or ``verifier_slot0``."""
+    b = source_NB.shape[1]
+    slots_NB = jnp.minimum(shift_N[:, None] + jnp.arange(b)[None], b - 1)
+    next_NB = jnp.take_along_axis(source_NB, slots_NB, axis=1)
+    use_verifier_N = (shift_N > 0) | verifier_slot0
+    return next_NB.at[:, 0].set(jnp.where(use_verifier_N, token_N, next_NB[:, 0]))
