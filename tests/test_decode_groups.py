@@ -74,10 +74,11 @@ def test_pruned_groups_lossless(block, groups, head):
 
 
 def test_pruned_groups_cache_equals_causal_forward():
-    """After every step of a pruned (B=4, groups=(2,)) stream the visible cache equals a plain causal forward."""
+    """After every step of a pruned (B=4, groups=(2,)) stream with paged cache attention over 5-slot pages (many
+    pages, a clamped last page) the visible cache equals a plain causal forward."""
     dec = trained_decoder("float64")
     prompts = pattern_prompts([5, 2, 9, 12], seed=21)
-    stream = dec.stream(prompts, mode="tidar", block_size=4, groups=(2,), max_new_tokens=MAX_NEW)
+    stream = dec.stream(prompts, mode="tidar", block_size=4, groups=(2,), max_new_tokens=MAX_NEW, cache_page=5)
     emitted, snapshots = [[] for _ in prompts], []
     for chunk in stream:
         for row, toks in enumerate(chunk):

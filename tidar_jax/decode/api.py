@@ -166,7 +166,7 @@ class Decoder:
 
     def options(self, mode="tidar", block_size=None, beta=1.0, slot0="verifier", temperature=0.0, top_k=0,
                 top_p=1.0, max_new_tokens=64, allow_untrained_block_size=False, head="selective", groups=None,
-                cache_dtype=None, full_logits=False) -> DecodeOptions:
+                cache_dtype=None, cache_attention="paged", cache_page=128, full_logits=False) -> DecodeOptions:
         """Static options. ``groups``: None (all B), an int G (counts 1..G) or a list of covered counts.
         ``full_logits=True`` is the old name of ``head="one_pass"``."""
         trained = self.trained_block_size
@@ -191,7 +191,7 @@ class Decoder:
         opts = DecodeOptions(
             mode=mode, block_size=block_size, beta=float(beta), slot0=slot0, temperature=float(temperature),
             top_k=top_k, top_p=float(top_p), max_new_tokens=max_new_tokens, head=head, groups=groups,
-            cache_dtype=cache_dtype)
+            cache_dtype=cache_dtype, cache_attention=cache_attention, cache_page=cache_page)
         return opts.validate()
 
     def eos_ids(self, eos_token_id=_DEFAULT) -> list[int]:

@@ -31,6 +31,7 @@ from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf, verifier_probs
 from tidar_jax.model import KVCache
+from tidar_jax.model.cache_attention import CacheLayout
 
 
 class Stops(NamedTuple):
@@ -233,7 +234,11 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     tokens_NQ = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
                                 axis=1)
     positions_NQ = layout.step_positions(length_N, b, counts)
-    mask_NQS = layout.step_mask(length_N, b, counts, cache.k_LBCKD.shape[2])
+    if opts.cache_attention == "paged":
+        local_QQ = jnp.asarray(layout.step_local_mask(b, counts))
+        mask_NQS = CacheLayout(length_N, jnp.broadcast_to(local_QQ[None], (n,) + local_QQ.shape), opts.cache_page)
+    else:
+        mask_NQS = layout.step_mask(length_N, b, counts, cache.k_LBCKD.shape[2])
     hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
 
     # Group slot-0 rows that mix into the verifier when beta < 1: verifier i (position L+i+1) mixes with group
@@ -304,8 +309,11 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     length_N = cache.length_B
     active_N = ~state.done_N
     cache_size = cache.k_LBCKD.shape[2]
-    prefix_N1C = (jnp.arange(cache_size)[None, :] < length_N[:, None])[:, None, :]
-    mask_N1S = jnp.concatenate([prefix_N1C, jnp.ones((n, 1, 1), bool)], axis=-1)
+    if opts.cache_attention == "paged":
+        mask_N1S = CacheLayout(length_N, jnp.ones((n, 1, 1), bool), opts.cache_page)
+    else:
+        prefix_N1C = (jnp.arange(cache_size)[None, :] < length_N[:, None])[:, None, :]
+        mask_N1S = jnp.concatenate([prefix_N1C, jnp.ones((n, 1, 1), bool)], axis=-1)
     hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1D)[:, 0]
     key, sub = jax.random.split(state.key)

@@ -7,6 +7,7 @@ import dataclasses
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
 HEADS = ("selective", "one_pass")
+CACHE_ATTENTION = ("paged", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -36,6 +37,9 @@ class DecodeOptions:
         nearest lower covered group (group 0 = the current drafts). Verification is unchanged, so lossless mode
         stays lossless for every choice.
     cache_dtype: KV-cache dtype; None = the compute dtype.
+    cache_attention: how a step attends to the cache: "paged" (``model.cache_attention``: pages of
+        ``cache_page`` slots up to the longest live row, no per-layer copy of the cache) or "dense" (concatenate
+        the whole allocated cache with the step's keys under a dense mask; the reference path).
     """
 
     mode: str = "tidar"
@@ -49,6 +53,8 @@ class DecodeOptions:
     head: str = "selective"
     groups: tuple[int, ...] | None = None
     cache_dtype: str | None = None
+    cache_attention: str = "paged"
+    cache_page: int = 128
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +98,10 @@ class DecodeOptions:
             if (not isinstance(g, tuple) or not g or any(not isinstance(x, int) or isinstance(x, bool) for x in g)
                     or list(g) != sorted(set(g)) or g[0] < 1 or g[-1] > self.block_size):
                 bad("groups", g, f"a non-empty sorted tuple of distinct accepted counts in 1..{self.block_size}")
+        if self.cache_attention not in CACHE_ATTENTION:
+            bad("cache_attention", self.cache_attention, "one of " + ", ".join(CACHE_ATTENTION))
+        if not isinstance(self.cache_page, int) or isinstance(self.cache_page, bool) or self.cache_page < 1:
+            bad("cache_page", self.cache_page, "an integer >= 1")
         if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
             bad("cache_dtype", self.cache_dtype, "None (the compute dtype) or one of " + ", ".join(CACHE_DTYPES))
         if self.mode == "tidar" and not self.greedy and self.slot0 != "verifier":

@@ -7,14 +7,26 @@ Two partial softmaxes merged by log-sum-exp (the "online softmax" of flash atten
   * the current-token part uses the step's own (small) mask ``[B, T, T]``.
 
 It is a pure function of ``(q, k_new, v_new, cache_k_layer, cache_v_layer, lengths, local_mask)`` so it works
-per layer inside a ``lax.scan`` over layers. Not yet wired into the model (``attn`` owns the attention interface
-and ``scale`` the layer loop); ``tests/test_decode_cache_attention.py`` checks it against dense attention.
+per layer inside a ``lax.scan`` over layers. Hook: the model's mask argument may be a ``CacheLayout`` (an
+attention-layout object, passed through the model unchanged); ``Attention`` then calls this kernel instead of
+concatenating the cache. This is a stand-in until the attention interface of issue 10 takes it over.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+
+class CacheLayout(NamedTuple):
+    """Attention layout of a cached forward: keys are cache slots ``< length_B`` (per row) plus the current tokens
+    allowed by ``local_BTT``; the cache is walked in pages of ``page`` slots up to the longest live row."""
+
+    length_B: jax.Array
+    local_BTT: jax.Array
+    page: int = 128
 
 
 def cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_BCKD, cache_v_BCKD, length_B, local_mask_BTT,
