@@ -12,7 +12,7 @@ import pytest
 from test_decode_support import pattern_prompts, trained_decoder
 from tidar_jax.decode import layout
 from tidar_jax.model.cache_attention import cached_attention
-from tidar_jax.model.layers import dot_product_attention
+from tidar_jax.attention.reference import attend as dense_attention
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def test_cached_attention_equals_dense(cache_size, page, lengths):
     got = jax.jit(cached_attention, static_argnames="page")(q, k, v, ck, cv, length_N, local_NQQ, page=page)
     mask = layout.step_mask(length_N, block, counts, cache_size)
     # reference: dense attention over the concatenation, with the garbage zeroed (0 * 1e4 weights are exact)
-    ref = dot_product_attention(q, jnp.concatenate([jnp.where(live_NC[..., None, None], ck, 0), k], axis=1),
+    ref = dense_attention(q, jnp.concatenate([jnp.where(live_NC[..., None, None], ck, 0), k], axis=1),
                                 jnp.concatenate([jnp.where(live_NC[..., None, None], cv, 0), v], axis=1), mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-12, atol=1e-12)
 

@@ -29,12 +29,16 @@ def _check_equal(dec, prompts, block, eos_token_id=None, max_new=MAX_NEW):
     return ar, td
 
 
-# batch 4 by default (one AR program serves all four block sizes); batches 1-3 run with -m slow
-@pytest.mark.parametrize("block,lengths", [(1, [5, 2, 9, 4]), (2, [3, 9, 1, 6]), (4, [2, 7, 4, 12]),
-                                           (8, [6, 1, 11, 3])] + [
-    pytest.param(b, ls, marks=pytest.mark.slow) for b, ls in [(1, [5]), (2, [3, 9]), (4, [2, 7, 4]), (8, [13])]])
-def test_greedy_tidar_equals_greedy_ar(block, lengths):
-    dec = trained_decoder("float64")
+# batch 4 by default (one AR program serves all four block sizes); batches 1-3 run with -m slow.
+# "auto" is the blockwise kernel on CPU; the reference kernel is checked once by default.
+@pytest.mark.parametrize("block,lengths,attention", [
+    (1, [5, 2, 9, 4], "auto"), (2, [3, 9, 1, 6], "auto"), (4, [2, 7, 4, 12], "auto"), (8, [6, 1, 11, 3], "auto"),
+    (4, [2, 7, 4, 12], "reference")] + [
+    pytest.param(b, ls, "auto", marks=pytest.mark.slow)
+    for b, ls in [(1, [5]), (2, [3, 9]), (4, [2, 7, 4]), (8, [13])]])
+def test_greedy_tidar_equals_greedy_ar(block, lengths, attention):
+    # the default-kernel call shares its cached Decoder (and compiled programs) with the other decode tests
+    dec = trained_decoder("float64") if attention == "auto" else trained_decoder("float64", attention)
     prompts = pattern_prompts(lengths, seed=block)
     ar, td = _check_equal(dec, prompts, block)
     assert all(len(t) == MAX_NEW for t in td.tokens)  # max_new_tokens is exact

@@ -72,10 +72,10 @@ def trained_tiny_state(steps: int = 150, seed: int = 0):
     return cfg, graphdef, nnx.to_pure_dict(state)
 
 
-def trained_tiny(dtype: str = "float32"):
+def trained_tiny(dtype: str = "float32", attention: str = "auto"):
     """A fresh ``Transformer`` with the trained weights, in ``dtype`` (use float64 under ``jax.enable_x64``)."""
     cfg, _, pure = trained_tiny_state()
-    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype, attention=attention)
     model = init_model(cfg, 0)
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), pure))
@@ -95,12 +95,12 @@ def random_tiny(dtype: str = "float32", seed: int = 0, scale: float = 1.0, **ove
 
 
 @functools.lru_cache(maxsize=None)
-def trained_decoder(dtype: str = "float32"):
-    """One ``Decoder`` per dtype for the whole session, so test files share its compiled programs.
-    Use the float64 one only inside ``jax.enable_x64(True)``."""
+def trained_decoder(dtype: str = "float32", attention: str = "auto"):
+    """One ``Decoder`` per (dtype, attention kernel) for the whole session, so test files share its compiled
+    programs. Use the float64 one only inside ``jax.enable_x64(True)``."""
     from tidar_jax.decode import Decoder
 
-    return Decoder.from_model(trained_tiny(dtype))
+    return Decoder.from_model(trained_tiny(dtype, attention))
 
 
 def pattern_prompts(lengths, seed: int = 1):

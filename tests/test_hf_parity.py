@@ -88,6 +88,23 @@ def test_training_layout_matches(layout_pair):
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
+def test_training_layout_matches_with_blockwise_kernel(layout_pair):
+    """The same packed training layout passed as a layout object to the blockwise kernel matches HF too."""
+    from tidar_jax.model import abstract_model
+
+    model, (cfg, _, state) = layout_pair
+    s, b = 8, 4
+    rng = np.random.RandomState(2)
+    tokens_NS = rng.randint(0, VOCAB, (2, s))
+    seg_NS = np.array([[0] * s, [0] * 5 + [1] * 3])
+    full_N2S = np.concatenate([tokens_NS, np.full_like(tokens_NS, MASK_ID)], axis=1)
+    pos_N2S = np.asarray(masks.training_positions(s, seg_NS))
+    ref = hf_logits(model, full_N2S, pos_N2S, np.asarray(masks.training_mask(s, b, seg_NS)))
+    graphdef_bw, _ = abstract_model(cfg.replace(attention="blockwise"))
+    got = our_logits(cfg, state, full_N2S, pos_N2S, masks.training_layout(s, b, seg_NS), graphdef=graphdef_bw)
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+
+
 def test_prefill_layout_matches(layout_pair):
     """[prompt padded to P | B masks], rows with different real prompt lengths: every used position matches."""
     model, (cfg, graphdef, state) = layout_pair

@@ -83,13 +83,17 @@ def hf_logits(model, tokens_NT, positions_NT=None, mask_NTT=None):
 def our_logits(bundle_or_cfg, params=None, tokens_NT=None, positions_NT=None, mask_NTT=None, graphdef=None):
     import jax.numpy as jnp
 
+    from tidar_jax import masks
     from tidar_jax.model import apply, causal_mask
 
     tokens_NT = np.asarray(tokens_NT)
     n, t = tokens_NT.shape
     if positions_NT is None:
         positions_NT = np.broadcast_to(np.arange(t), (n, t))
-    mask = causal_mask(n, t) if mask_NTT is None else jnp.asarray(mask_NTT)
+    if mask_NTT is None:
+        mask = causal_mask(n, t)
+    else:  # a layout object passes through (the model's cfg.attention kernel), a dense mask runs the reference
+        mask = mask_NTT if masks.is_layout(mask_NTT) else jnp.asarray(mask_NTT)
     logits, _ = apply(graphdef, params, jnp.asarray(tokens_NT), jnp.asarray(positions_NT), mask)
     return np.asarray(logits, dtype=np.float32)
 

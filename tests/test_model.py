@@ -57,14 +57,20 @@ def test_training_layout_clean_half_equals_causal_forward(family):
         np.testing.assert_allclose(np.asarray(logits[:, :S]), np.asarray(causal), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_mask_block_ignores_future_clean_tokens(family):
+def _training_mask_for(kernel, S, B):
+    """The dense mask for the reference kernel, the layout object for any other kernel."""
+    return masks.training_mask(S, B)[None] if kernel == "reference" else masks.training_layout(S, B)
+
+
+# every family with the reference kernel (dense mask); the blockwise kernel (layout object) once
+@pytest.mark.parametrize("family,kernel", [(f, "reference") for f in sorted(FAMILIES)] + [("qwen3", "blockwise")])
+def test_mask_block_ignores_future_clean_tokens(family, kernel):
     with jax.enable_x64(True):
-        cfg = tiny(**FAMILIES[family])
+        cfg = tiny(**FAMILIES[family], attention=kernel)
         graphdef, state = model_fn(cfg, seed=4)
         S, B = 12, 4
         pos = masks.training_positions(S)[None]
-        mask = masks.training_mask(S, B)[None]
+        mask = _training_mask_for(kernel, S, B)
         base = jax.random.randint(jax.random.key(5), (1, S), 0, VOCAB - 1)
         mask_half = jnp.full_like(base, cfg.mask_token_id)
         ref, _ = apply(graphdef, state, jnp.concatenate([base, mask_half], 1), pos, mask)
@@ -79,13 +85,14 @@ def test_mask_block_ignores_future_clean_tokens(family):
                 assert not np.allclose(np.asarray(out[:, S + (b + 1) * B:]), np.asarray(ref[:, S + (b + 1) * B:]))
 
 
-def test_mask_block_does_not_see_other_mask_blocks():
+@pytest.mark.parametrize("kernel", ["reference", "blockwise"])
+def test_mask_block_does_not_see_other_mask_blocks(kernel):
     with jax.enable_x64(True):
-        cfg = tiny()
+        cfg = tiny(attention=kernel)
         graphdef, state = model_fn(cfg, seed=6)
         S, B = 8, 4
         pos = masks.training_positions(S)[None]
-        mask = masks.training_mask(S, B)[None]
+        mask = _training_mask_for(kernel, S, B)
         clean = jax.random.randint(jax.random.key(7), (1, S), 0, VOCAB - 1)
         half = jnp.full_like(clean, cfg.mask_token_id)
         ref, _ = apply(graphdef, state, jnp.concatenate([clean, half], 1), pos, mask)
@@ -95,10 +102,11 @@ def test_mask_block_does_not_see_other_mask_blocks():
         np.testing.assert_allclose(np.asarray(out[:, :S + B]), np.asarray(ref[:, :S + B]), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("B", [1, 2, 3, 4])
-def test_decode_layout_draft_rows_equal_causal_forward(B):
+@pytest.mark.parametrize("B,kernel", [(1, "reference"), (2, "reference"), (3, "reference"), (4, "reference"),
+                                      (3, "blockwise")])
+def test_decode_layout_draft_rows_equal_causal_forward(B, kernel):
     with jax.enable_x64(True):
-        cfg = tiny(**FAMILIES["qwen3"])
+        cfg = tiny(**FAMILIES["qwen3"], attention=kernel)
         graphdef, state = model_fn(cfg, seed=8)
         L, C = 7, 16
         seq = jax.random.randint(jax.random.key(9), (1, L + B), 0, VOCAB - 1)
@@ -111,8 +119,9 @@ def test_decode_layout_draft_rows_equal_causal_forward(B):
         group_Q, slot_Q = masks.decode_layout(B)
         drafts = seq[:, L:]
         step = jnp.where(group_Q[None] == 0, drafts[:, slot_Q % B], cfg.mask_token_id)
-        logits, step_kv = apply(graphdef, state, step, masks.decode_positions(jnp.array([L]), B),
-                                masks.decode_mask(jnp.array([L]), B, C), cache)
+        step_mask = (masks.decode_mask(jnp.array([L]), B, C) if kernel == "reference"
+                     else masks.decode_attention_layout(jnp.array([L]), B, C))
+        logits, step_kv = apply(graphdef, state, step, masks.decode_positions(jnp.array([L]), B), step_mask, cache)
         np.testing.assert_allclose(np.asarray(logits[:, :B]), np.asarray(full[:, L:]), rtol=0, atol=1e-12)
         np.testing.assert_allclose(np.asarray(step_kv.k_LBTKD[:, :, :B]), np.asarray(kv.k_LBTKD[:, :, L:]),
                                    rtol=0, atol=1e-12)
@@ -129,15 +138,17 @@ def test_decode_layout_draft_rows_equal_causal_forward(B):
                                        rtol=0, atol=1e-12)
 
 
-def test_prefill_layout_prompt_rows_equal_causal_forward():
+@pytest.mark.parametrize("kernel", ["reference", "blockwise"])
+def test_prefill_layout_prompt_rows_equal_causal_forward(kernel):
     with jax.enable_x64(True):
-        cfg = tiny()
+        cfg = tiny(attention=kernel)
         graphdef, state = model_fn(cfg, seed=10)
         P, B = 8, 4
         lens = jnp.array([8, 5])
         prompt = jax.random.randint(jax.random.key(11), (2, P), 0, VOCAB - 1)
         toks = jnp.concatenate([prompt, jnp.full((2, B), cfg.mask_token_id)], axis=1)
-        logits, _ = apply(graphdef, state, toks, masks.prefill_positions(lens, P, B), masks.prefill_mask(lens, P, B))
+        layout = masks.prefill_mask(lens, P, B) if kernel == "reference" else masks.prefill_layout(lens, P, B)
+        logits, _ = apply(graphdef, state, toks, masks.prefill_positions(lens, P, B), layout)
         for row, L in enumerate([8, 5]):
             ref, _ = apply(graphdef, state, prompt[row:row + 1, :L], jnp.arange(L)[None], causal_mask(1, L))
             np.testing.assert_allclose(np.asarray(logits[row, :L]), np.asarray(ref[0]), rtol=0, atol=1e-12)

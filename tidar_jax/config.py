@@ -6,6 +6,8 @@ import dataclasses
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+# attention kernels (tidar_jax.attention); "auto" picks per backend: blockwise on CPU/GPU, splash on TPU
+ATTENTION_KERNELS = ("auto", "reference", "blockwise", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,7 @@ class ModelConfig:
     mask_token_id: int = 511
     block_size: int = 4
     family: str = "llama"  # "qwen2" | "qwen3" | "llama": informational, used by HF export
+    attention: str = "auto"  # attention kernel: one of ATTENTION_KERNELS (a runtime choice, not architecture)
 
     def __post_init__(self):
         def positive(name):
@@ -72,6 +75,8 @@ class ModelConfig:
             raise ConfigError(f"model.rms_eps={self.rms_eps!r}: must be > 0")
         if self.family not in ("qwen2", "qwen3", "llama"):
             raise ConfigError(f"model.family={self.family!r}: must be one of qwen2, qwen3, llama")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"model.attention={self.attention!r}: must be one of {', '.join(ATTENTION_KERNELS)}")
 
     @property
     def num_params(self) -> int:

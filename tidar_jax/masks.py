@@ -1,14 +1,29 @@
-"""TiDAR hybrid attention masks and their position ids, as pure ``jnp`` functions.
+"""TiDAR hybrid attention masks: the rules, the layout descriptions they are evaluated on, and position ids.
 
 Convention everywhere: a boolean mask is ``True`` where the query may attend to the key.
 Decode/prefill masks are laid out over keys ``[KV cache slots 0..C-1 | current tokens]`` so the model can
 concatenate cached and current keys without reordering.
+
+There is one definition of the rules: ``training_rule``, ``prefill_rule`` and ``decode_rule`` take the per-token
+structure of a query and a key (``TokenInfo``: kind, index within its half, block id, segment id) plus the
+per-row lengths, and work on numpy or jnp arrays that broadcast. A *layout* (``TrainingLayout``,
+``CausalLayout``, ``PrefillLayout``, ``DecodeLayout``) says what the tokens of one forward are; ``layout.block``
+evaluates its rule on any (query indices, key indices) rectangle. The dense masks below (``training_mask``,
+``prefill_mask``, ``decode_mask``, ...) are ``layout.block`` over all indices, and attention kernels derive what they
+need (a dense mask, per-tile emptiness/fullness, a per-tile mask) from the same layout object, which the model
+passes through opaquely.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+CLEAN, MASK, CACHE = 0, 1, 2  # token kinds: clean token (or decode draft), [MASK] token, committed cache slot
 
 
 def _check_block(seq_len: int, block_size: int):
@@ -22,9 +37,268 @@ def _check_block(seq_len: int, block_size: int):
             f"use a sequence length that is (e.g. {seq_len - seq_len % block_size or block_size})")
 
 
-# --------------------------------------------------------------------------------------------------------------
+class TokenInfo(NamedTuple):
+    """Per-token structure; fields broadcast against each other (queries ``[..., Tq, 1]``, keys ``[..., 1, Tk]``)."""
+
+    kind: Any  # CLEAN | MASK | CACHE
+    index: Any  # index within its half (training), prompt/mask index (prefill), draft/group slot or cache slot (decode)
+    block: Any  # block id: training index // B; decode group (0 = drafts); prefill 0 prompt, 1 masks
+    segment: Any = None  # document id (packed training rows) or None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rules (numpy or jnp; broadcasting)
+# ----------------------------------------------------------------------------------------------------------------
+
+def training_rule(q: TokenInfo, k: TokenInfo, block_size: int):
+    """clean->clean causal; clean->mask never; mask block b -> its own block and clean index < bB; same document."""
+    q_clean, k_clean = q.kind == CLEAN, k.kind == CLEAN
+    q_mask, k_mask = q.kind == MASK, k.kind == MASK
+    clean_clean = q_clean & k_clean & (k.index <= q.index)
+    mask_mask = q_mask & k_mask & (q.block == k.block)
+    mask_clean = q_mask & k_clean & (k.index < q.block * block_size)
+    allowed = clean_clean | mask_mask | mask_clean
+    if q.segment is not None:
+        allowed = allowed & (q.segment == k.segment)
+    return allowed
+
+
+def prefill_rule(q: TokenInfo, k: TokenInfo, prompt_len):
+    """Prompt causal over real tokens (k < L, or itself for padding queries); masks see the real prompt and all
+    masks. ``prompt_len`` broadcasts per row."""
+    q_clean, k_clean = q.kind == CLEAN, k.kind == CLEAN
+    q_mask, k_mask = q.kind == MASK, k.kind == MASK
+    real_k = k.index < prompt_len
+    prompt = q_clean & k_clean & (k.index <= q.index) & (real_k | (k.index == q.index))
+    mask_prompt = q_mask & k_clean & real_k
+    return prompt | mask_prompt | (q_mask & k_mask)
+
+
+def decode_rule(q: TokenInfo, k: TokenInfo, cache_len):
+    """Every step token sees the committed cache slots < L; drafts causal among drafts; group j sees drafts 0..j-1
+    and its own group bidirectionally. ``cache_len`` broadcasts per row."""
+    q_draft, k_draft = q.kind == CLEAN, k.kind == CLEAN
+    q_group, k_group = q.kind == MASK, k.kind == MASK
+    cache = (k.kind == CACHE) & (k.index < cache_len)
+    draft_draft = q_draft & k_draft & (k.index <= q.index)
+    group_draft = q_group & k_draft & (k.index < q.block)
+    group_own = q_group & k_group & (q.block == k.block)
+    return cache | draft_draft | group_draft | group_own
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+def _xp(*arrays):
+    """numpy when everything is concrete numpy/int (trace-time schedules), else jnp."""
+    return np if all(a is None or isinstance(a, (np.ndarray, int, np.integer)) for a in arrays) else jnp
+
+
+def _concrete(x):
+    """numpy for a concrete array (dense masks are then built in numpy, fast and eager), else unchanged."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return x
+    return np.asarray(x)
+
+
+def _static(**kw):
+    return dataclasses.field(metadata=dict(static=True), **kw)
+
+
+class _Layout:
+    """Shared behaviour. Subclasses define ``q_len``, ``k_len``, ``_info(idx, side, xp)``, ``_rule``,
+    ``_row_data`` (the traced per-row arrays) and ``static_bound``."""
+
+    def block(self, q_idx=None, k_idx=None):
+        """Boolean ``[R, len(q_idx), len(k_idx)]`` (R = rows of per-row data, or 1): the rule on that rectangle.
+        Indices outside ``[0, q_len)`` / ``[0, k_len)`` (tile padding) are never allowed."""
+        q_idx = np.arange(self.q_len) if q_idx is None else q_idx
+        k_idx = np.arange(self.k_len) if k_idx is None else k_idx
+        xp = _xp(q_idx, k_idx, *self._row_data())
+        q_idx, k_idx = xp.asarray(q_idx), xp.asarray(k_idx)
+        q = self._info(q_idx[:, None], "q", xp)
+        k = self._info(k_idx[None, :], "k", xp)
+        allowed = self._rule(q, k)
+        valid = (q_idx[:, None] < self.q_len) & (k_idx[None, :] < self.k_len)
+        allowed = allowed & valid
+        if allowed.ndim == 2:
+            allowed = allowed[None]
+        return allowed
+
+    @property
+    def is_static(self) -> bool:
+        """True when the mask depends on nothing traced (so per-tile fullness is known at trace time)."""
+        return all(a is None for a in self._row_data())
+
+    def static_key(self):
+        """Hashable description of the static bound (for caching tile schedules)."""
+        bound = self.static_bound()
+        return (type(bound).__name__,) + tuple(
+            (f.name, getattr(bound, f.name)) for f in dataclasses.fields(bound) if f.metadata.get("static"))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainingLayout(_Layout):
+    """``[x_0 .. x_{S-1} | MASK x S]`` against itself; optional ``segment_ids_NS`` (packed documents)."""
+
+    seq_len: int = _static()
+    block_size: int = _static()
+    segment_ids_NS: Any = None
+
+    @property
+    def q_len(self):
+        return 2 * self.seq_len
+
+    @property
+    def k_len(self):
+        return 2 * self.seq_len
+
+    def _row_data(self):
+        return (self.segment_ids_NS,)
+
+    def _info(self, idx, side, xp):
+        s = self.seq_len
+        tok = idx % s
+        seg = None
+        if self.segment_ids_NS is not None:
+            flat = xp.clip(tok, 0, s - 1).reshape(-1)
+            seg = xp.take(xp.asarray(self.segment_ids_NS), flat, axis=1).reshape((-1,) + tok.shape)
+        return TokenInfo(xp.where(idx < s, CLEAN, MASK), tok, tok // self.block_size, seg)
+
+    def _rule(self, q, k):
+        return training_rule(q, k, self.block_size)
+
+    def static_bound(self):
+        return TrainingLayout(self.seq_len, self.block_size)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CausalLayout(_Layout):
+    """Plain causal attention over ``S`` clean tokens (the AR objective), optionally per document."""
+
+    seq_len: int = _static()
+    segment_ids_NS: Any = None
+
+    @property
+    def q_len(self):
+        return self.seq_len
+
+    @property
+    def k_len(self):
+        return self.seq_len
+
+    def _row_data(self):
+        return (self.segment_ids_NS,)
+
+    def _info(self, idx, side, xp):
+        seg = None
+        if self.segment_ids_NS is not None:
+            flat = xp.clip(idx, 0, self.seq_len - 1).reshape(-1)
+            seg = xp.take(xp.asarray(self.segment_ids_NS), flat, axis=1).reshape((-1,) + idx.shape)
+        return TokenInfo(xp.zeros_like(idx) + CLEAN, idx, xp.zeros_like(idx), seg)
+
+    def _rule(self, q, k):
+        return training_rule(q, k, 1)
+
+    def static_bound(self):
+        return CausalLayout(self.seq_len)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillLayout(_Layout):
+    """``[prompt (padded to P) | B masks]`` against itself; ``prompt_len_N`` is each row's real length (traced)."""
+
+    prompt_len_N: Any
+    padded_len: int = _static()
+    block_size: int = _static()
+
+    @property
+    def q_len(self):
+        return self.padded_len + self.block_size
+
+    @property
+    def k_len(self):
+        return self.q_len
+
+    def _row_data(self):
+        return (self.prompt_len_N,)
+
+    def _info(self, idx, side, xp):
+        p = self.padded_len
+        is_prompt = idx < p
+        return TokenInfo(xp.where(is_prompt, CLEAN, MASK), xp.where(is_prompt, idx, idx - p),
+                         xp.where(is_prompt, 0, 1))
+
+    def _rule(self, q, k):
+        xp = _xp(self.prompt_len_N)
+        return prefill_rule(q, k, xp.asarray(self.prompt_len_N).reshape(-1, 1, 1))
+
+    def static_bound(self):
+        """Every prompt token real (L = P): a superset of the mask of any row."""
+        return PrefillLayout(np.array([self.padded_len]), self.padded_len, self.block_size)
+
+    def static_key(self):
+        return ("PrefillLayout", self.padded_len, self.block_size)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout(_Layout):
+    """A decode step's ``[d_0 .. d_{B-1} | G_1 | ... | G_B]`` (``groups=False``: the drafts only, e.g. the AR step's
+    single token with B=1) against ``[cache slots 0..C-1 | current tokens]``; ``cache_len_N`` traced per row."""
+
+    cache_len_N: Any
+    block_size: int = _static()
+    cache_size: int = _static()
+    groups: bool = _static(default=True)
+
+    @property
+    def q_len(self):
+        return self.block_size * (self.block_size + 1) if self.groups else self.block_size
+
+    @property
+    def k_len(self):
+        return self.cache_size + self.q_len
+
+    def _row_data(self):
+        return (self.cache_len_N,)
+
+    def _step_info(self, idx):
+        group, slot = idx // self.block_size, idx % self.block_size
+        return group, slot
+
+    def _info(self, idx, side, xp):
+        if side == "q":
+            group, slot = self._step_info(idx)
+            return TokenInfo(xp.where(group == 0, CLEAN, MASK), slot, group)
+        in_cache = idx < self.cache_size
+        group, slot = self._step_info(idx - self.cache_size)
+        kind = xp.where(in_cache, CACHE, xp.where(group == 0, CLEAN, MASK))
+        return TokenInfo(kind, xp.where(in_cache, idx, slot), xp.where(in_cache, -1, group))
+
+    def _rule(self, q, k):
+        xp = _xp(self.cache_len_N)
+        return decode_rule(q, k, xp.asarray(self.cache_len_N).reshape(-1, 1, 1))
+
+    def static_bound(self):
+        """Every cache slot committed (L = C): a superset of the mask of any row."""
+        return DecodeLayout(np.array([self.cache_size]), self.block_size, self.cache_size, self.groups)
+
+    def static_key(self):
+        return ("DecodeLayout", self.block_size, self.cache_size, self.groups)
+
+
+def is_layout(mask) -> bool:
+    return isinstance(mask, _Layout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training: [x_0 .. x_{S-1} | MASK x S]
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 def training_positions(seq_len: int, segment_ids_NS=None):
     """Positions of the doubled sequence: ``0..S-1`` twice (or restarting per document when packed)."""
@@ -45,6 +319,25 @@ def _cummax(x_NS):
     return jax.lax.cummax(x_NS, axis=1)
 
 
+def training_layout(seq_len: int, block_size: int, segment_ids_NS=None) -> TrainingLayout:
+    """The TiDAR training layout, validated (``seq_len`` a multiple of ``block_size``; segment ids ``[N, S]``)."""
+    _check_block(seq_len, block_size)
+    if segment_ids_NS is not None:
+        seg_NS = jnp.asarray(segment_ids_NS)
+        if seg_NS.ndim != 2 or seg_NS.shape[1] != seq_len:
+            raise ValueError(f"segment_ids shape {seg_NS.shape}: expected [N, {seq_len}]")
+        segment_ids_NS = seg_NS
+    return TrainingLayout(seq_len, block_size, segment_ids_NS)
+
+
+def causal_layout(seq_len: int, segment_ids_NS=None) -> CausalLayout:
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}: must be >= 1")
+    if segment_ids_NS is not None:
+        segment_ids_NS = jnp.asarray(segment_ids_NS)
+    return CausalLayout(seq_len, segment_ids_NS)
+
+
 def training_mask(seq_len: int, block_size: int, segment_ids_NS=None):
     """Boolean ``[2S, 2S]`` (or ``[N, 2S, 2S]`` with segment ids) mask of the TiDAR training layout.
 
@@ -52,30 +345,15 @@ def training_mask(seq_len: int, block_size: int, segment_ids_NS=None):
     its own block bidirectionally and clean tokens with index < bB; never other mask blocks.
     With ``segment_ids_NS`` ([N, S], packed documents) attention is further restricted to the same document.
     """
-    _check_block(seq_len, block_size)
-    idx_T = jnp.arange(2 * seq_len)
-    is_clean_T = idx_T < seq_len
-    tok_T = idx_T % seq_len  # index within its half
-    blk_T = tok_T // block_size
-    q_clean, k_clean = is_clean_T[:, None], is_clean_T[None, :]
-    q_tok, k_tok = tok_T[:, None], tok_T[None, :]
-    clean_clean = q_clean & k_clean & (k_tok <= q_tok)
-    mask_mask = ~q_clean & ~k_clean & (blk_T[:, None] == blk_T[None, :])
-    mask_clean = ~q_clean & k_clean & (k_tok < blk_T[:, None] * block_size)
-    allow_TT = clean_clean | mask_mask | mask_clean
-    if segment_ids_NS is None:
-        return allow_TT
-    seg_NS = jnp.asarray(segment_ids_NS)
-    if seg_NS.ndim != 2 or seg_NS.shape[1] != seq_len:
-        raise ValueError(f"segment_ids shape {seg_NS.shape}: expected [N, {seq_len}]")
-    seg_NT = jnp.concatenate([seg_NS, seg_NS], axis=1)
-    same_NTT = seg_NT[:, :, None] == seg_NT[:, None, :]
-    return allow_TT[None] & same_NTT
+    layout = training_layout(seq_len, block_size, segment_ids_NS)
+    layout = dataclasses.replace(layout, segment_ids_NS=_concrete(layout.segment_ids_NS))
+    allow = jnp.asarray(layout.block())
+    return allow[0] if segment_ids_NS is None else allow
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Decode step: [d_0 .. d_{B-1} | G_1 (B masks) | ... | G_B (B masks)] against [cache | current]
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 def decode_layout(block_size: int):
     """Static per-token structure of a decode step: ``(group_Q, slot_Q)``; group 0 is the draft row."""
@@ -91,15 +369,15 @@ def decode_positions(cache_len_N, block_size: int):
     return (cache_len_N[:, None] + (group_Q + slot_Q)[None, :]).astype(jnp.int32)
 
 
+def decode_attention_layout(cache_len_N, block_size: int, cache_size: int, groups: bool = True) -> DecodeLayout:
+    """The decode-step layout (``groups=False``: ``block_size`` causal drafts only, e.g. the AR step with 1)."""
+    return DecodeLayout(jnp.asarray(cache_len_N, dtype=jnp.int32).reshape(-1), block_size, cache_size, groups)
+
+
 def decode_step_mask(block_size: int):
     """Boolean ``[Q, Q]`` mask among the B(B+1) step tokens (independent of the cache)."""
-    group_Q, slot_Q = decode_layout(block_size)
-    gq, gk = group_Q[:, None], group_Q[None, :]
-    sq, sk = slot_Q[:, None], slot_Q[None, :]
-    draft_draft = (gq == 0) & (gk == 0) & (sk <= sq)
-    group_draft = (gq > 0) & (gk == 0) & (sk < gq)
-    group_own = (gq > 0) & (gk == gq)
-    return draft_draft | group_draft | group_own
+    layout = DecodeLayout(np.zeros((1,), np.int32), block_size, 0)
+    return jnp.asarray(layout.block()[0])
 
 
 def decode_mask(cache_len_N, block_size: int, cache_size: int):
@@ -108,17 +386,13 @@ def decode_mask(cache_len_N, block_size: int, cache_size: int):
     Every step token sees the committed prefix (cache slots < L of its row); drafts are causal among drafts;
     group j sees drafts 0..j-1 and its own group bidirectionally; nothing else.
     """
-    cache_len_N = jnp.asarray(cache_len_N, dtype=jnp.int32).reshape(-1)
-    q_len = block_size * (block_size + 1)
-    prefix_NC = jnp.arange(cache_size)[None, :] < cache_len_N[:, None]
-    prefix_NQC = jnp.broadcast_to(prefix_NC[:, None, :], (cache_len_N.shape[0], q_len, cache_size))
-    step_NQQ = jnp.broadcast_to(decode_step_mask(block_size)[None], (cache_len_N.shape[0], q_len, q_len))
-    return jnp.concatenate([prefix_NQC, step_NQQ], axis=-1)
+    layout = decode_attention_layout(cache_len_N, block_size, cache_size)
+    return jnp.asarray(dataclasses.replace(layout, cache_len_N=_concrete(layout.cache_len_N)).block())
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Prefill: [prompt (padded to P) | B masks]
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 def prefill_positions(prompt_len_N, padded_len: int, block_size: int):
     """Positions ``[N, P+B]``: prompt 0..P-1 (pad slots keep counting), masks L..L+B-1 (L = real length)."""
@@ -129,18 +403,13 @@ def prefill_positions(prompt_len_N, padded_len: int, block_size: int):
     return jnp.concatenate([prompt_NP, masks_NB], axis=1)
 
 
+def prefill_layout(prompt_len_N, padded_len: int, block_size: int) -> PrefillLayout:
+    return PrefillLayout(jnp.asarray(prompt_len_N, dtype=jnp.int32).reshape(-1), padded_len, block_size)
+
+
 def prefill_mask(prompt_len_N, padded_len: int, block_size: int):
     """Boolean ``[N, P+B, P+B]`` prefill mask: prompt causal over its real tokens (k < L); the B mask tokens
     see the whole real prompt and each other.  Padding queries see only real earlier tokens and themselves, so
     every row has at least one allowed key; their outputs are never used."""
-    prompt_len_N = jnp.asarray(prompt_len_N, dtype=jnp.int32).reshape(-1)
-    t = padded_len + block_size
-    idx_T = jnp.arange(t)
-    is_prompt_T = idx_T < padded_len
-    q_prompt, k_prompt = is_prompt_T[:, None], is_prompt_T[None, :]
-    real_NT = idx_T[None, :] < prompt_len_N[:, None]  # key is a real prompt token
-    causal_TT = q_prompt & k_prompt & (idx_T[None, :] <= idx_T[:, None])
-    prompt_part_NTT = causal_TT[None] & (real_NT[:, None, :] | (idx_T[:, None] == idx_T[None, :])[None])
-    mask_sees_prompt_NTT = (~q_prompt & k_prompt)[None] & real_NT[:, None, :]
-    mask_sees_masks_TT = ~q_prompt & ~k_prompt
-    return prompt_part_NTT | mask_sees_prompt_NTT | mask_sees_masks_TT[None]
+    layout = prefill_layout(prompt_len_N, padded_len, block_size)
+    return jnp.asarray(dataclasses.replace(layout, prompt_len_N=_concrete(layout.prompt_len_N)).block())

@@ -191,8 +191,8 @@ def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt
     b = opts.block_size
     tokens_NT = jnp.concatenate([prompt_NP, jnp.full((n, b), cfg.mask_token_id, prompt_NP.dtype)], axis=1)
     positions_NT = masks.prefill_positions(prompt_len_N, p, b)
-    mask_NTT = masks.prefill_mask(prompt_len_N, p, b)
-    hidden_NTD, step_kv = model.hidden(tokens_NT, positions_NT, mask_NTT)
+    layout = masks.prefill_layout(prompt_len_N, p, b)
+    hidden_NTD, step_kv = model.hidden(tokens_NT, positions_NT, layout)
     cache = kvops.prefill_cache(empty_cache(cfg, opts, n, cache_size, mesh), step_kv, prompt_len_N, p)
     diff_NBV = model.logits(hidden_NTD[:, p:])
     drafts_NB = greedy_token(diff_NBV)
@@ -237,7 +237,9 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     if opts.cache_attention == "paged":
         local_QQ = jnp.asarray(layout.step_local_mask(b, counts))
         mask_NQS = CacheLayout(length_N, jnp.broadcast_to(local_QQ[None], (n,) + local_QQ.shape), opts.cache_page)
-    else:
+    elif opts.groups is None:  # every group: the attention interface's decode layout
+        mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2])
+    else:  # pruned groups: a dense mask (reference kernel)
         mask_NQS = layout.step_mask(length_N, b, counts, cache.k_LBCKD.shape[2])
     hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
 
@@ -293,8 +295,8 @@ def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_le
     cfg = model.cfg
     n, p = prompt_NP.shape
     positions_NP = masks.prefill_positions(prompt_len_N, p, 0)
-    mask_NPP = masks.prefill_mask(prompt_len_N, p, 0)
-    hidden_NPD, step_kv = model.hidden(prompt_NP, positions_NP, mask_NPP)
+    layout = masks.prefill_layout(prompt_len_N, p, 0)
+    hidden_NPD, step_kv = model.hidden(prompt_NP, positions_NP, layout)
     cache = kvops.prefill_cache(empty_cache(cfg, opts, n, cache_size, mesh), step_kv, prompt_len_N, p)
     logits_NV = model.logits(_gather_rows(hidden_NPD, (prompt_len_N - 1)[:, None]))[:, 0]
     key, sub = jax.random.split(key)
@@ -308,12 +310,10 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n = token_N1.shape[0]
     length_N = cache.length_B
     active_N = ~state.done_N
-    cache_size = cache.k_LBCKD.shape[2]
     if opts.cache_attention == "paged":
         mask_N1S = CacheLayout(length_N, jnp.ones((n, 1, 1), bool), opts.cache_page)
-    else:
-        prefix_N1C = (jnp.arange(cache_size)[None, :] < length_N[:, None])[:, None, :]
-        mask_N1S = jnp.concatenate([prefix_N1C, jnp.ones((n, 1, 1), bool)], axis=-1)
+    else:  # the AR step is a decode step with one draft and no mask groups: [cache < L | itself]
+        mask_N1S = masks.decode_attention_layout(length_N, 1, cache.k_LBCKD.shape[2], groups=False)
     hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1D)[:, 0]
     key, sub = jax.random.split(state.key)

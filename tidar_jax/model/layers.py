@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tidar_jax import attention
 from tidar_jax.model.cache_attention import CacheLayout, cached_attention
 
 
@@ -66,21 +67,6 @@ def apply_rope(x_BTHD, cos_BTD, sin_BTD):
     return out.astype(x_BTHD.dtype)
 
 
-def dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
-    """GQA attention; ``mask_BTS`` is boolean (True = may attend). Softmax in float32 (at least)."""
-    b, t, h, d = q_BTHD.shape
-    kv = k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(b, t, kv, h // kv, d)
-    compute = jnp.promote_types(q_BTHD.dtype, jnp.float32)
-    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=compute)
-    scores_BKGTS = scores_BKGTS * (d ** -0.5)
-    neg = jnp.finfo(compute).min
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], scores_BKGTS, neg)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
-    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
-    return out_BTKGD.reshape(b, t, h, d)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -100,7 +86,10 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
 
     def __call__(self, x_BTD, cos_BTD, sin_BTD, mask_BTS, cache_k_BCKD=None, cache_v_BCKD=None):
-        """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here."""
+        """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here.
+
+        ``mask_BTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
+        mask over keys ``[cache | current]`` (attended with the reference kernel)."""
         dt = x_BTD.dtype
         q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt))
@@ -121,7 +110,7 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache_v_BCKD.astype(dt), v], axis=1)
         else:
             keys, values = k, v
-        attn_BTHD = dot_product_attention(q, keys, values, mask_BTS)
+        attn_BTHD = attention.attend(q, keys, values, mask_BTS, self.cfg.attention)
         out = jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt))
         return out, k, v
 

@@ -66,8 +66,8 @@ class Transformer(nnx.Module):
     def hidden(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
         """Final-normed hidden states ``[B, T, D]`` and the current tokens' K/V (``StepKV``).
 
-        ``mask_BTS`` is boolean over keys ``[cache slots 0..C-1 | current tokens]`` (just the current tokens when
-        ``cache`` is None). The cache is read, never written: committing K/V is the caller's decision.
+        ``mask_BTS`` is a ``tidar_jax.masks`` layout or a dense boolean mask over keys ``[cache slots 0..C-1 |
+        current tokens]`` (just the current tokens when ``cache`` is None); it is passed through to every layer. The cache is read, never written: committing K/V is the caller's decision.
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)

@@ -22,8 +22,8 @@ class ModelSection:
     """``ModelConfig`` fields plus how to initialise the weights.
 
     With ``init_from`` (an HF dir or a params checkpoint) the architecture comes from that checkpoint; only the
-    TiDAR fields given here (block_size, mask_token_id, dtype, param_dtype) override it.  ``mask_token_id: null``
-    takes the id from the data manifest.
+    TiDAR fields given here (block_size, mask_token_id, dtype, param_dtype) and ``attention`` override it.
+    ``mask_token_id: null`` takes the id from the data manifest.
     """
 
     arch: dict = dataclasses.field(default_factory=dict)  # ModelConfig keys as written in the YAML

@@ -157,7 +157,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
 
 
 def _arch_overrides(cfg: TrainConfig, manifest: dict) -> dict:
-    keep = ("block_size", "mask_token_id", "dtype", "param_dtype")
+    keep = ("block_size", "mask_token_id", "dtype", "param_dtype", "attention")
     over = {k: v for k, v in cfg.model.arch.items() if k in keep and v is not None}
     if "mask_token_id" not in over and manifest.get("mask_token_id") is not None:
         over["mask_token_id"] = int(manifest["mask_token_id"])

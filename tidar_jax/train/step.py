@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.masks import training_mask, training_positions
+from tidar_jax.masks import causal_layout, training_layout, training_positions
 from flax import nnx
 
 from tidar_jax.model.functional import merge
@@ -76,17 +76,17 @@ def make_optimizer(optim, total_steps: int):
 # ----------------------------------------------------------------------------------------------------------------
 
 def tidar_inputs(tokens_NS, cfg: ModelConfig):
-    """Doubled tokens ``[N, 2S]``, positions ``[1, 2S]`` and the constant mask ``[1, 2S, 2S]``."""
+    """Doubled tokens ``[N, 2S]``, positions ``[1, 2S]`` and the training attention layout (``masks``)."""
     n, s = tokens_NS.shape
     masks_NS = jnp.full((n, s), cfg.mask_token_id, tokens_NS.dtype)
     tokens_N2S = jnp.concatenate([tokens_NS, masks_NS], axis=1)
-    return tokens_N2S, training_positions(s)[None], training_mask(s, cfg.block_size)[None]
+    return tokens_N2S, training_positions(s)[None], training_layout(s, cfg.block_size)
 
 
 def causal_inputs(seq_len: int):
+    """Positions ``[1, S]`` and the causal attention layout of the AR objective."""
     positions_1S = jnp.arange(seq_len, dtype=jnp.int32)[None]
-    mask_1SS = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
-    return positions_1S, mask_1SS
+    return positions_1S, causal_layout(seq_len)
 
 
 def to_model(graphdef, template, params):
