@@ -77,7 +77,8 @@ def main(argv=None):
     bc.write_json(os.path.join(args.out, "cache_traffic.json"), result)
     for k, v in ms.items():
         print(f"{k:20s} {v:8.2f} ms")
-    print(f"8x live / live+128: paged {ratios['paged']:.3f}, dense {ratios['dense']:.3f}; load {result['machine'].get('load_average_1_5_15')}")
+    print(f"8x live / live+128: paged {ratios['paged']:.3f}, dense {ratios['dense']:.3f}; "
+          f"load {result['machine'].get('load_average_1_5_15')}")
     return result
 
 
