@@ -91,6 +91,7 @@ def test_missing_checkpoint_exits_nonzero_without_traceback(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_real_size_flags(checkpoint, capsys, tmp_path):
     """--recommendation (block size + groups), --head, --dtype, --eos-token-id list, --stop-ids, --mesh."""
     rec = tmp_path / "rec.json"

@@ -69,6 +69,7 @@ def test_bf16_divergences_are_near_ties():
     assert sum(a == b for a, b in zip(ar, td)) >= len(ar) // 2  # divergences are rare, not systematic
 
 
+@pytest.mark.slow
 def test_cache_dtype_option_and_defaults():
     dec = _bf16()
     stream = dec.stream(PROMPTS[:1], mode="tidar", block_size=4, max_new_tokens=6, cache_dtype="float32")
