@@ -1,17 +1,20 @@
-"""Small-scale fidelity study: tiny models trained with the same budget (same model, seed, data order, steps,
-batch and sequence length) with (a) the AR objective only and (b) the TiDAR objective at B = 4, 8, 16; then, for
-each, the held-out AR-mode loss and the tokens per forward (T/NFE) of greedy TiDAR decoding on held-out prompts.
+"""Small-scale fidelity study at equal training compute: an AR-only model, TiDAR with the paper's loss and TiDAR with
+each draft-loss option (distillation, position weighting, chain, and all of them combined), at B = 4 and 8.
 
-    python benchmarks/fidelity.py [--steps 300] [--blocks 4,8,16] [--quick] [--out benchmarks/results]
+    python benchmarks/fidelity.py [--steps 200] [--blocks 4,8] [--options paper,distill,position,chain,combo]
+                                  [--seeds 0] [--budget flops|steps] [--quick] [--out benchmarks/results]
 
-The paper's claims checked here: AR-mode quality of a TiDAR model stays close to the AR-only model, and T/NFE rises
-with the block size. Training runs ``train.py`` (the project's trainer) once per variant into ``--runs-dir``;
-re-running resumes/reuses those runs. "Same budget" means equal steps and equal clean tokens; a TiDAR step costs
-more compute (the doubled [clean | mask] sequence), so the measured training wall time is reported next to each.
-AR-mode loss is computed here, independently of the trainer's eval, as the token-mean next-token cross-entropy of
-the model used as a plain causal LM over held-out windows. T/NFE uses lossless greedy decoding (beta=1); the
-AR-only model is also decoded with TiDAR at the smallest B as a control (its diffusion drafts are untrained).
-Writes ``fidelity.json`` and ``fidelity.md``.
+Budget: ``--steps`` is the step count of TiDAR with the paper loss; with ``--budget flops`` (default) every variant
+trains for the steps that spend the same training FLOPs (``tidar_jax.train.flops.train_step_flops``, an analytic
+matmul count that a test checks against the compiled step's XLA cost analysis), so the AR-only model, whose step
+runs S tokens instead of 2S, trains about twice as many steps. ``--budget steps`` gives every variant the same
+steps (the earlier equal-steps study). Same seed, data order, batch and sequence length otherwise.
+
+Measured per run: held-out AR-mode loss (the model as a plain causal LM), held-out diffusion loss (mask half of
+the TiDAR layout), lossless greedy T/NFE (beta=1, slot0=verifier) on held-out prompts (the held-out documents,
+i.e. stdlib modules the training split never saw) with the accepted-length histogram, and the short-horizon
+acceptance from many real contexts. Training runs ``train.py`` (the project's trainer) once per variant and seed
+into ``--runs-dir``; a run trained to the same step count is reused. Writes ``fidelity.json`` and ``fidelity.md``.
 """
 
 from __future__ import annotations
@@ -32,39 +35,92 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = bc._ROOT
-# The study's model: the tiny preset's data and optimiser, a smaller network (~0.9M params) so that four runs fit a
-# small CPU budget. Overrides given with --set come after these and win.
-MODEL_OVERRIDES = ["model.hidden_size=128", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-                   "model.mlp_size=384", "logging.decode_probe_prompts=0"]
-DEFAULTS = {"steps": 300, "blocks": "4,8,16", "eval_batches": 16, "prompts": 8, "prompt_len": 64, "new_tokens": 64}
-QUICK = {"steps": 60, "blocks": "4,8,16", "eval_batches": 4, "prompts": 4, "prompt_len": 32, "new_tokens": 32}
+# The study's model: the (pre-issue-16) tiny preset's optimiser, pinned here, on a 1024-token BPE vocabulary of the same stdlib corpus (its own
+# data dir) and a smaller network (~0.2M params, S=64), so that a dozen runs fit a shared 2-core CPU in ~30 min.
+# The LM head dominates the step at vocab 4096; 1024 cuts the step ~2.5x. Overrides given with --set win.
+MODEL_OVERRIDES = ["model.vocab_size=1024", "data.vocab_size=1024", "data.dir=data/stdlib_v1024",
+                   "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+                   "model.mlp_size=192", "data.seq_len=64", "data.global_batch=8", "data.eval_batches=2",
+                   "optim.lr=2e-3", "optim.min_lr=1e-4", "optim.warmup_frac=0.05", "logging.decode_probe_prompts=0"]
+DEFAULTS = {"steps": 200, "blocks": "4,8", "eval_batches": 16, "prompts": 8, "prompt_len": 64, "new_tokens": 64}
+QUICK = {"steps": 60, "blocks": "4,8", "eval_batches": 4, "prompts": 4, "prompt_len": 32, "new_tokens": 32}
+# The draft-loss options compared (train.* overrides); "combo" is all of them at once.
+OPTIONS = {
+    "paper": [],
+    "distill": ["train.distill_weight=1.0", "train.distill_temperature=1.0"],
+    "position": ["train.position_weighting=exponential", "train.position_decay=0.7"],
+    "chain": ["train.chain_weight=1.0"],
+}
+OPTIONS["combo"] = OPTIONS["distill"] + OPTIONS["position"] + OPTIONS["chain"]
 
 
-def variants(blocks: list[int]) -> list[dict]:
-    return [{"name": "ar", "objective": "ar", "block_size": min(blocks)}] + \
-        [{"name": f"tidar_b{b}", "objective": "tidar", "block_size": b} for b in blocks]
+def variants(blocks: list[int], options=("paper",)) -> list[dict]:
+    """The AR-only model, then TiDAR with each option at each block size (paper = ``tidar_b{B}``)."""
+    out = [{"name": "ar", "objective": "ar", "block_size": min(blocks)}]
+    for b in blocks:
+        for opt in options:
+            name = f"tidar_b{b}" if opt == "paper" else f"tidar_b{b}_{opt}"
+            out.append({"name": name, "objective": "tidar", "block_size": b, "option": opt,
+                        "overrides": list(OPTIONS[opt])})
+    return out
+
+
+def study_config(args, variant: dict):
+    """The resolved ``TrainConfig`` of a variant (the one ``train.py`` gets)."""
+    from tidar_jax.train.config import load_config
+
+    return load_config(args.config, _overrides(args, variant, args.seeds[0]))
+
+
+def _overrides(args, variant: dict, seed: int) -> list[str]:
+    return [f"train.objective={variant['objective']}", f"model.block_size={variant['block_size']}",
+            f"train.seed={seed}", *MODEL_OVERRIDES, *variant.get("overrides", []), *args.set]
+
+
+def step_flops(args, variant: dict) -> float:
+    """Analytic training FLOPs of one step of this variant (matmuls; the draft-loss terms add only elementwise
+    work, measured at about +3% of the compiled step in docs/benchmarks.md, and are not counted)."""
+    from tidar_jax.train.flops import train_step_flops
+
+    cfg = study_config(args, variant)
+    probe = dict(cfg.model.arch)
+    probe["mask_token_id"] = probe.get("mask_token_id") or 0
+    from tidar_jax.config import ModelConfig
+
+    return train_step_flops(ModelConfig.from_dict(probe), cfg.data.global_batch, cfg.data.seq_len,
+                            variant["objective"])
+
+
+def assign_steps(args, rows: list[dict]) -> None:
+    """Steps per variant: equal FLOPs (the paper TiDAR variant at the smallest B gets ``--steps``) or equal steps."""
+    ref = next(v for v in rows if v["objective"] == "tidar")
+    budget = args.steps * step_flops(args, ref)
+    for v in rows:
+        v["flops_per_step"] = step_flops(args, v)
+        v["steps"] = args.steps if args.budget == "steps" else max(1, round(budget / v["flops_per_step"]))
+        v["train_flops"] = v["steps"] * v["flops_per_step"]
 
 
 TRAIN_RECORD = "fidelity_train.json"  # in each run dir: what training that run cost, kept when it is reused
 
 
-def train_variant(args, variant: dict) -> dict:
-    run_dir = os.path.join(args.runs_dir, variant["name"])
+def train_variant(args, variant: dict, seed: int) -> dict:
+    run_dir = os.path.join(args.runs_dir, f"{variant['name']}_s{seed}")
+    steps = variant["steps"]
     record_path = os.path.join(run_dir, TRAIN_RECORD)
     if os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record.get("steps") == args.steps:  # already trained to this budget: reuse, keep its measured cost
-            print(f"[fidelity] reusing {run_dir} (trained {args.steps} steps in {record['train_wall_s']:.0f} s)",
+        if record.get("steps") == steps:  # already trained to this budget: reuse, keep its measured cost
+            print(f"[fidelity] reusing {run_dir} (trained {steps} steps in {record['train_wall_s']:.0f} s)",
                   flush=True)
             return {"run_dir": run_dir, "train_wall_s": record["train_wall_s"], "reused": True,
-                    "train_step_s_median": logged_step_time(run_dir), "train_log_tail": record.get("log_tail", [])}
+                    "train_step_s_median": logged_step_time(run_dir), "train_log_tail": record.get("log_tail", []),
+                    "load_average": record.get("load_average")}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", args.config, "--run-dir", run_dir,
-           "--steps", str(args.steps), f"train.objective={variant['objective']}",
-           f"model.block_size={variant['block_size']}", f"train.seed={args.seed}",
-           f"checkpoint.every={args.steps}", f"logging.eval_every={args.steps}", "logging.progress=false",
-           *MODEL_OVERRIDES, *args.set]
-    print(f"[fidelity] training {variant['name']}: {' '.join(cmd[1:])}", flush=True)
+           "--steps", str(steps), f"checkpoint.every={steps}", f"logging.eval_every={steps}",
+           "logging.progress=false", *_overrides(args, variant, seed)]
+    print(f"[fidelity] training {variant['name']} seed {seed} ({steps} steps): {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -72,9 +128,11 @@ def train_variant(args, variant: dict) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         bc.fail(f"training {variant['name']} failed (exit {proc.returncode}): " + " | ".join(tail))
     tail = proc.stdout.strip().splitlines()[-8:]
-    bc.write_json(record_path, {"steps": args.steps, "train_wall_s": wall, "command": cmd[1:], "log_tail": tail})
+    load = bc.load_average()
+    bc.write_json(record_path, {"steps": steps, "train_wall_s": wall, "command": cmd[1:], "log_tail": tail,
+                                "load_average": load})
     return {"run_dir": run_dir, "train_wall_s": wall, "reused": False, "train_step_s_median": logged_step_time(run_dir),
-            "train_log_tail": tail}
+            "train_log_tail": tail, "load_average": load}
 
 
 def logged_step_time(run_dir: str) -> float | None:
@@ -88,13 +146,16 @@ def logged_step_time(run_dir: str) -> float | None:
     return float(np.median([e.value for e in ea.Scalars("perf/step_time_s")]))
 
 
-def heldout_ar_loss(bundle, data_dir: str, seq_len: int, batch: int, max_batches: int) -> dict:
-    """Token-mean held-out next-token cross-entropy and accuracy of the model as a plain causal LM."""
+def heldout_ar_loss(bundle, data_dir: str, seq_len: int, batch: int, max_batches: int,
+                    block_size: int | None = None) -> dict:
+    """Token-mean held-out next-token cross-entropy and accuracy of the model as a plain causal LM; with
+    ``block_size`` also the diffusion loss of the mask half of the TiDAR training layout at that block size."""
     from flax import nnx
 
     from tidar_jax.data import eval_batches
     from tidar_jax.model import causal_mask
-    from tidar_jax.objective import ar_loss
+    from tidar_jax.objective import ar_loss, tidar_loss
+    from tidar_jax.train.step import tidar_inputs
 
     def loss_fn(params, tokens_NS):
         model = nnx.merge(bundle.graphdef, params)
@@ -102,15 +163,24 @@ def heldout_ar_loss(bundle, data_dir: str, seq_len: int, batch: int, max_batches
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (n, s))
         logits, _ = model(tokens_NS, positions, causal_mask(n, s))
         _, m = ar_loss(logits, tokens_NS)
-        return m["ar_loss"], m["ar_acc"], m["ar_tokens"]
+        diff = jnp.zeros(())
+        if block_size is not None:
+            tokens_N2S, pos2, mask2 = tidar_inputs(tokens_NS, bundle.config.replace(block_size=block_size))
+            logits2, _ = model(tokens_N2S, pos2, mask2)
+            diff = tidar_loss(logits2, tokens_NS)[1]["diff_loss"]
+        return m["ar_loss"], m["ar_acc"], m["ar_tokens"], diff
 
     fn = jax.jit(loss_fn)
-    tot = acc = count = 0.0
+    tot = acc = count = dl = 0.0
     batches = eval_batches(data_dir, seq_len, batch, max_batches)
     for tokens in batches:
-        loss, a, n = jax.device_get(fn(bundle.params, jnp.asarray(tokens)))
+        loss, a, n, d = jax.device_get(fn(bundle.params, jnp.asarray(tokens)))
         tot, acc, count = tot + float(loss) * float(n), acc + float(a) * float(n), count + float(n)
-    return {"ar_loss": tot / count, "ar_acc": acc / count, "tokens": int(count), "batches": len(batches)}
+        dl += float(d)  # every batch has the same (full) number of diffusion targets
+    out = {"ar_loss": tot / count, "ar_acc": acc / count, "tokens": int(count), "batches": len(batches)}
+    if block_size is not None:
+        out["diff_loss"] = dl / len(batches)
+    return out
 
 
 def decode_stats(bundle, prompts, block: int, new_tokens: int) -> dict:
@@ -141,7 +211,7 @@ def evaluate(args, variant: dict, trained: dict) -> dict:
     if data_dir is None:
         bc.fail(f"cannot find the held-out data of {trained['run_dir']}; pass --data DIR")
     seq_len = args.eval_seq_len
-    loss = heldout_ar_loss(bundle, data_dir, seq_len, args.eval_batch, args.eval_batches)
+    loss = heldout_ar_loss(bundle, data_dir, seq_len, args.eval_batch, args.eval_batches, variant["block_size"])
     prompts, source = bc.heldout_prompts(bundle.config, data_dir, args.prompts, args.prompt_len, args.seed)
     dec = decode_stats(bundle, prompts, variant["block_size"], args.new_tokens)
     # short horizon from many real contexts: the first 2B+1 tokens only, before a weak model's greedy
@@ -155,13 +225,19 @@ def evaluate(args, variant: dict, trained: dict) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"), help="training preset")
-    p.add_argument("--steps", type=int, help="training steps per variant (default 300; --quick 60)")
-    p.add_argument("--blocks", help="TiDAR block sizes (default 4,8,16)")
+    p.add_argument("--steps", type=int, help="steps of TiDAR with the paper loss at the smallest B; the others get "
+                   "the steps of equal FLOPs (default 200; --quick 60)")
+    p.add_argument("--budget", choices=("flops", "steps"), default="flops",
+                   help="equalise training FLOPs (default) or steps across variants")
+    p.add_argument("--blocks", help="TiDAR block sizes (default 4,8)")
+    p.add_argument("--options", default="paper,distill,position,chain,combo",
+                   help=f"draft-loss options to compare, from {','.join(OPTIONS)}")
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated (run-to-run spread)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train.py override for every variant (repeatable), e.g. --set data.seq_len=64")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "fidelity"))
     p.add_argument("--data", help="prepared data dir (default: the one each run trained on)")
-    p.add_argument("--eval-seq-len", type=int, default=128)
+    p.add_argument("--eval-seq-len", type=int, default=64)
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--prompts", type=int)
@@ -169,12 +245,20 @@ def parse_args(argv):
     p.add_argument("--short-prompts", type=int, default=32,
                    help="held-out contexts for the short-horizon acceptance (2B+1 new tokens each)")
     p.add_argument("--new-tokens", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--merge-json", metavar="A.json,B.json",
+                   help="train nothing: merge the runs of earlier fidelity.json files (e.g. two halves of a study run "
+                        "in parallel; the first file wins for a repeated variant and seed) and rewrite the results")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     bc.fill_size_defaults(args, DEFAULTS, quick=QUICK)
     args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
+    args.seeds = bc.parse_int_list(str(args.seeds), "--seeds", minimum=0)
+    args.options = [o.strip() for o in args.options.split(",") if o.strip()]
+    bad = [o for o in args.options if o not in OPTIONS]
+    if bad or not args.options:
+        bc.fail(f"--options {','.join(bad) or repr('')}: must be a comma-separated subset of {','.join(OPTIONS)}")
     bc.require_positive(args, ("steps", "eval_seq_len", "eval_batch", "eval_batches", "prompts", "prompt_len",
                                "new_tokens", "short_prompts"))
     if not os.path.isfile(args.config):
@@ -186,85 +270,176 @@ def parse_args(argv):
     return args
 
 
+def merge(args) -> dict:
+    runs, plan = {}, {}
+    for path in args.merge_json.split(","):
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            bc.fail(f"--merge-json {path}: cannot read a fidelity.json ({e})")
+        for r in part["runs"]:
+            runs.setdefault((r["name"], r["seed"]), r)
+        for p in part["plan"]:
+            plan.setdefault(p["name"], p)
+    order = {name: i for i, name in enumerate(
+        ["ar"] + [v["name"] for b in sorted({p["block_size"] for p in plan.values()})
+                  for v in variants([b], list(OPTIONS))[1:]])}
+    rows = sorted(runs.values(), key=lambda r: (r["seed"], order.get(r["name"], 99)))
+    args.seeds = sorted({r["seed"] for r in rows})
+    args.blocks = sorted({r["block_size"] for r in rows if r["objective"] == "tidar"})
+    args.options = [o for o in OPTIONS if any(r.get("option") == o for r in rows)]
+    return _write(args, rows, sorted(plan.values(), key=lambda p: order.get(p["name"], 99)), final=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge_json:
+        return merge(args)
+    plan = variants(args.blocks, args.options)
+    try:
+        assign_steps(args, plan)
+    except Exception as e:  # a bad --set or config: one line
+        bc.fail(f"cannot build the study's configs: {e}")
     rows = []
-    for v in variants(args.blocks):
-        trained = train_variant(args, v)
-        rows.append(evaluate(args, v, trained))
-        r = rows[-1]
-        print(f"[fidelity] {v['name']}: held-out AR loss {r['heldout']['ar_loss']:.4f}, T/NFE "
-              f"{r['decode']['tokens_per_nfe']:.2f} (B={r['decode']['block_size']}), train {r['train_wall_s']:.0f} s",
-              flush=True)
-    ar = rows[0]
+    for seed in args.seeds:  # seed-major: every variant of one seed before the next seed
+        for v in plan:
+            trained = train_variant(args, v, seed)
+            rows.append({**evaluate(args, v, trained), "seed": seed})
+            r = rows[-1]
+            print(f"[fidelity] {v['name']} seed {seed}: held-out AR loss {r['heldout']['ar_loss']:.4f}, diff loss "
+                  f"{r['heldout']['diff_loss']:.4f}, T/NFE {r['decode']['tokens_per_nfe']:.2f} "
+                  f"(B={r['decode']['block_size']}), E[acc] real {r['decode_short']['mean_accepted']:.2f}, "
+                  f"train {r['train_wall_s']:.0f} s", flush=True)
+            _write(args, rows, plan)
+    return _write(args, rows, plan, final=True)
+
+
+def _write(args, rows, plan, final=False) -> dict:
+    """Results so far (after every run, so an interrupted study still leaves its table)."""
     for r in rows:
-        r["ar_loss_minus_ar_only"] = r["heldout"]["ar_loss"] - ar["heldout"]["ar_loss"]
-        r["train_wall_vs_ar_only"] = r["train_wall_s"] / ar["train_wall_s"]
-        if r["train_step_s_median"] and ar["train_step_s_median"]:
-            r["train_step_vs_ar_only"] = r["train_step_s_median"] / ar["train_step_s_median"]
-    tidar = rows[1:]
-    tpnfe = [r["decode"]["tokens_per_nfe"] for r in tidar]
-    short = [r["decode_short"]["mean_accepted"] for r in tidar]
-    checks = {
-        "tnfe_rises_with_block_size": all(b > a for a, b in zip(tpnfe, tpnfe[1:])),
-        "short_horizon_acceptance_rises_with_block_size": all(b > a for a, b in zip(short, short[1:])),
-        "max_ar_loss_gap_nats": max(r["ar_loss_minus_ar_only"] for r in tidar),
-    }
+        ar = next((a for a in rows if a["objective"] == "ar" and a["seed"] == r["seed"]), None)
+        r["ar_loss_minus_ar_only"] = r["heldout"]["ar_loss"] - ar["heldout"]["ar_loss"] if ar else None
+    summary = summarize(rows)
+    tidar = [s for s in summary if s["objective"] == "tidar"]
+    checks = {"max_ar_loss_gap_nats": max((s["ar_loss_gap"] for s in tidar if s["ar_loss_gap"] is not None),
+                                          default=None),
+              "complete": final}
     result = {"benchmark": "fidelity", "machine": bc.machine_info(),
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": rows, "checks": checks}
+              "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "plan": [{k: v[k] for k in ("name", "objective", "block_size", "steps", "flops_per_step", "train_flops")}
+                       for v in plan],
+              "runs": rows, "summary": summary, "checks": checks}
     bc.write_json(os.path.join(args.out, "fidelity.json"), result)
     bc.write_text(os.path.join(args.out, "fidelity.md"), markdown(result))
-    print(markdown(result), flush=True)
+    if final:
+        print(markdown(result), flush=True)
     return result
 
 
-def _step(r) -> str:
-    if not r.get("train_step_s_median"):
+def _mean_spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), (float(max(values) - min(values)) if len(values) > 1 else None)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per variant over seeds: mean and spread (max - min) of every figure, and the ratios to the paper variant
+    of the same B and to the AR-only model."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    out = []
+    for name in names:
+        rs = [r for r in rows if r["name"] == name]
+        first = rs[0]
+        entry = {"name": name, "objective": first["objective"], "block_size": first["block_size"],
+                 "option": first.get("option", "-"), "steps": first["steps"], "seeds": [r["seed"] for r in rs]}
+        for key, get in (("ar_loss", lambda r: r["heldout"]["ar_loss"]),
+                         ("diff_loss", lambda r: r["heldout"].get("diff_loss")),
+                         ("tnfe", lambda r: r["decode"]["tokens_per_nfe"]),
+                         ("e_accepted_real", lambda r: r["decode_short"]["mean_accepted"]),
+                         ("distinct4", lambda r: r["decode"]["distinct_4gram_fraction"]),
+                         ("ar_loss_gap", lambda r: r["ar_loss_minus_ar_only"])):
+            entry[key], entry[key + "_spread"] = _mean_spread([get(r) for r in rs])
+        hist: dict[str, int] = {}
+        for r in rs:
+            for k, v in r["decode_short"]["accepted_length_hist"].items():
+                hist[k] = hist.get(k, 0) + int(v)
+        entry["accepted_hist_real"] = hist
+        entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in rs]))
+        out.append(entry)
+    for e in out:
+        paper = next((p for p in out if p["objective"] == "tidar" and p["block_size"] == e["block_size"]
+                      and p["option"] == "paper"), None)
+        if e["objective"] == "tidar" and paper:
+            e["tnfe_vs_paper"] = e["tnfe"] / paper["tnfe"]
+            e["e_accepted_vs_paper"] = e["e_accepted_real"] / paper["e_accepted_real"]
+            e["ar_loss_vs_paper"] = e["ar_loss"] / paper["ar_loss"] - 1.0
+    return out
+
+
+def _pm(value, spread, fmt="{:.3f}") -> str:
+    if value is None:
         return "-"
-    ratio = r.get("train_step_vs_ar_only")
-    return f"{r['train_step_s_median']:.2f}" + (f" ({ratio:.2f}x)" if ratio else "")
+    return fmt.format(value) + (f" ±{spread / 2:.3f}" if spread else "")
+
+
+def _ratio(value, fmt="{:.2f}x") -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def markdown(result) -> str:
     st = result["settings"]
     m = result["machine"]
-    lines = ["# Fidelity study (small scale)", "",
-             f"Command: `python benchmarks/fidelity.py --steps {st['steps']} --blocks "
-             f"{','.join(map(str, st['blocks']))}" + "".join(f" --set {s}" for s in st["set"])
-             + (" --quick" if st["quick"] else "") + "`", "",
-             f"Machine: {m['cpu_model']}, {m['cpu_threads']} CPUs, load average {m['load_average_1_5_15']}, "
-             f"jax {m['versions']['jax']} on {m['jax_backend']}.", "",
-             f"Every variant: same model ({result['runs'][0]['num_params'] / 1e6:.2f}M params), seed {st['seed']}, "
-             f"data order, {st['steps']} steps. Held-out AR-mode loss over {result['runs'][0]['heldout']['tokens']} "
-             f"held-out tokens (windows of {st['eval_seq_len']}); T/NFE from lossless greedy TiDAR decoding of "
-             f"{st['prompts']} held-out prompts ({st['prompt_len']} tokens) for {st['new_tokens']} new tokens.", "",
-             "| model | objective | B (train / decode) | held-out AR loss | vs AR-only | AR acc | T/NFE | "
-             "mean accepted | distinct 4-grams | E[accepted] from real contexts | train step s (x AR-only) | "
-             "train wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["runs"]:
-        train_b = r["block_size"] if r["objective"] == "tidar" else "-"
+    rows, summary = result["runs"], result["summary"]
+    cmd = (f"python benchmarks/fidelity.py --steps {st['steps']} --budget {st['budget']} --blocks "
+           f"{','.join(map(str, st['blocks']))} --options {','.join(st['options'])} --seeds "
+           f"{','.join(map(str, st['seeds']))}" + "".join(f" --set {s}" for s in st["set"])
+           + (" --quick" if st["quick"] else ""))
+    first = rows[0] if rows else None
+    lines = ["# Fidelity study: draft-loss options at equal training compute", "",
+             f"Command: `{cmd}`", "",
+             f"Machine: {m['cpu_model']}, {m['cpu_threads']} CPUs, load average at the end "
+             f"{m['load_average_1_5_15']}, jax {m['versions']['jax']} on {m['jax_backend']}."
+             + ("" if result["checks"]["complete"] else " **Partial: the study was still running.**"), ""]
+    if first:
+        budget = ("equal training FLOPs (analytic matmul count per step x steps)" if st["budget"] == "flops"
+                  else "equal steps")
+        lines += [f"Every variant: same model ({first['num_params'] / 1e6:.2f}M params), data order and batch; "
+                  f"budget: {budget}. Seeds {', '.join(map(str, st['seeds']))}: figures are means, ± half the "
+                  f"spread (max - min) over seeds. Held-out AR-mode and diffusion loss over "
+                  f"{first['heldout']['tokens']} held-out tokens (windows of {st['eval_seq_len']}); T/NFE from "
+                  f"lossless greedy TiDAR decoding (beta=1, slot0=verifier) of {st['prompts']} held-out prompts "
+                  f"({st['prompt_len']} tokens) for {st['new_tokens']} new tokens; E[accepted] from real contexts: "
+                  f"tokens per step over the first 2B+1 tokens after each of {st['short_prompts']} held-out "
+                  "contexts, with its accepted-length histogram (tokens per step: count).", ""]
+    lines += ["| variant | B | option | steps | train GFLOPs | held-out AR loss | vs AR-only | vs paper | diff loss | "
+              "T/NFE | T/NFE vs paper | E[accepted] real | vs paper | accepted-length hist (real) | distinct 4-grams "
+              "| train wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    plan = {p["name"]: p for p in result["plan"]}
+    for e in summary:
+        b = e["block_size"] if e["objective"] == "tidar" else f"- ({e['block_size']})"
+        gap = _pm(e["ar_loss_gap"], e["ar_loss_gap_spread"], "{:+.3f}") if e["objective"] == "tidar" else "—"
+        vs_paper = _ratio(e.get("ar_loss_vs_paper"), "{:+.1%}")
+        hist = " ".join(f"{k}:{v}" for k, v in sorted(e["accepted_hist_real"].items(), key=lambda kv: int(kv[0])))
         lines.append(
-            f"| {r['name']} | {r['objective']} | {train_b} / {r['decode']['block_size']} | "
-            f"{r['heldout']['ar_loss']:.4f} | {r['ar_loss_minus_ar_only']:+.4f} | {r['heldout']['ar_acc']:.3f} | "
-            f"{r['decode']['tokens_per_nfe']:.2f} | {r['decode']['mean_accepted']:.2f} | "
-            f"{r['decode'].get('distinct_4gram_fraction', float('nan')):.2f} | "
-            f"{r['decode_short']['mean_accepted']:.2f} | "
-            f"{_step(r)} | {r['train_wall_s']:.0f} |")
+            f"| {e['name']} | {b} | {e['option']} | {e['steps']} | {plan[e['name']]['train_flops'] / 1e9:.0f} | "
+            f"{_pm(e['ar_loss'], e['ar_loss_spread'])} | {gap} | {vs_paper} | "
+            f"{_pm(e['diff_loss'], e['diff_loss_spread'])} | {_pm(e['tnfe'], e['tnfe_spread'], '{:.2f}')} | "
+            f"{_ratio(e.get('tnfe_vs_paper'))} | {_pm(e['e_accepted_real'], e['e_accepted_real_spread'], '{:.2f}')} | "
+            f"{_ratio(e.get('e_accepted_vs_paper'))} | {hist} | {e['distinct4']:.2f} | {e['train_wall_s']:.0f} |")
     c = result["checks"]
-    lines += ["", f"- T/NFE rises with B: **{'yes' if c['tnfe_rises_with_block_size'] else 'no'}** (long "
-              "continuations); E[accepted] from real contexts rises with B: "
-              f"**{'yes' if c['short_horizon_acceptance_rises_with_block_size'] else 'no'}**.",
-              f"- Largest AR-mode loss gap of a TiDAR model to the AR-only model: **{c['max_ar_loss_gap_nats']:+.4f} "
-              "nats/token** (positive = TiDAR worse).",
-              "- The AR-only row's T/NFE is TiDAR decoding with its untrained diffusion drafts (a control).",
-              "- Distinct 4-grams of the greedy continuations: a low value means the continuation loops, and a "
-              "looping continuation is easy to draft, so T/NFE is then inflated relative to varied text.",
-              "- E[accepted] from real contexts: mean accepted drafts per decode step while generating only the "
-              f"first 2B+1 tokens after each of {st['short_prompts']} held-out contexts -- the acceptance near real "
-              "text, before a loop can form.",
-              "- Train step s: median of the trainer's logged step time; train wall s also includes process start, "
-              "compilation, evaluation and checkpointing. Both were measured on a shared machine.", ""]
+    lines += ["",
+              "- Largest AR-mode loss gap of a TiDAR variant to the AR-only model: "
+              f"**{_pm(c['max_ar_loss_gap_nats'], None, '{:+.4f}')} nats/token** "
+              "(positive = TiDAR worse).",
+              "- The AR-only row is decoded with TiDAR at the smallest B as a control (its drafts are untrained); its "
+              "diffusion loss is that of its untrained mask half.",
+              "- T/NFE over long continuations is inflated when a continuation loops (low distinct 4-grams); "
+              "E[accepted] from real contexts is the honest acceptance figure.",
+              "- Train wall s: the `train.py` call (start, compile, training, eval, checkpoint) on a shared machine.",
+              ""]
     return "\n".join(lines)
 
 

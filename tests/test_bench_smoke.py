@@ -107,7 +107,8 @@ def test_fidelity_tiny(tmp_path):
     small = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
              "model.mlp_size=64", "data.seq_len=32", "data.global_batch=2", "data.eval_batches=1",
              "data.eval_batch_size=2"]
-    args = ["--steps", 2, "--blocks", "2,4", "--runs-dir", tmp_path / "runs", "--out", tmp_path,
+    args = ["--steps", 2, "--budget", "steps", "--options", "paper", "--blocks", "2,4", "--runs-dir",
+            tmp_path / "runs", "--out", tmp_path,
             "--eval-seq-len", 32, "--eval-batch", 2, "--eval-batches", 1, "--prompts", 2, "--prompt-len", 8,
             "--new-tokens", 6]
     for s in small:

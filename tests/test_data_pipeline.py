@@ -179,7 +179,8 @@ def test_pipeline_on_a_real_prepared_corpus(tmp_path):
         (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j}\n" for j in range(30)))
     m = prepare_corpus(tmp_path / "data", sources=[str(src)], vocab_size=300, heldout_fraction=0.2)
     it = make_train_iterator(tmp_path / "data", seq_len=16, global_batch=4, seed=0)
-    tokens = np.fromfile(tmp_path / "data" / "train.bin", dtype=m["dtype"]).astype(np.int32)
+    tokens = np.concatenate([np.fromfile(tmp_path / "data" / s["file"], dtype=m["dtype"])
+                             for s in m["splits"]["train"]["shards"]]).astype(np.int32)
     windows = {tuple(tokens[i * 16:(i + 1) * 16]) for i in range(len(tokens) // 16)}
     for tokens_BS in _take(it, 5):
         assert all(tuple(row) in windows for row in tokens_BS)

@@ -64,7 +64,8 @@ def _documents_index(data_dir):
 
 def _split_tokens(data_dir, split):
     m = load_manifest(data_dir)
-    return np.fromfile(os.path.join(data_dir, m["splits"][split]["file"]), dtype=m["dtype"])
+    return np.concatenate([np.fromfile(os.path.join(data_dir, s["file"]), dtype=m["dtype"])
+                           for s in m["splits"][split]["shards"]])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,9 @@ def test_manifest_counts_and_skipped_reasons(prepared, corpus_root):
     assert m["files"]["with_documents"] == len(TEXT_DOCS) + 1
     itemsize = np.dtype(m["dtype"]).itemsize
     for split in ("train", "eval"):
-        assert os.path.getsize(os.path.join(out, f"{split}.bin")) == splits[split]["tokens"] * itemsize
+        assert sum(s["tokens"] for s in splits[split]["shards"]) == splits[split]["tokens"]
+        for shard in splits[split]["shards"]:
+            assert os.path.getsize(os.path.join(out, shard["file"])) == shard["tokens"] * itemsize
         docs = [expected[row["key"]] for row in _documents_index(out) if row["split"] == split]
         assert splits[split]["bytes"] == sum(len(t.encode()) for t in docs)
     assert m == load_manifest(out)
@@ -113,7 +116,9 @@ def test_bins_decode_back_to_the_documents(prepared, corpus_root):
     assert sorted(row["key"] for row in index) == sorted(expected)
     for split in ("train", "eval"):
         ids = _split_tokens(out, split).tolist()
-        # Documents are exactly the eos-separated pieces, in documents.jsonl order (no leading/trailing eos).
+        # Documents are exactly the eos-terminated pieces, in documents.jsonl order (one eos after each).
+        assert ids[-1] == eos
+        ids = ids[:-1]
         pieces, current = [], []
         for t in ids:
             if t == eos:
@@ -179,14 +184,14 @@ def test_idempotent_and_change_detection(tmp_path, corpus_root, monkeypatch):
     (src / "two.txt").write_text("delta epsilon\n" * 20)
     out = tmp_path / "out"
     m1 = prepare_corpus(out, sources=[str(src)], vocab_size=VOCAB)
-    mtime = os.path.getmtime(out / "train.bin")
+    mtime = os.path.getmtime(out / "train-00000.bin")
 
     def fail(*a, **k):
         raise AssertionError("must not rebuild")
 
     monkeypatch.setattr(corpus_mod, "_build", fail)
     assert prepare_corpus(out, sources=[str(src)], vocab_size=VOCAB) == m1
-    assert os.path.getmtime(out / "train.bin") == mtime
+    assert os.path.getmtime(out / "train-00000.bin") == mtime
     monkeypatch.undo()
     (src / "two.txt").write_text("changed content\n")
     with pytest.raises(DataError, match="different prepared corpus"):
@@ -195,7 +200,7 @@ def test_idempotent_and_change_detection(tmp_path, corpus_root, monkeypatch):
     assert m2["fingerprint"] != m1["fingerprint"]
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no temp or old dirs left behind
     # A damaged corpus (truncated token file) is not trusted as "already prepared".
-    with open(out / "train.bin", "r+b") as f:
+    with open(out / "train-00000.bin", "r+b") as f:
         f.truncate(2)
     with pytest.raises(DataError, match="different prepared corpus"):
         prepare_corpus(out, sources=[str(src)], vocab_size=VOCAB)
@@ -203,7 +208,7 @@ def test_idempotent_and_change_detection(tmp_path, corpus_root, monkeypatch):
 
 def test_failure_midway_leaves_no_out_dir(tmp_path, corpus_root, monkeypatch):
     def boom(path, manifest):
-        assert os.path.exists(os.path.join(os.path.dirname(path), "train.bin"))  # really midway: bins written
+        assert os.path.exists(os.path.join(os.path.dirname(path), "train-00000.bin"))  # really midway: bins written
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(corpus_mod, "_write_manifest", boom)

@@ -322,8 +322,11 @@ def test_init_from_params_checkpoint_starts_from_those_weights(reference, data_d
                              tokenizer_path=os.path.join(ref_dir, "tokenizer.json"))
     fresh = cfg.replace(**{"model.init_from": params_dir, "train.steps": 1, "data.eval_batches": 0})
     result = train(fresh, str(tmp_path / "run"), show_progress=False)
-    batch0 = next(make_train_iterator(data_dir, cfg.data.seq_len, cfg.data.global_batch, cfg.train.seed))["tokens"]
+    # a new run packs documents (data.packing: null -> documents), starting on block boundaries
+    batch0 = next(make_train_iterator(data_dir, cfg.data.seq_len, cfg.data.global_batch, cfg.train.seed,
+                                      packing="documents", block_size=bundle.config.block_size))
     from flax import nnx
 
-    loss, _ = make_loss_fn(bundle.graphdef, bundle.params, bundle.config)(nnx.to_pure_dict(bundle.params), batch0)
+    loss, _ = make_loss_fn(bundle.graphdef, bundle.params, bundle.config)(nnx.to_pure_dict(bundle.params),
+                                                                          batch0["tokens"], batch0["segment_ids"])
     assert result.losses[0][1] == pytest.approx(float(loss), rel=1e-5)

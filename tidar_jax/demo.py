@@ -104,6 +104,8 @@ def run_demo(run_dir: str, num_prompts: int = 4, prompt_tokens: int = 48, max_ne
             "tokens_per_s": tokens / wall, "speedup_vs_ar": ar_wall / wall,
         }
     summary["lossless_equals_ar"] = results["tidar_lossless"].tokens == results["ar"].tokens
+    summary["limits"] = speed_limits(summary, {name: res.stats["nfe"] for name, res in results.items()}, block)
+    summary["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print("\n== summary (batch of all prompts, median of interleaved repeats) ==", file=out)
     print(f"{'mode':<18}{'T/NFE':>8}{'tokens/s':>11}{'speedup':>9}  accepted-length histogram", file=out)
     for name, m in summary["modes"].items():
@@ -111,7 +113,32 @@ def run_demo(run_dir: str, num_prompts: int = 4, prompt_tokens: int = 48, max_ne
               f"{m['accepted_length_hist']}", file=out)
     same = "yes" if summary["lossless_equals_ar"] else "NO"
     print(f"lossless TiDAR output identical to AR: {same}", file=out)
+    lim = summary["limits"]
+    print(f"\nwhat limits the speedup (lossless): a TiDAR step costs {lim['step_cost_in_ar_forwards']:.2f} AR "
+          f"(1-token) forwards here, so perfect drafts (all {block} accepted every step) would give "
+          f"{lim['perfect_draft_speedup']:.2f}x; the drafts give T/NFE {lim['tokens_per_nfe']:.2f}, i.e. "
+          f"{lim['achieved_speedup']:.2f}x achieved. Limited by {lim['limited_by']}.", file=out)
+    load = summary["load_average"]
+    if load is not None:
+        print(f"(timings on this machine at load average {load[0]:.1f}; other processes inflate them)", file=out)
     return summary
+
+
+def speed_limits(summary: dict, nfe: dict, block: int) -> dict:
+    """Which limit binds lossless TiDAR here: the hardware (a step's cost ``c`` in 1-token AR forwards, so perfect
+    drafts give B / c) or the drafts (T/NFE, so the speedup achieved is about T/NFE / c).
+
+    Costs per forward are the measured median wall of each mode divided by its forwards (prefill included)."""
+    ar, tidar = summary["modes"]["ar"], summary["modes"]["tidar_lossless"]
+    cost = (tidar["median_wall_s"] / nfe["tidar_lossless"]) / (ar["median_wall_s"] / nfe["ar"])
+    perfect = block / cost
+    achieved = tidar["speedup_vs_ar"]
+    # the drafts bind when they leave most of the hardware's headroom unused; the hardware binds when even perfect
+    # drafts would not make TiDAR much faster than AR
+    limited_by = ("the hardware (even perfect drafts would not beat AR)" if perfect < 1.0 else
+                  "the drafts" if tidar["tokens_per_nfe"] < 0.5 * block else "both")
+    return {"step_cost_in_ar_forwards": cost, "perfect_draft_speedup": perfect, "tokens_per_nfe":
+            tidar["tokens_per_nfe"], "achieved_speedup": achieved, "limited_by": limited_by}
 
 
 def main(argv=None) -> int:

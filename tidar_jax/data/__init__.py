@@ -1,14 +1,30 @@
-"""Data for training: corpus preparation (tokenize once into memory-mapped token files) and the grain pipeline.
+"""Data for training: corpus preparation (tokenize once into sharded memory-mapped token files), document packing,
+weighted mixtures and the grain pipeline.
 
-See docs/data.md for the commands, the manifest fields and the batch-order contract.
+See docs/data.md for the commands, the manifest fields and the batch-order contract. Names are imported on first use
+so that preparation worker processes (which import ``tidar_jax.data.encode``) do not load grain or JAX, and so that
+corpus preparation, the tokenizer and the manifest work where grain is not installed (the accelerator image has no
+grain; see docs/benchmarks.md).
 """
 
-from tidar_jax.data.corpus import load_manifest, prepare_corpus, token_dtype
-from tidar_jax.data.pipeline import (TokenWindows, TrainIterator, eval_batches, global_batch_from_processes,
-                                     make_train_iterator, window_stream)
-from tidar_jax.data.sources import DataError
-from tidar_jax.data.tokenizer import load_tokenizer
+import importlib
 
-__all__ = ["DataError", "TokenWindows", "TrainIterator", "eval_batches", "global_batch_from_processes",
-           "load_manifest", "load_tokenizer", "make_train_iterator", "prepare_corpus", "token_dtype",
-           "window_stream"]
+_EXPORTS = {
+    "DataError": "sources",
+    "load_manifest": "corpus", "prepare_corpus": "corpus", "token_dtype": "corpus",
+    "PackedDocuments": "packing",
+    "PACKINGS": "pipeline", "TokenWindows": "pipeline", "TrainIterator": "pipeline", "eval_batches": "pipeline",
+    "eval_examples": "pipeline", "global_batch_from_processes": "pipeline", "make_train_iterator": "pipeline",
+    "window_stream": "pipeline",
+    "load_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"tidar_jax.data.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tidar_jax.data' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""CLI: ``python -m tidar_jax.data.prepare --out DIR [--source PATH ...] [--tokenizer PATH] [--vocab-size N]``.
+"""CLI: ``python -m tidar_jax.data.prepare --out DIR [--source PATH ...] [--tokenizer PATH] [--workers N] ...``.
 
-Tokenizes the sources (default: the running Python's stdlib) into DIR and prints a summary. Bad input prints one
-line naming the problem and exits 1.
+Tokenizes the sources (default: the running Python's stdlib) into DIR, streaming, with N worker processes, and prints
+a summary. Bad input prints one line naming the problem and exits 1. A killed run resumes when run again.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from tidar_jax.data.corpus import prepare_corpus
+from tidar_jax.data.corpus import DEFAULT_SHARD_TOKENS, DEFAULT_TOKENIZER_SAMPLE_BYTES, prepare_corpus
 from tidar_jax.data.sources import DataError
 
 
@@ -18,7 +18,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tidar_jax.data.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (created atomically)")
     p.add_argument("--source", action="append", default=None, metavar="PATH",
-                   help="directory, glob, text file or .jsonl file (field 'text'); repeatable; default: stdlib")
+                   help="directory, glob, text / .jsonl file (optionally .gz or .zst) or .parquet file; repeatable; "
+                        "default: the stdlib")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="JSONL field / Parquet column holding the document text (default: text)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizer worker processes (default: the available cores); the output does not depend on it")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="prepare only the I-th of N contiguous ranges of input files (needs --tokenizer); join the "
+                        "parts with `python -m tidar_jax.data.merge`")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                   help="tokens per token file before a new one starts (default 2**28)")
+    p.add_argument("--tokenizer-sample-bytes", type=int, default=DEFAULT_TOKENIZER_SAMPLE_BYTES, metavar="N",
+                   help="train the BPE on at most N bytes of the train split (default 2**30)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or an HF dir holding one; default: train a byte-level BPE on the train split")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size of the trained BPE (default 4096)")
@@ -37,7 +49,7 @@ def summary(manifest: dict, out: str) -> str:
              f"mask {tok['mask_token']}={tok['mask_token_id']}, dtype {manifest['dtype']}"]
     for name, s in manifest["splits"].items():
         lines.append(f"  {name:5s}: {s['documents']} documents from {s['files']} files, {s['bytes']:,} bytes, "
-                     f"{s['tokens']:,} tokens")
+                     f"{s['tokens']:,} tokens" + (f" in {len(s['shards'])} shard(s)" if "shards" in s else ""))
     lines.append(f"  skipped: {len(manifest['skipped'])}" + "".join(
         f"\n    {s['path']}: {s['reason']}" for s in manifest["skipped"][:10])
         + (f"\n    ... ({len(manifest['skipped']) - 10} more in manifest.json)" if len(manifest["skipped"]) > 10 else ""))
@@ -54,7 +66,9 @@ def main(argv=None) -> int:
     try:
         manifest = prepare_corpus(args.out, sources=args.source, tokenizer=args.tokenizer,
                                   vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction, seed=args.seed,
-                                  max_files=args.max_files, max_bytes=args.max_bytes, overwrite=args.overwrite)
+                                  max_files=args.max_files, max_bytes=args.max_bytes, overwrite=args.overwrite,
+                                  text_field=args.text_field, workers=args.workers, shard=args.shard,
+                                  shard_tokens=args.shard_tokens, tokenizer_sample_bytes=args.tokenizer_sample_bytes)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     print(summary(manifest, args.out))

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.draft_loss import POSITION_WEIGHTINGS
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
@@ -45,6 +46,13 @@ class DataSection:
     prefetch: int = 2
     eval_batch_size: int = 8
     eval_batches: int = 4
+    # documents: whole documents packed with segment ids (no attention or AR target across documents);
+    # windows: fixed windows of the token stream. null: documents for a new run, windows for a run dir created
+    # before this option existed (so it resumes with the same batches).
+    packing: str | None = None
+    # A weighted mixture of prepared dirs (same tokenizer): [{dir: ..., weight: ...}, ...]; null: data.dir alone.
+    # Eval and the tokenizer come from the first source.
+    sources: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +114,12 @@ class TrainSection:
     seed: int = 0
     objective: str = "tidar"  # tidar | ar
     alpha: float = 1.0  # weight of the AR term: (alpha * ar + diff) / (1 + alpha)
+    # draft-loss options (tidar_jax/draft_loss.py); all off = the paper's objective
+    distill_weight: float = 0.0  # KL(sg(AR) || diffusion) at each target position
+    distill_temperature: float = 1.0
+    chain_weight: float = 0.0  # 1 - differentiable expected accepted fraction of a block's drafts
+    position_weighting: str = "none"  # none | exponential (slot j of a block weighs position_decay**j)
+    position_decay: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,12 +249,29 @@ def validate(cfg: TrainConfig) -> None:
     need(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     need(t.objective in ("tidar", "ar"), "train.objective", t.objective, "must be one of tidar, ar")
     need(t.alpha >= 0, "train.alpha", t.alpha, "must be >= 0")
+    need(t.distill_weight >= 0, "train.distill_weight", t.distill_weight, "must be >= 0 (0 = off)")
+    need(t.distill_temperature > 0, "train.distill_temperature", t.distill_temperature, "must be > 0")
+    need(t.chain_weight >= 0, "train.chain_weight", t.chain_weight, "must be >= 0 (0 = off)")
+    need(t.position_weighting in POSITION_WEIGHTINGS, "train.position_weighting", t.position_weighting,
+         "must be one of " + ", ".join(POSITION_WEIGHTINGS))
+    need(0 < t.position_decay <= 1, "train.position_decay", t.position_decay, "must be in (0, 1]")
+    drafting = t.distill_weight > 0 or t.chain_weight > 0 or t.position_weighting != "none"
+    need(not drafting or t.objective == "tidar", "train.objective", t.objective,
+         "draft-loss options (distill_weight, chain_weight, position_weighting) need objective tidar")
     need(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
     need(d.global_batch >= 1, "data.global_batch", d.global_batch, "must be >= 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
     need(d.eval_batches >= 0, "data.eval_batches", d.eval_batches, "must be >= 0")
     need(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
     need(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction, "must be in (0, 1)")
+    need(d.packing in (None, "documents", "windows"), "data.packing", d.packing,
+         "must be documents, windows or null (documents for new runs)")
+    if d.sources is not None:
+        need(len(d.sources) >= 1 and all(isinstance(x, dict) and set(x) <= {"dir", "weight"} and "dir" in x
+                                         and isinstance(x.get("weight", 1.0), (int, float))
+                                         and not isinstance(x.get("weight", 1.0), bool)
+                                         and x.get("weight", 1.0) > 0 for x in d.sources),
+             "data.sources", d.sources, "must be a non-empty list of {dir: PATH, weight: NUMBER > 0}")
     need(o.name in ("adamw", "adam"), "optim.name", o.name, "must be one of adamw, adam")
     need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be one of cosine, constant")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.draft_loss import DraftLoss
 from tidar_jax.train import checkpointing as ck
 from tidar_jax.train.config import TrainConfig, dump_yaml
 from tidar_jax.train.distributed import initialize, resolve_mesh_shape
@@ -73,13 +74,15 @@ def unigram_cross_entropy(data_dir: str, manifest: dict) -> float:
     vocab = int(manifest["vocab_size"])
     dtype = np.dtype(manifest["dtype"])
 
-    def tokens(split):
-        info = manifest["splits"][split]
-        return np.memmap(os.path.join(data_dir, info["file"]), dtype=dtype, mode="r", shape=(info["tokens"],))
+    from tidar_jax.data.shards import split_parts
 
-    counts = np.bincount(tokens("train"), minlength=vocab).astype(np.float64) + 1.0
+    def bincount(split):
+        return sum(np.bincount(np.memmap(p["path"], dtype=dtype, mode="r", shape=(p["tokens"],)), minlength=vocab)
+                   for p in split_parts(data_dir, manifest, split) if p["tokens"]).astype(np.float64)
+
+    counts = bincount("train") + 1.0
     logp = np.log(counts / counts.sum())
-    held = np.bincount(tokens("eval"), minlength=vocab).astype(np.float64)
+    held = bincount("eval")
     return float(-(held * logp).sum() / held.sum())
 
 
@@ -156,6 +159,35 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
     return data_dir, load_manifest(data_dir)
 
 
+def resolve_packing(cfg: TrainConfig, run_dir: str) -> str:
+    """``data.packing: null`` -> documents for a new run, windows for a run dir whose saved config predates the
+    option (its ``data`` section has no ``packing`` key), so an old run resumes with the batches it started with."""
+    if cfg.data.packing is not None:
+        return cfg.data.packing
+    saved = os.path.join(run_dir, ck.RUN_CONFIG)
+    if os.path.isfile(saved):
+        import yaml
+
+        with open(saved) as f:
+            data = (yaml.safe_load(f) or {}).get("data") or {}
+        if "packing" not in data:
+            return "windows"
+        return data["packing"] or "documents"
+    return "documents"
+
+
+def data_sources(cfg: TrainConfig, data_dir: str):
+    """The train iterator's ``data_dir`` argument: the dir, or ``[(dir, weight), ...]`` for a mixture."""
+    if not cfg.data.sources:
+        return data_dir
+    from tidar_jax.data.pipeline import mixture_manifests, normalize_sources
+
+    sources = normalize_sources([{"dir": os.path.abspath(x["dir"]), "weight": x.get("weight", 1.0)}
+                                 for x in cfg.data.sources])
+    mixture_manifests(sources)  # one clear error if the tokenizers differ
+    return sources
+
+
 def _arch_overrides(cfg: TrainConfig, manifest: dict) -> dict:
     keep = ("block_size", "mask_token_id", "dtype", "param_dtype", "attention")
     over = {k: v for k, v in cfg.model.arch.items() if k in keep and v is not None}
@@ -204,7 +236,7 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
     initialize(cfg.distributed)
     from flax import nnx
 
-    from tidar_jax.data import eval_batches, make_train_iterator
+    from tidar_jax.data import eval_examples, make_train_iterator
     from tidar_jax.model.functional import abstract_model, create_sharded
     from tidar_jax.sharding import make_mesh
     from tidar_jax.train.step import abstract_train_state, init_train_state, make_step_fns
@@ -215,7 +247,14 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
     main = jax.process_index() == 0
     show = show_progress and main
     os.makedirs(run_dir, exist_ok=True)
-    data_dir, manifest = prepare_data(cfg)
+    packing_mode = resolve_packing(cfg, run_dir)
+    if cfg.data.packing is None and packing_mode == "windows":
+        cfg = cfg.replace(**{"data.packing": "windows"})  # an old run dir: recorded in its config.yaml from now on
+    if cfg.data.sources:  # a mixture: the first source supplies the tokenizer and the eval split
+        data_dir, manifest = prepare_data(cfg.replace(**{"data.dir": cfg.data.sources[0]["dir"],
+                                                         "data.prepare": False}))
+    else:
+        data_dir, manifest = prepare_data(cfg)
 
     mesh_shape = resolve_mesh_shape(cfg.mesh, jax.device_count())
     mesh = make_mesh(*mesh_shape)
@@ -241,7 +280,8 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
 
     graphdef, abstract = abstract_model(mcfg, remat=cfg.model.remat)
     total = cfg.train.steps
-    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha)
+    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha,
+                        DraftLoss.from_train(cfg.train))
 
     if main:  # run-dir files next to the checkpoints (the resolved config is also in every checkpoint's meta)
         _write_atomic(os.path.join(run_dir, ck.RUN_CONFIG), dump_yaml(cfg))
@@ -253,9 +293,13 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
         if os.path.isfile(tok_src):
             shutil.copyfile(tok_src, os.path.join(run_dir, ck.TOKENIZER))
 
-    data_iter = make_train_iterator(data_dir, cfg.data.seq_len, cfg.data.global_batch, cfg.train.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    prefetch=cfg.data.prefetch, worker_count=cfg.data.worker_count)
+    # documents start on block boundaries, so a TiDAR mask block never holds two documents
+    packing = {"packing": packing_mode,
+               "block_size": mcfg.block_size if cfg.train.objective == "tidar" else 1}
+    data_iter = make_train_iterator(data_sources(cfg, data_dir), cfg.data.seq_len, cfg.data.global_batch,
+                                    cfg.train.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), prefetch=cfg.data.prefetch,
+                                    worker_count=cfg.data.worker_count, **packing)
     ckpts = ck.RunCheckpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     restored = ckpts.restore_latest(abstract_train_state(fns.tx, fns.template, fns.state_shardings), data_iter)
     if restored is not None:
@@ -272,8 +316,8 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
         del init_params
     resumed = restored is not None
 
-    evals = [b for b in eval_batches(data_dir, cfg.data.seq_len, cfg.data.eval_batch_size, cfg.data.eval_batches)] \
-        if cfg.data.eval_batches else []
+    evals = eval_examples(data_dir, cfg.data.seq_len, cfg.data.eval_batch_size, cfg.data.eval_batches,
+                          **packing) if cfg.data.eval_batches else []
     unigram = unigram_cross_entropy(data_dir, manifest) if main else None
     writer = ScalarWriter(os.path.join(run_dir, "tb"), enabled=main and cfg.logging.tensorboard)
     if main and show:
@@ -288,8 +332,9 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
             return {}
         sums: dict[str, float] = {}
         for batch in evals:
-            arr = jax.make_array_from_callback(batch.shape, fns.batch_sharding, lambda idx, b=batch: b[idx])
-            for k, v in jax.device_get(fns.eval_step(state["params"], arr)).items():
+            arrs = [jax.make_array_from_callback(b.shape, fns.batch_sharding, lambda idx, b=b: b[idx])
+                    for b in (batch["tokens"], batch.get("segment_ids")) if b is not None]
+            for k, v in jax.device_get(fns.eval_step(state["params"], *arrs)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         out = {k: v / len(evals) for k, v in sums.items()}
         writer.write(step, {f"eval/{k}": v for k, v in out.items()}
@@ -311,11 +356,12 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
     try:
         with _SignalFlag() as stop:
             while step < total:
-                local = next(data_iter)["tokens"]
+                local = next(data_iter)
                 t0 = time.perf_counter()
-                batch = jax.make_array_from_process_local_data(fns.batch_sharding, local,
-                                                               (cfg.data.global_batch, cfg.data.seq_len))
-                state, metrics = fns.train_step(state, batch)
+                batch = [jax.make_array_from_process_local_data(fns.batch_sharding, local[k],
+                                                                (cfg.data.global_batch, cfg.data.seq_len))
+                         for k in ("tokens", "segment_ids") if k in local]
+                state, metrics = fns.train_step(state, *batch)
                 metrics = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
                 if not bool(metrics["finite"]):
@@ -391,7 +437,12 @@ def decode_probe(cfg: TrainConfig, mcfg: ModelConfig, graphdef, template, params
     from tidar_jax.train.step import to_model
 
     prompt_len = min(32, cfg.data.seq_len)
-    rows = np.concatenate(evals, axis=0)[:n, :prompt_len]
+    tokens = np.concatenate([b["tokens"] for b in evals], axis=0)[:n, :prompt_len]
+    if "segment_ids" in evals[0]:  # packed: the prompt is the start of the row's first document only
+        segments = np.concatenate([b["segment_ids"] for b in evals], axis=0)[:n, :prompt_len]
+        rows = [row[seg == seg[0]] for row, seg in zip(tokens, segments)]
+    else:
+        rows = list(tokens)
     local = jax.device_put(jax.device_get(params))  # decode runs on one device
     model = to_model(graphdef, template, local)
     decoder = Decoder.from_model(model, trained_block_size=mcfg.block_size, eos_token_id=None)

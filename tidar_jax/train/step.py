@@ -22,6 +22,7 @@ from tidar_jax.masks import causal_layout, training_layout, training_positions
 from flax import nnx
 
 from tidar_jax.model.functional import merge
+from tidar_jax.draft_loss import DraftLoss
 from tidar_jax.objective import ar_loss, tidar_loss
 from tidar_jax.sharding import replicated, state_shardings
 
@@ -75,18 +76,30 @@ def make_optimizer(optim, total_steps: int):
 # Losses
 # ----------------------------------------------------------------------------------------------------------------
 
-def tidar_inputs(tokens_NS, cfg: ModelConfig):
-    """Doubled tokens ``[N, 2S]``, positions ``[1, 2S]`` and the training attention layout (``masks``)."""
+def tidar_inputs(tokens_NS, cfg: ModelConfig, segment_ids_NS=None):
+    """Doubled tokens ``[N, 2S]``, positions and the training attention layout (``masks``): positions ``[1, 2S]``,
+    or per row ``[N, 2S]`` restarting per document when packed (the layout then carries the segment ids, so no
+    query sees another document's keys)."""
     n, s = tokens_NS.shape
     masks_NS = jnp.full((n, s), cfg.mask_token_id, tokens_NS.dtype)
     tokens_N2S = jnp.concatenate([tokens_NS, masks_NS], axis=1)
-    return tokens_N2S, training_positions(s)[None], training_layout(s, cfg.block_size)
+    if segment_ids_NS is None:
+        return tokens_N2S, training_positions(s)[None], training_layout(s, cfg.block_size)
+    return (tokens_N2S, training_positions(s, segment_ids_NS),
+            training_layout(s, cfg.block_size, segment_ids_NS))
 
 
-def causal_inputs(seq_len: int):
-    """Positions ``[1, S]`` and the causal attention layout of the AR objective."""
-    positions_1S = jnp.arange(seq_len, dtype=jnp.int32)[None]
-    return positions_1S, causal_layout(seq_len)
+def causal_inputs(seq_len: int, segment_ids_NS=None):
+    """Positions ``[1, S]`` (or ``[N, S]`` per document) and the causal attention layout of the AR objective."""
+    if segment_ids_NS is None:
+        return jnp.arange(seq_len, dtype=jnp.int32)[None], causal_layout(seq_len)
+    positions_NS = training_positions(seq_len, segment_ids_NS)[:, :seq_len]
+    return positions_NS, causal_layout(seq_len, segment_ids_NS)
+
+
+def packed_loss_mask(segment_ids_NS):
+    """Segment 0 is padding (``tidar_jax.data.packing``): no loss there."""
+    return None if segment_ids_NS is None else segment_ids_NS > 0
 
 
 def to_model(graphdef, template, params):
@@ -96,18 +109,21 @@ def to_model(graphdef, template, params):
     return merge(graphdef, state)
 
 
-def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0):
-    """``loss_fn(params, tokens_NS) -> (loss, metrics)`` for the chosen objective."""
+def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0,
+                 draft: DraftLoss | None = None):
+    """``loss_fn(params, tokens_NS, segment_ids_NS=None) -> (loss, metrics)`` for the chosen objective (``draft``:
+    draft-loss options)."""
 
-    def tidar(params, tokens_NS):
-        tokens_N2S, pos, mask = tidar_inputs(tokens_NS, cfg)
+    def tidar(params, tokens_NS, segment_ids_NS=None):
+        tokens_N2S, pos, mask = tidar_inputs(tokens_NS, cfg, segment_ids_NS)
         logits, _ = to_model(graphdef, template, params)(tokens_N2S, pos, mask)
-        return tidar_loss(logits, tokens_NS, alpha=alpha)
+        return tidar_loss(logits, tokens_NS, packed_loss_mask(segment_ids_NS), segment_ids_NS, alpha=alpha,
+                          draft=draft, block_size=cfg.block_size)
 
-    def ar(params, tokens_NS):
-        pos, mask = causal_inputs(tokens_NS.shape[1])
+    def ar(params, tokens_NS, segment_ids_NS=None):
+        pos, mask = causal_inputs(tokens_NS.shape[1], segment_ids_NS)
         logits, _ = to_model(graphdef, template, params)(tokens_NS, pos, mask)
-        return ar_loss(logits, tokens_NS)
+        return ar_loss(logits, tokens_NS, packed_loss_mask(segment_ids_NS), segment_ids_NS)
 
     if objective == "tidar":
         return tidar
@@ -119,16 +135,17 @@ def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar",
 def make_eval_fn(graphdef, template, cfg: ModelConfig):
     """Held-out metrics: AR mode (the model as a plain causal LM over S) and the diffusion half of the TiDAR layout."""
 
-    def evaluate(params, tokens_NS):
+    def evaluate(params, tokens_NS, segment_ids_NS=None):
         model = to_model(graphdef, template, params)
-        pos, mask = causal_inputs(tokens_NS.shape[1])
+        loss_mask = packed_loss_mask(segment_ids_NS)
+        pos, mask = causal_inputs(tokens_NS.shape[1], segment_ids_NS)
         logits_ar, _ = model(tokens_NS, pos, mask)
-        _, ar_m = ar_loss(logits_ar, tokens_NS)
+        _, ar_m = ar_loss(logits_ar, tokens_NS, loss_mask, segment_ids_NS)
         out = {"ar_loss": ar_m["ar_loss"], "ar_acc": ar_m["ar_acc"]}
         if tokens_NS.shape[1] % cfg.block_size == 0:
-            tokens_N2S, pos2, mask2 = tidar_inputs(tokens_NS, cfg)
+            tokens_N2S, pos2, mask2 = tidar_inputs(tokens_NS, cfg, segment_ids_NS)
             logits, _ = model(tokens_N2S, pos2, mask2)
-            _, tm = tidar_loss(logits, tokens_NS)
+            _, tm = tidar_loss(logits, tokens_NS, loss_mask, segment_ids_NS)
             out.update(diff_loss=tm["diff_loss"], diff_acc=tm["diff_acc"])
         return out
 
@@ -185,8 +202,8 @@ def init_train_state(tx, params, shardings):
 
 @dataclasses.dataclass
 class StepFns:
-    train_step: Callable  # (state, tokens_NS) -> (state, metrics)
-    eval_step: Callable  # (params, tokens_NS) -> metrics
+    train_step: Callable  # (state, tokens_NS, segment_ids_NS=None) -> (state, metrics)
+    eval_step: Callable  # (params, tokens_NS, segment_ids_NS=None) -> metrics
     template: Any  # abstract nnx.State (to rebuild a model from pure params)
     state_shardings: Any
     batch_sharding: NamedSharding
@@ -194,27 +211,31 @@ class StepFns:
     tx: Any
 
 
-def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh):
+def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh, segment_ids_NS=None):
     """Mean loss/grads over ``accum`` micro-batches (``lax.scan``; grads summed in float32)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (loss, metrics), grads = grad_fn(params, tokens_NS)
+        (loss, metrics), grads = grad_fn(params, tokens_NS, segment_ids_NS)
         return loss, metrics, grads
     n, s = tokens_NS.shape
-    # rows j*accum + a form micro-batch a, so every micro-batch keeps the batch sharding of the full batch
-    micro_ANS = jnp.swapaxes(tokens_NS.reshape(n // accum, accum, s), 0, 1)
     micro_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
-    micro_ANS = jax.lax.with_sharding_constraint(micro_ANS, micro_sh)
 
-    def body(carry, tokens_MS):
+    def micro(x_NS):
+        # rows j*accum + a form micro-batch a, so every micro-batch keeps the batch sharding of the full batch
+        x_ANS = jnp.swapaxes(x_NS.reshape(n // accum, accum, s), 0, 1)
+        return jax.lax.with_sharding_constraint(x_ANS, micro_sh)
+
+    micro_ANS = (micro(tokens_NS), None if segment_ids_NS is None else micro(segment_ids_NS))
+
+    def body(carry, micro_batch):
         g_acc, m_acc = carry
-        (_, metrics), grads = grad_fn(params, tokens_MS)
+        (_, metrics), grads = grad_fn(params, *micro_batch)
         g_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), g_acc, grads)
         m_acc = jax.tree.map(lambda a, m: a + m, m_acc, metrics)
         return (g_acc, m_acc), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-    _, abstract_m = jax.eval_shape(loss_fn, params, micro_ANS[0])
+    _, abstract_m = jax.eval_shape(loss_fn, params, *jax.tree.map(lambda x: x[0], micro_ANS))
     zeros_m = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), abstract_m)
     (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro_ANS)
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), g_sum, params)
@@ -223,18 +244,18 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh):
 
 
 def make_step_fns(graphdef, cfg: ModelConfig, abstract_state, mesh: Mesh, optim, total_steps: int,
-                  objective: str = "tidar", alpha: float = 1.0) -> StepFns:
+                  objective: str = "tidar", alpha: float = 1.0, draft: DraftLoss | None = None) -> StepFns:
     """``abstract_state``: the model's ``nnx.State`` (abstract or concrete; only shapes/metadata are used)."""
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
     tx, schedule = make_optimizer(optim, total_steps)
     shardings = train_state_shardings(tx, template, mesh)
     batch_sh = batch_sharding(mesh)
-    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha)
+    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha, draft)
     accum = optim.grad_accum
 
-    def train_step(state, tokens_NS):
+    def train_step(state, tokens_NS, segment_ids_NS):
         params = state["params"]
-        loss, metrics, grads = _accumulate(loss_fn, params, tokens_NS, accum, mesh)
+        loss, metrics, grads = _accumulate(loss_fn, params, tokens_NS, accum, mesh, segment_ids_NS)
         grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
@@ -247,8 +268,16 @@ def make_step_fns(graphdef, cfg: ModelConfig, abstract_state, mesh: Mesh, optim,
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)
         return new_state, metrics
 
-    train_jit = jax.jit(train_step, in_shardings=(shardings, batch_sh),
+    train_jit = jax.jit(train_step, in_shardings=(shardings, batch_sh, batch_sh),
                         out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    eval_jit = jax.jit(make_eval_fn(graphdef, template, cfg), in_shardings=(shardings["params"], batch_sh),
-                       out_shardings=replicated(mesh))
-    return StepFns(train_jit, eval_jit, template, shardings, batch_sh, schedule, tx)
+    eval_jit = jax.jit(make_eval_fn(graphdef, template, cfg),
+                       in_shardings=(shardings["params"], batch_sh, batch_sh), out_shardings=replicated(mesh))
+
+    # segment ids are optional (None: one unpacked sequence per row); jit needs every positional argument
+    def train(state, tokens_NS, segment_ids_NS=None):
+        return train_jit(state, tokens_NS, segment_ids_NS)
+
+    def evaluate(params, tokens_NS, segment_ids_NS=None):
+        return eval_jit(params, tokens_NS, segment_ids_NS)
+
+    return StepFns(train, evaluate, template, shardings, batch_sh, schedule, tx)
