@@ -60,6 +60,12 @@ def _first_id(value) -> int | None:
     return None if value is None else int(value)
 
 
+def _all_ids(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
 def token_ids(hf_dir: str, hf: dict) -> dict:
     """``bos_token_id`` / ``eos_token_id`` as recorded (``generation_config.json`` wins over ``config.json``)."""
     gen_path = os.path.join(hf_dir, GENERATION_CONFIG_FILE)
@@ -154,7 +160,8 @@ def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_si
     trained = hf.get("block_size")
     return InferenceBundle(config=cfg, graphdef=graphdef, params=state, tokenizer=tokenizer,
                            trained_block_size=None if trained is None else int(trained),
-                           eos_token_id=_first_id(ids["eos_token_id"]), source=os.path.abspath(path))
+                           eos_token_id=_first_id(ids["eos_token_id"]), eos_token_ids=_all_ids(ids["eos_token_id"]),
+                           source=os.path.abspath(path))
 
 
 def params_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray], mesh=None, *,

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
+from tidar_jax.model.cache_attention import CacheLayout, cached_attention
 
 
 def _dtype(name: str):
@@ -102,6 +103,10 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
+        if isinstance(mask_BTS, CacheLayout):  # live-length paged attention: the cache is read, never copied
+            attn_BTHD = cached_attention(q, k, v, cache_k_BCKD, cache_v_BCKD, mask_BTS.length_B,
+                                         mask_BTS.local_BTT, mask_BTS.page)
+            return jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), k, v
         if cache_k_BCKD is not None:
             keys = jnp.concatenate([cache_k_BCKD.astype(dt), k], axis=1)
             values = jnp.concatenate([cache_v_BCKD.astype(dt), v], axis=1)
