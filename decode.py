@@ -40,7 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--eos-token-id", type=int, default=None, help="default: the checkpoint's; -1 = none")
+    p.add_argument("--eos-token-id", default=None,
+                   help="EOS id(s), comma-separated (default: every EOS id of the checkpoint; -1 = none)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable): stop at its first occurrence in the generated text")
+    p.add_argument("--stop-ids", action="append", default=None,
+                   help="stop token sequence, comma-separated ids (repeatable)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weight/compute dtype, cast once at load (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="KV-cache dtype (default: the compute dtype)")
+    p.add_argument("--mesh", default=None,
+                   help="data=D,fsdp=F,tensor=T: shard params and KV cache over D*F*T devices (default: one)")
+    p.add_argument("--groups", default=None,
+                   help="mask groups drafted per step: G (accepted counts 1..G) or a comma list of counts "
+                        "(default: all B)")
+    p.add_argument("--head", default=None, choices=("selective", "one_pass"),
+                   help="LM-head strategy per step (default selective)")
+    p.add_argument("--recommendation", default=None,
+                   help="JSON written by benchmarks/free_slots.py: use its block size, groups and head (explicit "
+                        "--block-size/--groups/--head win)")
     p.add_argument("--max-cache-len", type=int, default=4096, help="KV cache slots (prompt + new + B)")
     p.add_argument("--compare", action="store_true", help="also run AR on the same prompt and compare")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -72,34 +91,98 @@ def read_prompt(args) -> tuple[str | None, list[int] | None]:
         raise SystemExit(f"prompt from {where} is not valid UTF-8 (byte {e.start}): only UTF-8 text is accepted")
 
 
+def parse_mesh(text):
+    """``data=D,fsdp=F,tensor=T`` (any subset; missing axes = 1) -> dict."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise SystemExit(f"--mesh={text!r}: must be data=D,fsdp=F,tensor=T with positive integers")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def parse_ids(text, flag):
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise SystemExit(f"{flag}={text!r}: must be comma-separated integers")
+    if not ids:
+        raise SystemExit(f"{flag}={text!r}: must be comma-separated integers")
+    return ids
+
+
+def apply_recommendation(args):
+    """Fill --block-size / --groups / --head from a free_slots recommendation where they were not given."""
+    if args.recommendation is None:
+        return
+    try:
+        with open(args.recommendation) as f:
+            obj = json.load(f)
+        rec = obj.get("recommendation", obj)
+        block, groups = int(rec["best_block_size"]), rec.get("best_groups")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--recommendation={args.recommendation!r}: not a free_slots recommendation "
+                         f"({type(e).__name__}: {e})")
+    if args.block_size is None:
+        args.block_size = block
+        if args.groups is None and groups:
+            args.groups = ",".join(str(g) for g in groups)
+    if args.head is None and rec.get("head"):
+        args.head = rec["head"]
+
+
+def parse_groups(text):
+    if text is None:
+        return None
+    ids = parse_ids(text, "--groups")
+    return ids[0] if len(ids) == 1 and "," not in text else ids
+
+
 def load_decoder(args):
-    from tidar_jax.decode import Decoder
+    from tidar_jax.decode import Decoder, DecodeError
     from tidar_jax.loading import CheckpointNotFound, load_for_inference
 
+    mesh = None
+    if args.mesh is not None:
+        from tidar_jax.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(**parse_mesh(args.mesh))
+        except ValueError as e:
+            raise SystemExit(f"--mesh={args.mesh!r}: {e}")
     try:
-        bundle = load_for_inference(args.checkpoint)
+        bundle = load_for_inference(args.checkpoint, mesh=mesh)
     except CheckpointNotFound as e:
         raise SystemExit(str(e))
     except Exception as e:  # a corrupt or unsupported checkpoint: one line, not a traceback
         raise SystemExit(f"checkpoint {args.checkpoint!r} could not be loaded: {type(e).__name__}: {e}")
-    return Decoder.from_bundle(bundle, max_cache_len=args.max_cache_len)
+    try:
+        return Decoder.from_bundle(bundle, max_cache_len=args.max_cache_len, dtype=args.dtype, mesh=mesh)
+    except DecodeError as e:
+        raise SystemExit(str(e))
 
 
 def _option_kwargs(args, mode):
     return dict(mode=mode, block_size=args.block_size, beta=args.beta, slot0=args.slot0,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                max_new_tokens=args.max_new_tokens, allow_untrained_block_size=args.allow_untrained_block_size)
+                max_new_tokens=args.max_new_tokens, allow_untrained_block_size=args.allow_untrained_block_size,
+                groups=parse_groups(args.groups), head=args.head or "selective", cache_dtype=args.cache_dtype)
 
 
 def _common(args):
     from tidar_jax.decode.api import _DEFAULT
 
-    return dict(seed=args.seed, eos_token_id=_DEFAULT if args.eos_token_id is None else args.eos_token_id)
+    eos = _DEFAULT if args.eos_token_id is None else parse_ids(args.eos_token_id, "--eos-token-id")
+    stop = list(args.stop or []) + [parse_ids(t, "--stop-ids") for t in args.stop_ids or []]
+    return dict(seed=args.seed, eos_token_id=eos, stop=stop or None)
 
 
 def _fmt_stats(stats) -> str:
     hist = " ".join(f"{k}:{c}" for k, c in stats["accepted_length_hist"].items())
-    return (f"[{stats['mode']} B={stats['block_size']}] {stats['new_tokens'][0]} tokens, NFE {stats['nfe']}, "
+    groups = "" if stats["mode"] == "ar" or stats["groups"] == list(range(1, stats["block_size"] + 1)) else \
+        f" groups={','.join(map(str, stats['groups']))}"
+    return (f"[{stats['mode']} B={stats['block_size']}{groups}] {stats['new_tokens'][0]} tokens, NFE {stats['nfe']}, "
             f"T/NFE {stats['tokens_per_nfe']:.2f}, {stats['tokens_per_s']:.1f} tok/s, wall {stats['wall_s']:.3f}s "
             f"(compile {stats['compile_s']:.1f}s), accepted-length histogram {hist}")
 
@@ -138,6 +221,7 @@ def main(argv=None) -> int:
     if args.mode not in ("tidar", "ar"):
         raise SystemExit(f"--mode={args.mode!r}: must be tidar or ar")
     text, ids = read_prompt(args)
+    apply_recommendation(args)
     dec = load_decoder(args)
     from tidar_jax.decode import DecodeError
 

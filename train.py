@@ -13,15 +13,55 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a TiDAR model (or an AR baseline) on a sharded mesh.")
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset (default: configs/tiny.yaml)")
-    p.add_argument("--run-dir", required=True, help="checkpoints, TensorBoard events and the resolved config go here")
+    p.add_argument("--run-dir", default=None,
+                   help="checkpoints, TensorBoard events and the resolved config go here (required unless --plan)")
     p.add_argument("--steps", type=int, default=None, help="total training steps (overrides train.steps)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="compile the train step on abstract inputs over fake CPU devices; print per-device memory "
+                        "and FLOPs, and exit (no weights, no data)")
+    p.add_argument("--plan-devices", type=int, default=8, help="fake devices for --plan (default 8)")
+    p.add_argument("--json", action="store_true", help="with --plan: print the figures as JSON")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.seq_len=256")
     return p
 
 
+def _fake_cpu_devices(n: int) -> None:
+    """N CPU devices for --plan; must run before jax initialises its backends."""
+    import os
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def _plan(cfg, args) -> int:
+    import json
+
+    from tidar_jax.config import ConfigError
+    from tidar_jax.sharding import ShardingError
+    from tidar_jax.train.plan import format_plan, json_summary, run_plan, to_builtin
+
+    try:
+        result = run_plan(cfg, args.plan_devices)
+    except (ConfigError, ShardingError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(to_builtin(json_summary(result)), indent=2) if args.json else format_plan(result), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.plan:
+        if args.plan_devices < 1:
+            raise SystemExit(f"error: --plan-devices={args.plan_devices}: must be >= 1")
+        _fake_cpu_devices(args.plan_devices)
+    elif args.run_dir is None and not args.print_config:
+        raise SystemExit("error: --run-dir is required (unless --plan or --print-config)")
     from tidar_jax.config import ConfigError
     from tidar_jax.train.config import dump_yaml, load_config
 
@@ -35,6 +75,8 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    if args.plan:
+        return _plan(cfg, args)
 
     from tidar_jax.data import DataError
     from tidar_jax.train.loop import Preempted, TrainingDiverged, train

@@ -494,7 +494,7 @@ def section_trained_speedup(ctx, deadline: Deadline) -> dict:
     steps, t_train, eval_s = 0, time.perf_counter(), 0.0
     next_eval = train_s / 6  # a held-out curve (6 points) shows when the model starts to overfit the corpus
     while steps < sizes.train_max_steps:
-        state, metrics = compiled(state, batch())
+        state, metrics = compiled(state, batch(), None)
         steps += 1
         pending.append((steps, metrics["loss"]))
         if steps % 20 == 0 or steps == sizes.train_max_steps:
@@ -1013,7 +1013,7 @@ def section_train_throughput(ctx, deadline: Deadline) -> dict:
 
     def call(key):
         m = meta[key]
-        m["state"][0], metrics = compiled[key](m["state"][0], m["batch"])
+        m["state"][0], metrics = compiled[key](m["state"][0], m["batch"], None)
         return metrics
 
     times: dict = {}

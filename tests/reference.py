@@ -55,3 +55,32 @@ def prefill_mask_ref(L, P, B):
             else:
                 out[q][k] = (k < L) or k >= P
     return out, positions
+
+
+def decode_step_mask_groups_ref(B, counts):
+    """[Q][Q] bools among a pruned step's tokens: drafts 0..B-1, then one group of B masks per covered count k
+    (slot t at position L+k+t) that sees drafts 0..k-1 and its own group."""
+    rows = [("d", 0, t) for t in range(B)] + [("g", k, t) for k in counts for t in range(B)]
+    out = []
+    for kind_q, k_q, t_q in rows:
+        line = []
+        for kind_k, k_k, t_k in rows:
+            if kind_q == "d":
+                line.append(kind_k == "d" and t_k <= t_q)
+            else:
+                line.append((kind_k == "d" and t_k < k_q) or (kind_k == "g" and k_k == k_q))
+        out.append(line)
+    positions = [t for t in range(B)] + [k + t for k in counts for t in range(B)]
+    return out, positions
+
+
+def next_drafts_ref(k, B, counts, drafts, group_argmax, verifier_token):
+    """Next drafts after accepting k: group k's argmax (slot 0 = verifier token) when k is covered; otherwise the
+    verifier token, then the later slots of the nearest lower covered group j (the current drafts when none),
+    the slot for position L+k+t being j's slot k-j+t, clamped to B-1. ``group_argmax[k]`` = group k's argmaxes."""
+    lower = [c for c in counts if c <= k]
+    j = max(lower) if lower else 0
+    src = group_argmax[j] if j else drafts
+    nxt = [src[min(k - j + t, B - 1)] for t in range(B)]
+    nxt[0] = verifier_token
+    return nxt

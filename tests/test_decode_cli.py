@@ -89,3 +89,29 @@ def test_missing_checkpoint_exits_nonzero_without_traceback(tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_size_flags(checkpoint, capsys, tmp_path):
+    """--recommendation (block size + groups), --head, --dtype, --eos-token-id list, --stop-ids, --mesh."""
+    rec = tmp_path / "rec.json"
+    rec.write_text(json.dumps({"recommendation": {"best_block_size": 4, "best_groups": [1, 2], "head": "one_pass"}}))
+    assert decode.main(["--checkpoint", checkpoint, "--prompt", "the cat", "--max-new-tokens", "12", "--json",
+                        "--compare", "--recommendation", str(rec), "--dtype", "float32", "--eos-token-id", "-1",
+                        "--stop-ids", "1,2,3", "--mesh", "data=1,fsdp=1,tensor=8"]) == 0
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert obj["stats"]["groups"] == [1, 2] and obj["stats"]["head"] == "one_pass"
+    assert obj["stats"]["block_size"] == 4 and obj["compare"]["identical"] is True
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompt", "x", "--mesh", "data=3"], "--mesh='data=3'"),
+    (["--prompt", "x", "--mesh", "rows=2"], "--mesh='rows=2'"),
+    (["--prompt", "x", "--groups", "9"], "groups=9"),
+    (["--prompt", "x", "--eos-token-id", "1,x"], "--eos-token-id"),
+    (["--prompt", "x", "--recommendation", "/nonexistent.json"], "--recommendation"),
+])
+def test_real_size_bad_input(checkpoint, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--checkpoint", checkpoint] + argv)
+    assert needle in str(e.value.code) and "\n" not in str(e.value.code)

@@ -167,8 +167,8 @@ def test_sharded_forward_equals_single_device():
     mesh = make_mesh(2, 2, 2)
     graphdef, sharded = create_sharded(cfg, mesh, seed=3)
     # parameters really are distributed
-    q = sharded["layers"][0]["attn"]["q_proj"][...]
-    assert len({d for d in q.sharding.device_set}) == 8 and q.sharding.spec[0] == "fsdp"
+    q = sharded["layers"]["attn"]["q_proj"][...]  # stacked: [layers, embed, heads, head_dim]
+    assert len({d for d in q.sharding.device_set}) == 8 and q.sharding.spec[1] == "fsdp"
     single = jax.device_put(sharded, jax.devices()[0])
     S, B, N = 8, 4, 4
     tokens = jax.random.randint(jax.random.key(0), (N, S), 0, VOCAB - 1)

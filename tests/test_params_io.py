@@ -26,8 +26,8 @@ def test_save_load_roundtrip_single_device_and_mesh(tmp_path):
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         if mesh is not None:
-            q = restored["layers"][0]["attn"]["q_proj"][...]
-            assert q.sharding.spec[0] == "fsdp" and len(q.sharding.device_set) == 8
+            q = restored["layers"]["attn"]["q_proj"][...]  # stacked: [layers, embed, heads, head_dim]
+            assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
     bundle = load_for_inference(path)
     assert bundle.trained_block_size == 4 and bundle.config == cfg
 

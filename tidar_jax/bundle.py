@@ -16,5 +16,6 @@ class InferenceBundle:
     tokenizer: Any = None  # tokenizers.Tokenizer or None
     trained_block_size: int | None = None  # block size the checkpoint was trained with (None = unknown)
     eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] | None = None  # every EOS id recorded (generation_config.json may list several)
     source: str = ""  # where it was loaded from
     step: int | None = None

@@ -88,9 +88,17 @@ def restore_params(params_path: str, cfg: ModelConfig, mesh=None):
     """Restore a pure-dict params tree saved by orbax into an ``nnx.State`` (sharded on ``mesh`` if given)."""
     import orbax.checkpoint as ocp
 
+    from tidar_jax.layer_layout import holds_unrolled_layers, plain_tree, stack_unrolled, unrolled_target
+
     graphdef, abstract, target_pure = restore_target(cfg, mesh)
+    path = os.path.abspath(params_path)
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.abspath(params_path), target_pure)
+        meta = ckptr.metadata(path)
+        meta = plain_tree(getattr(meta, "item_metadata", meta))
+        if holds_unrolled_layers(meta):  # written before the layer stack was scanned
+            restored = stack_unrolled(ckptr.restore(path, unrolled_target(target_pure, meta)), target_pure)
+        else:
+            restored = ckptr.restore(path, target_pure)
     return graphdef, state_from_pure(abstract, restored)
 
 

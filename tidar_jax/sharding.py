@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -41,12 +43,18 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_spec(logical_axes, shape=None, mesh: Mesh | None = None, rules=None) -> P:
+class ShardingError(ValueError):
+    """A mesh axis does not divide the dimension the rules table maps it to (strict mode); one line names both."""
+
+
+def logical_to_spec(logical_axes, shape=None, mesh: Mesh | None = None, rules=None, strict: bool = False,
+                    what: str = "tensor") -> P:
     """PartitionSpec for a tensor with the given logical axis names.
 
-    When ``shape`` and ``mesh`` are given, a mesh axis that does not divide the dimension (or is already used by an
-    earlier dimension) is dropped, so small models (e.g. 2 kv heads on a 4-way tensor axis) replicate instead of
-    failing.
+    When ``shape`` and ``mesh`` are given, a mesh axis that does not divide the dimension is dropped (not strict),
+    so small models (e.g. 2 kv heads on a 4-way tensor axis) replicate instead of failing; with ``strict`` it is a
+    ``ShardingError`` naming the tensor (``what``), the dimension and the mesh axis. A mesh axis already used by an
+    earlier dimension is always skipped (e.g. ``embed`` -> fsdp after ``batch`` took it), never an error.
     """
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     spec, used = [], set()
@@ -62,6 +70,11 @@ def logical_to_spec(logical_axes, shape=None, mesh: Mesh | None = None, rules=No
             if mesh is not None and shape is not None:
                 size = mesh.shape[axis] * math.prod(mesh.shape[a] for a in kept)
                 if shape[dim] % size:
+                    if strict:
+                        raise ShardingError(
+                            f"{what}: dimension {dim} ({name}) of size {shape[dim]} is not divisible by mesh axis "
+                            f"{axis!r} (size {mesh.shape[axis]}{', after ' + repr(kept) if kept else ''}); change "
+                            f"the mesh or set mesh.strict=false to replicate it")
                     continue
             kept.append(axis)
         used.update(kept)
@@ -69,22 +82,59 @@ def logical_to_spec(logical_axes, shape=None, mesh: Mesh | None = None, rules=No
     return P(*spec)
 
 
-def logical_sharding(logical_axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+def logical_sharding(logical_axes, shape, mesh: Mesh, rules=None, strict: bool = False,
+                     what: str = "tensor") -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules, strict, what))
 
 
-def state_shardings(state, mesh: Mesh, rules=None):
+def state_shardings(state, mesh: Mesh, rules=None, strict: bool = False):
     """NamedShardings for an ``nnx.State`` whose Variables carry ``logical_axes`` metadata (scalars replicate)."""
     from flax import nnx
 
-    def one(var):
+    def one(path, var):
         value = var.get_value() if isinstance(var, nnx.Variable) else var
         axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
         if axes is None or getattr(value, "ndim", 0) == 0:
             return NamedSharding(mesh, P())
-        return logical_sharding(axes, value.shape, mesh, rules)
+        what = "parameter " + ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        return logical_sharding(axes, value.shape, mesh, rules, strict, what)
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_spec(mesh: Mesh | None = None, shape=None, strict: bool = False) -> P:
+    """The spec of a ``[batch, length]`` token array, from the rules table."""
+    return logical_to_spec(("batch", "length"), shape, mesh, strict=strict, what="batch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation sharding: constraints at block boundaries, active only inside ``activation_mesh(mesh)``
+# ----------------------------------------------------------------------------------------------------------------
+
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("tidar_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None, strict: bool = False):
+    """While tracing inside this context, ``constrain`` pins activations to ``mesh`` by the rules table.
+
+    Outside it (single-device tests, decode) ``constrain`` is the identity, so model code needs no mesh argument.
+    """
+    token = _ACTIVATION_MESH.set(None if mesh is None else (mesh, strict))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x, logical_axes, what: str = "activation"):
+    """``with_sharding_constraint`` of ``x`` by its logical axis names, under the active ``activation_mesh``."""
+    active = _ACTIVATION_MESH.get()
+    if active is None:
+        return x
+    mesh, strict = active
+    spec = logical_to_spec(logical_axes, x.shape, mesh, strict=strict, what=what)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

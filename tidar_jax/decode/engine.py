@@ -26,10 +26,24 @@ from flax import nnx
 
 from tidar_jax import masks
 from tidar_jax.decode import kv as kvops
+from tidar_jax.decode import layout
 from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf, verifier_probs
 from tidar_jax.model import KVCache
+from tidar_jax.model.cache_attention import CacheLayout
+
+
+class Stops(NamedTuple):
+    """Runtime stop criteria (runtime values: changing them does not recompile, only their capacity does).
+
+    eos_E: EOS ids, padded with -1 (never a token). stop_SW: stop token sequences right-aligned in a window of W
+    tokens, left-padded with -1 (a wildcard); stop_len_S: each sequence's length (0 = unused slot).
+    """
+
+    eos_E: jax.Array
+    stop_SW: jax.Array
+    stop_len_S: jax.Array
 
 
 class DecodeState(NamedTuple):
@@ -42,7 +56,62 @@ class DecodeState(NamedTuple):
     nfe_N: jax.Array  # forwards while the row was active (prefill included)
     accept_hist_K: jax.Array  # [B+1]: how many active row-steps accepted k drafts
     steps: jax.Array  # decode steps run (NFE = steps + 1)
-    eos_token: jax.Array  # scalar; -1 = no EOS (a runtime value so that changing it does not recompile)
+    stops: Stops
+
+
+class GenerateOutput(NamedTuple):
+    """What ``generate`` brings back to the host: tokens and statistics, never the KV cache."""
+
+    out_NM: jax.Array
+    n_out_N: jax.Array
+    nfe_N: jax.Array
+    accept_hist_K: jax.Array
+    steps: jax.Array
+
+
+def output_of(state: DecodeState) -> GenerateOutput:
+    return GenerateOutput(state.out_NM, state.n_out_N, state.nfe_N, state.accept_hist_K, state.steps)
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def empty_cache(cfg, opts: DecodeOptions, batch: int, cache_size: int, mesh=None) -> KVCache:
+    """The fixed-size cache in ``opts.cache_dtype``; on a mesh, sharded over batch and kv heads by the rules."""
+    dtype = jnp.dtype(opts.cache_dtype or cfg.dtype)
+    cache = KVCache.empty(cfg, batch, cache_size, dtype)
+    return constrain_cache(cache, mesh)
+
+
+def constrain_state(state: DecodeState, mesh) -> DecodeState:
+    """One fixed layout for the state between steps (per-row arrays over batch, the rest replicated), so that
+    the prefill's output, a step's input and a step's output agree and the donated step never reshards."""
+    if mesh is None:
+        return state
+    from tidar_jax.sharding import logical_sharding, replicated
+
+    def rows(x):
+        return jax.lax.with_sharding_constraint(x, logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape,
+                                                                    mesh))
+
+    def rep(x):
+        return jax.lax.with_sharding_constraint(x, replicated(mesh))
+
+    return state._replace(
+        cache=constrain_cache(state.cache, mesh), pending_NB=rows(state.pending_NB), out_NM=rows(state.out_NM),
+        n_out_N=rows(state.n_out_N), done_N=rows(state.done_N), nfe_N=rows(state.nfe_N), key=rep(state.key),
+        accept_hist_K=rep(state.accept_hist_K), steps=rep(state.steps), stops=jax.tree.map(rep, state.stops))
+
+
+def constrain_cache(cache: KVCache, mesh) -> KVCache:
+    if mesh is None:
+        return cache
+    from tidar_jax.sharding import logical_sharding
+
+    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LBCKD.shape, mesh)
+    len_sharding = logical_sharding(("batch",), cache.length_B.shape, mesh)
+    wsc = jax.lax.with_sharding_constraint
+    return KVCache(wsc(cache.k_LBCKD, kv_sharding), wsc(cache.v_LBCKD, kv_sharding), wsc(cache.length_B, len_sharding))
 
 
 def output_len(opts: DecodeOptions) -> int:
@@ -61,28 +130,49 @@ def _next_token(logits_NV, opts: DecodeOptions, u_N):
     return sample_inverse_cdf(verifier_probs(logits_NV, opts.temperature, opts.top_k, opts.top_p), u_N)
 
 
+def _stop_hits(out_NM, n_out_N, count_N, t: int, stops: Stops):
+    """``[N, T]``: does the output ending at emitted token j (j < count) end with one of the stop sequences?"""
+    w = stops.stop_SW.shape[1]
+    m = out_NM.shape[1]
+    j_T = jnp.arange(t)
+    idx_NTW = n_out_N[:, None, None] + j_T[None, :, None] - (w - 1) + jnp.arange(w)[None, None, :]
+    # before the first generated token: -2 matches no token and no wildcard-free position
+    win_NTW = jnp.where(idx_NTW >= 0, jnp.take_along_axis(out_NM[:, None, :], jnp.clip(idx_NTW, 0, m - 1),
+                                                          axis=2), -2)
+    eq_NTSW = (stops.stop_SW[None, None] == -1) | (win_NTW[:, :, None, :] == stops.stop_SW[None, None])
+    match_NTS = jnp.all(eq_NTSW, axis=-1) & (stops.stop_len_S > 0)[None, None]
+    return jnp.any(match_NTS, axis=-1)
+
+
 def emit(state: DecodeState, chunk_NT, count_N, opts: DecodeOptions):
-    """Append the first ``count`` tokens of ``chunk`` to each active row; cut at max_new_tokens and after EOS."""
-    m = state.out_NM.shape[1]
-    j_T = jnp.arange(chunk_NT.shape[1])
+    """Append the first ``count`` tokens of ``chunk`` to each active row; cut at max_new_tokens and just after the
+    first EOS id or completed stop sequence (both kept)."""
+    n, m = state.out_NM.shape
+    t = chunk_NT.shape[1]
+    j_T = jnp.arange(t)
     count_N = jnp.where(state.done_N, 0, jnp.minimum(count_N, opts.max_new_tokens - state.n_out_N)).astype(jnp.int32)
-    is_eos_NT = (chunk_NT == state.eos_token) & (j_T[None] < count_N[:, None])
-    eos_hit_N = jnp.any(is_eos_NT, axis=1)
-    count_N = jnp.where(eos_hit_N, jnp.argmax(is_eos_NT, axis=1) + 1, count_N).astype(jnp.int32)
-    cols_NT = jnp.where(j_T[None] < count_N[:, None], state.n_out_N[:, None] + j_T[None], m)
-    out_NM = state.out_NM.at[jnp.arange(chunk_NT.shape[0])[:, None], cols_NT].set(chunk_NT, mode="drop")
+    valid_NT = j_T[None] < count_N[:, None]
+    cols_NT = jnp.where(valid_NT, state.n_out_N[:, None] + j_T[None], m)
+    # write the whole chunk first (positions past a stop are beyond n_out, i.e. meaningless), then cut
+    out_NM = state.out_NM.at[jnp.arange(n)[:, None], cols_NT].set(chunk_NT, mode="drop")
+    hit_NT = jnp.any(chunk_NT[:, :, None] == state.stops.eos_E[None, None], axis=-1)
+    if state.stops.stop_SW.shape[0]:
+        hit_NT = hit_NT | _stop_hits(out_NM, state.n_out_N, count_N, t, state.stops)
+    hit_NT = hit_NT & valid_NT
+    stop_hit_N = jnp.any(hit_NT, axis=1)
+    count_N = jnp.where(stop_hit_N, jnp.argmax(hit_NT, axis=1) + 1, count_N).astype(jnp.int32)
     n_out_N = state.n_out_N + count_N
-    done_N = state.done_N | eos_hit_N | (n_out_N >= opts.max_new_tokens)
+    done_N = state.done_N | stop_hit_N | (n_out_N >= opts.max_new_tokens)
     return state._replace(out_NM=out_NM, n_out_N=n_out_N, done_N=done_N)
 
 
-def _initial_state(cache, pending_NB, key, eos_token, opts: DecodeOptions) -> DecodeState:
+def _initial_state(cache, pending_NB, key, stops: Stops, opts: DecodeOptions) -> DecodeState:
     n = pending_NB.shape[0]
     return DecodeState(
         cache=cache, pending_NB=pending_NB, out_NM=jnp.zeros((n, output_len(opts)), jnp.int32),
         n_out_N=jnp.zeros((n,), jnp.int32), done_N=jnp.zeros((n,), bool), key=key,
         nfe_N=jnp.ones((n,), jnp.int32), accept_hist_K=jnp.zeros((opts.draft_len + 1,), jnp.int32),
-        steps=jnp.zeros((), jnp.int32), eos_token=jnp.asarray(eos_token, jnp.int32))
+        steps=jnp.zeros((), jnp.int32), stops=stops)
 
 
 def _gather_rows(x_NTD, idx_NS):
@@ -94,7 +184,7 @@ def _gather_rows(x_NTD, idx_NS):
 # ----------------------------------------------------------------------------------------------------------------
 
 def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_len_N, key,
-                  eos_token) -> DecodeState:
+                  stops: Stops, mesh=None) -> DecodeState:
     """One forward over [prompt | B masks]: prompt K/V into the cache, first drafts from the masks."""
     cfg = model.cfg
     n, p = prompt_NP.shape
@@ -103,7 +193,7 @@ def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt
     positions_NT = masks.prefill_positions(prompt_len_N, p, b)
     layout = masks.prefill_layout(prompt_len_N, p, b)
     hidden_NTD, step_kv = model.hidden(tokens_NT, positions_NT, layout)
-    cache = kvops.prefill_cache(KVCache.empty(cfg, n, cache_size), step_kv, prompt_len_N, p)
+    cache = kvops.prefill_cache(empty_cache(cfg, opts, n, cache_size, mesh), step_kv, prompt_len_N, p)
     diff_NBV = model.logits(hidden_NTD[:, p:])
     drafts_NB = greedy_token(diff_NBV)
     key, sub = jax.random.split(key)
@@ -114,38 +204,13 @@ def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt
             verifier_NV = opts.beta * verifier_NV + (1.0 - opts.beta) * diff_NBV[:, 0]
         d0_N = _next_token(verifier_NV, opts, jax.random.uniform(sub, (n,), verifier_NV.dtype))
         drafts_NB = drafts_NB.at[:, 0].set(d0_N)
-    state = _initial_state(cache, drafts_NB, key, eos_token, opts)
+    state = _initial_state(cache, drafts_NB, key, stops, opts)
     return emit(state, drafts_NB[:, :1], jnp.ones((n,), jnp.int32), opts)
 
 
-def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
-    """One forward over [d_0..d_{B-1} | G_1..G_B]; verify, commit accepted drafts' K/V, pick group k's drafts."""
-    cfg = model.cfg
-    cache, drafts_NB = state.cache, state.pending_NB
+def _verify(opts: DecodeOptions, drafts_NB, verifier_NBV, key):
+    key, k_acc, k_tok = jax.random.split(key, 3)
     n, b = drafts_NB.shape
-    length_N = cache.length_B
-    active_N = ~state.done_N
-    tokens_NQ = jnp.concatenate([drafts_NB, jnp.full((n, b * b), cfg.mask_token_id, drafts_NB.dtype)], axis=1)
-    positions_NQ = masks.decode_positions(length_N, b)
-    layout = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2])
-    hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, layout, cache)
-
-    # LM head only where needed: the B draft rows (+ each group's slot 0 when beta < 1), then group k.
-    if opts.full_logits:  # the straightforward way (benchmark baseline): logits and argmax at every position
-        all_NQV = model.logits(hidden_NQD)
-        argmax_NQ = greedy_token(all_NQV)
-        head = lambda idx_NS: _gather_rows(all_NQV, idx_NS)  # noqa: E731
-        group_argmax = lambda idx_NS: jnp.take_along_axis(argmax_NQ, idx_NS, axis=1)  # noqa: E731
-    else:
-        head = lambda idx_NS: model.logits(_gather_rows(hidden_NQD, idx_NS))  # noqa: E731
-        group_argmax = lambda idx_NS: greedy_token(head(idx_NS))  # noqa: E731
-    draft_idx_NB = jnp.broadcast_to(jnp.arange(b)[None], (n, b))
-    verifier_NBV = head(draft_idx_NB)  # AR logits at draft i predict position L+i+1
-    if opts.beta != 1.0:
-        diff0_NBV = head(draft_idx_NB * b + b)  # group j+1 slot 0 sits at index (j+1)*B, position L+j+1
-        verifier_NBV = opts.beta * verifier_NBV + (1.0 - opts.beta) * diff0_NBV
-
-    key, k_acc, k_tok = jax.random.split(state.key, 3)
     if opts.greedy:
         accepted_N, token_N = greedy_accept(drafts_NB, verifier_NBV)
     else:
@@ -153,10 +218,58 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
         u_acc_NM = jax.random.uniform(k_acc, (n, b - 1), probs_NBV.dtype)
         u_tok_N = jax.random.uniform(k_tok, (n,), probs_NBV.dtype)
         accepted_N, token_N = sampled_accept(drafts_NB, probs_NBV, u_acc_NM, u_tok_N)
+    return key, accepted_N, token_N
 
-    next_NB = group_argmax(accepted_N[:, None] * b + jnp.arange(b)[None])
-    if opts.slot0 == "verifier" or not opts.greedy:
-        next_NB = next_NB.at[:, 0].set(token_N)
+
+def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
+    """One forward over [d_0..d_{B-1} | G_k for each covered count k]; verify, commit the accepted drafts' K/V,
+    pick the next drafts (group k's, or the verifier token + the nearest lower group's later slots)."""
+    cfg = model.cfg
+    cache, drafts_NB = state.cache, state.pending_NB
+    n, b = drafts_NB.shape
+    counts = opts.group_counts
+    n_groups = len(counts)
+    length_N = cache.length_B
+    active_N = ~state.done_N
+    tokens_NQ = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
+                                axis=1)
+    positions_NQ = layout.step_positions(length_N, b, counts)
+    if opts.cache_attention == "paged":
+        local_QQ = jnp.asarray(layout.step_local_mask(b, counts))
+        mask_NQS = CacheLayout(length_N, jnp.broadcast_to(local_QQ[None], (n,) + local_QQ.shape), opts.cache_page)
+    elif opts.groups is None:  # every group: the attention interface's decode layout
+        mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2])
+    else:  # pruned groups: a dense mask (reference kernel)
+        mask_NQS = layout.step_mask(length_N, b, counts, cache.k_LBCKD.shape[2])
+    hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
+
+    # Group slot-0 rows that mix into the verifier when beta < 1: verifier i (position L+i+1) mixes with group
+    # k = i+1's slot 0 when that count is covered (uncovered: AR alone).
+    mix_rows_B = [b + counts.index(i + 1) * b if (i + 1) in counts else 0 for i in range(b)]
+    mix_ok_B = jnp.asarray([(i + 1) in counts for i in range(b)])
+    draft_idx_NB = jnp.broadcast_to(jnp.arange(b)[None], (n, b))
+    if opts.head == "one_pass":  # one pass over every row: head weights read once, B + G*B rows computed
+        all_NQV = model.logits(hidden_NQD)
+        verifier_NBV = all_NQV[:, :b]
+        diff0_NBV = all_NQV[:, jnp.asarray(mix_rows_B)] if opts.beta != 1.0 else None
+        group_argmax_NGB = greedy_token(all_NQV[:, b:]).reshape(n, n_groups, b)
+        group_argmax = lambda g_N: jnp.take_along_axis(  # noqa: E731
+            group_argmax_NGB, jnp.maximum(g_N - 1, 0)[:, None, None], axis=1)[:, 0]
+    else:  # selective: dependent passes, only the rows that are needed
+        head = lambda idx_NS: model.logits(_gather_rows(hidden_NQD, idx_NS))  # noqa: E731
+        verifier_NBV = head(draft_idx_NB)  # AR logits at draft i predict position L+i+1
+        diff0_NBV = head(jnp.broadcast_to(jnp.asarray(mix_rows_B)[None], (n, b))) if opts.beta != 1.0 else None
+        group_argmax = lambda g_N: greedy_token(  # noqa: E731
+            head(b * jnp.maximum(g_N, 1)[:, None] + jnp.arange(b)[None]))
+    if opts.beta != 1.0:
+        mixed_NBV = opts.beta * verifier_NBV + (1.0 - opts.beta) * diff0_NBV
+        verifier_NBV = jnp.where(mix_ok_B[None, :, None], mixed_NBV, verifier_NBV)
+
+    key, accepted_N, token_N = _verify(opts, drafts_NB, verifier_NBV, state.key)
+
+    group_N, shift_N = layout.next_draft_source(accepted_N, b, counts)
+    source_NB = jnp.where((group_N > 0)[:, None], group_argmax(group_N), drafts_NB)
+    next_NB = layout.next_drafts(source_NB, shift_N, token_N, opts.slot0 == "verifier" or not opts.greedy)
 
     # Commit: drafts' K/V go to slots L..L+B-1; only the accepted k become visible. Mask K/V is never written.
     cache = kvops.write_tokens(cache, step_kv, b, length_N)
@@ -178,17 +291,17 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
 # ----------------------------------------------------------------------------------------------------------------
 
 def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_len_N, key,
-               eos_token) -> DecodeState:
+               stops: Stops, mesh=None) -> DecodeState:
     cfg = model.cfg
     n, p = prompt_NP.shape
     positions_NP = masks.prefill_positions(prompt_len_N, p, 0)
     layout = masks.prefill_layout(prompt_len_N, p, 0)
     hidden_NPD, step_kv = model.hidden(prompt_NP, positions_NP, layout)
-    cache = kvops.prefill_cache(KVCache.empty(cfg, n, cache_size), step_kv, prompt_len_N, p)
+    cache = kvops.prefill_cache(empty_cache(cfg, opts, n, cache_size, mesh), step_kv, prompt_len_N, p)
     logits_NV = model.logits(_gather_rows(hidden_NPD, (prompt_len_N - 1)[:, None]))[:, 0]
     key, sub = jax.random.split(key)
     token_N = _next_token(logits_NV, opts, jax.random.uniform(sub, (n,), logits_NV.dtype))
-    state = _initial_state(cache, token_N[:, None], key, eos_token, opts)
+    state = _initial_state(cache, token_N[:, None], key, stops, opts)
     return emit(state, token_N[:, None], jnp.ones((n,), jnp.int32), opts)
 
 
@@ -197,9 +310,11 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n = token_N1.shape[0]
     length_N = cache.length_B
     active_N = ~state.done_N
-    # the AR step is a decode step with one draft and no mask groups: [cache < L | itself]
-    layout = masks.decode_attention_layout(length_N, 1, cache.k_LBCKD.shape[2], groups=False)
-    hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], layout, cache)
+    if opts.cache_attention == "paged":
+        mask_N1S = CacheLayout(length_N, jnp.ones((n, 1, 1), bool), opts.cache_page)
+    else:  # the AR step is a decode step with one draft and no mask groups: [cache < L | itself]
+        mask_N1S = masks.decode_attention_layout(length_N, 1, cache.k_LBCKD.shape[2], groups=False)
+    hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1D)[:, 0]
     key, sub = jax.random.split(state.key)
     next_N = _next_token(logits_NV, opts, jax.random.uniform(sub, (n,), logits_NV.dtype))
@@ -213,25 +328,27 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure entry points (jit these with graphdef/opts/cache_size bound by functools.partial)
+# Pure entry points (jit these with graphdef/opts/cache_size/mesh bound by functools.partial)
 # ----------------------------------------------------------------------------------------------------------------
 
 def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,
-            eos_token) -> DecodeState:
+            stops: Stops, mesh=None) -> DecodeState:
     model = nnx.merge(graphdef, params)
     fn = tidar_prefill if opts.mode == "tidar" else ar_prefill
-    return fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, eos_token)
+    return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
 
 
-def step(graphdef, opts: DecodeOptions, params, state: DecodeState) -> DecodeState:
+def step(graphdef, opts: DecodeOptions, params, state: DecodeState, mesh=None) -> DecodeState:
     model = nnx.merge(graphdef, params)
     fn = tidar_step if opts.mode == "tidar" else ar_step
-    return fn(model, opts, state)
+    return constrain_state(fn(model, opts, state), mesh)
 
 
 def generate_loop(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,
-                  eos_token):
-    """The whole generation: prefill, then ``while_loop`` over steps until every row is done."""
-    state = prefill(graphdef, opts, cache_size, params, prompt_NP, prompt_len_N, key, eos_token)
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done_N), lambda s: step(graphdef, opts, params, s), state)
-    return state
+                  stops: Stops, mesh=None) -> GenerateOutput:
+    """The whole generation: prefill, then ``while_loop`` over steps until every row is done. Only tokens and
+    statistics leave the program; the cache lives and dies on the device."""
+    state = prefill(graphdef, opts, cache_size, params, prompt_NP, prompt_len_N, key, stops, mesh)
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done_N),
+                               lambda s: step(graphdef, opts, params, s, mesh), state)
+    return output_of(state)

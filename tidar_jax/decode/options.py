@@ -6,6 +6,9 @@ import dataclasses
 
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
+HEADS = ("selective", "one_pass")
+CACHE_ATTENTION = ("paged", "dense")
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class DecodeError(ValueError):
@@ -24,9 +27,19 @@ class DecodeOptions:
         as in the authors' code). Sampling (temperature > 0) always uses "verifier" (exact speculative sampling).
     temperature: 0 = greedy; > 0 samples from the processed verifier distribution.
     top_k: 0 = off. top_p: 1.0 = off.
-    max_new_tokens: exact cap on generated tokens per row. (The EOS id is a runtime argument, not an option, so
-        changing it does not recompile.)
-    full_logits: compute LM-head logits at all B(B+1) step tokens (only for measuring the selective-head saving).
+    max_new_tokens: exact cap on generated tokens per row. (EOS ids and stop sequences are runtime arguments,
+        not options, so changing them does not recompile.)
+    head: LM-head strategy of a TiDAR step. "selective": dependent passes (the B draft rows, then the B rows of
+        the chosen group; reads the head weights two or three times but computes 2B-3B rows); "one_pass": one pass
+        over the draft rows and every group's rows (reads the head weights once, computes B + G*B rows).
+    groups: the accepted counts k in 1..B whose mask group is drafted in a step (sorted, unique); None = all B.
+        For an uncovered count the next drafts are the exact verifier token followed by the later slots of the
+        nearest lower covered group (group 0 = the current drafts). Verification is unchanged, so lossless mode
+        stays lossless for every choice.
+    cache_dtype: KV-cache dtype; None = the compute dtype.
+    cache_attention: how a step attends to the cache: "paged" (``model.cache_attention``: pages of
+        ``cache_page`` slots up to the longest live row, no per-layer copy of the cache) or "dense" (concatenate
+        the whole allocated cache with the step's keys under a dense mask; the reference path).
     """
 
     mode: str = "tidar"
@@ -37,11 +50,20 @@ class DecodeOptions:
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    full_logits: bool = False
+    head: str = "selective"
+    groups: tuple[int, ...] | None = None
+    cache_dtype: str | None = None
+    cache_attention: str = "paged"
+    cache_page: int = 128
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def group_counts(self) -> tuple[int, ...]:
+        """The accepted counts whose group is drafted (1..B when ``groups`` is None)."""
+        return tuple(range(1, self.block_size + 1)) if self.groups is None else self.groups
 
     @property
     def draft_len(self) -> int:
@@ -69,6 +91,19 @@ class DecodeOptions:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
                 or self.max_new_tokens < 1:
             bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        if self.head not in HEADS:
+            bad("head", self.head, "one of " + ", ".join(HEADS))
+        if self.groups is not None:
+            g = self.groups
+            if (not isinstance(g, tuple) or not g or any(not isinstance(x, int) or isinstance(x, bool) for x in g)
+                    or list(g) != sorted(set(g)) or g[0] < 1 or g[-1] > self.block_size):
+                bad("groups", g, f"a non-empty sorted tuple of distinct accepted counts in 1..{self.block_size}")
+        if self.cache_attention not in CACHE_ATTENTION:
+            bad("cache_attention", self.cache_attention, "one of " + ", ".join(CACHE_ATTENTION))
+        if not isinstance(self.cache_page, int) or isinstance(self.cache_page, bool) or self.cache_page < 1:
+            bad("cache_page", self.cache_page, "an integer >= 1")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            bad("cache_dtype", self.cache_dtype, "None (the compute dtype) or one of " + ", ".join(CACHE_DTYPES))
         if self.mode == "tidar" and not self.greedy and self.slot0 != "verifier":
             bad("slot0", self.slot0, "'verifier' when temperature > 0 (exact speculative sampling samples the "
                 "rejection/bonus token from the verifier)")

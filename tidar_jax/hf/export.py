@@ -89,12 +89,14 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
     keys = list(bound_keys(config))
     for k in keys:  # every parameter present with the right shape before anything is written
         try:
-            leaf = get_path(pure, k.our_path)
+            leaf = get_path(pure, k.param_path)
         except (KeyError, TypeError, IndexError):
-            raise HFFormatError(f"params have no {'.'.join(map(str, k.our_path))}, which the config implies") from None
-        if tuple(leaf.shape) != k.our_shape:
-            raise HFFormatError(f"parameter {'.'.join(map(str, k.our_path))} has shape {tuple(leaf.shape)}, the "
-                                f"config implies {k.our_shape}")
+            name = ".".join(map(str, k.param_path))
+            raise HFFormatError(f"params have no {name}, which the config implies") from None
+        want = k.our_shape if k.layer is None else (config.num_layers,) + k.our_shape
+        if tuple(leaf.shape) != want:
+            raise HFFormatError(f"parameter {'.'.join(map(str, k.param_path))} has shape {tuple(leaf.shape)}, the "
+                                f"config implies {want}")
     np_dtype = jnp.dtype(dtype)
     shards = plan_shards(keys, np_dtype.itemsize, max_shard_bytes)
     names = shard_file_names(len(shards))
@@ -111,7 +113,7 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
         for fname, shard in zip(names, shards):
             tensors = {}
             for k in shard:  # gather one tensor at a time; a shard holds at most max_shard_bytes on the host
-                tensors[k.hf_name] = k.to_hf(gather(get_path(pure, k.our_path))).astype(np_dtype, copy=False)
+                tensors[k.hf_name] = k.to_hf(gather(k.get_ours(pure))).astype(np_dtype, copy=False)
                 weight_map[k.hf_name] = fname
                 total += tensors[k.hf_name].nbytes
             if writer:

@@ -87,13 +87,31 @@ KEY_TABLE: tuple[KeyRule, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class BoundKey:
-    """One concrete tensor: a rule with its layer index filled in."""
+    """One concrete tensor: a rule with its layer index filled in.
+
+    ``our_path`` names the tensor (``("layers", i, "attn", "q_proj")``); our parameters keep the layers stacked,
+    so it lives at index ``layer`` of the leading axis of the parameter at ``param_path`` (``our_path`` without
+    the index). Layerless tensors have ``layer=None`` and ``param_path == our_path``.
+    """
 
     rule: KeyRule
     hf_name: str
     our_path: tuple[str | int, ...]
     hf_shape: Shape
     our_shape: Shape
+
+    @property
+    def layer(self) -> int | None:
+        return self.our_path[1] if self.rule.per_layer else None
+
+    @property
+    def param_path(self) -> tuple[str | int, ...]:
+        return self.our_path[:1] + self.our_path[2:] if self.rule.per_layer else self.our_path
+
+    def get_ours(self, params):
+        """This tensor from a (stacked) params tree: the layer's slice of the stacked parameter."""
+        leaf = get_path(params, self.param_path)
+        return leaf if self.layer is None else leaf[self.layer]
 
     def to_ours(self, hf_array: np.ndarray) -> np.ndarray:
         if tuple(hf_array.shape) != self.hf_shape:

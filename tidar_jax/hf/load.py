@@ -14,7 +14,7 @@ from flax import nnx
 from tidar_jax.bundle import InferenceBundle
 from tidar_jax.config import ModelConfig
 from tidar_jax.hf.hf_config import QWEN_MASK_TOKEN_ID, family_of, hf_config_to_model_config
-from tidar_jax.hf.keys import BoundKey, HFFormatError, bound_keys, set_path
+from tidar_jax.hf.keys import KEY_TABLE, BoundKey, HFFormatError, bound_keys, set_path
 from tidar_jax.hf.safetensors_io import TensorReader, tensor_headers, weight_map
 from tidar_jax.model.functional import abstract_model
 from tidar_jax.sharding import state_shardings
@@ -58,6 +58,12 @@ def _first_id(value) -> int | None:
     if isinstance(value, list):
         return int(value[0]) if value else None
     return None if value is None else int(value)
+
+
+def _all_ids(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
 
 
 def token_ids(hf_dir: str, hf: dict) -> dict:
@@ -154,7 +160,8 @@ def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_si
     trained = hf.get("block_size")
     return InferenceBundle(config=cfg, graphdef=graphdef, params=state, tokenizer=tokenizer,
                            trained_block_size=None if trained is None else int(trained),
-                           eos_token_id=_first_id(ids["eos_token_id"]), source=os.path.abspath(path))
+                           eos_token_id=_first_id(ids["eos_token_id"]), eos_token_ids=_all_ids(ids["eos_token_id"]),
+                           source=os.path.abspath(path))
 
 
 def params_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray], mesh=None, *,
@@ -170,12 +177,25 @@ def params_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray
     device = jax.devices()[0]
     param_dtype = jnp.dtype(cfg.param_dtype)
     pure: dict = {}
-    for k in bound_keys(source_cfg or cfg):
+    # rule by rule (all layers of one parameter, then the next), so one stacked host buffer is alive at a time
+    order = {rule: n for n, rule in enumerate(KEY_TABLE)}
+    keys = sorted(bound_keys(source_cfg or cfg), key=lambda k: (order[k.rule], k.layer or 0))
+    stacked = None
+    for k in keys:
         arr = k.to_ours(np.asarray(get_tensor(k.hf_name))).astype(param_dtype, copy=False)
         if grow_vocab_rows and k.hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
             arr = _grow_vocab(arr, grow_vocab_rows, axis=0 if k.our_path == ("embed",) else 1)
-        set_path(pure, k.our_path, _place(arr, k.our_path, shardings, device))
+        if k.layer is None:
+            set_path(pure, k.param_path, _place(arr, k.param_path, shardings, device))
+            del arr
+            continue
+        if k.layer == 0:
+            stacked = np.empty((cfg.num_layers,) + arr.shape, arr.dtype)
+        stacked[k.layer] = arr
         del arr
+        if k.layer == cfg.num_layers - 1:
+            set_path(pure, k.param_path, _place(stacked, k.param_path, shardings, device))
+            stacked = None
     state = nnx.State(abstract)
     nnx.replace_by_pure_dict(state, pure)
     return graphdef, state

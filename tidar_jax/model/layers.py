@@ -5,8 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
+from tidar_jax.model.cache_attention import CacheLayout, cached_attention
 
 
 def _dtype(name: str):
@@ -90,9 +92,10 @@ class Attention(nnx.Module):
         ``mask_BTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
         mask over keys ``[cache | current]`` (attended with the reference kernel)."""
         dt = x_BTD.dtype
-        q = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt))
+        # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
+        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)), "q_proj")
+        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt)), "k_proj")
+        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt)), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -100,13 +103,17 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
+        if isinstance(mask_BTS, CacheLayout):  # live-length paged attention: the cache is read, never copied
+            attn_BTHD = cached_attention(q, k, v, cache_k_BCKD, cache_v_BCKD, mask_BTS.length_B,
+                                         mask_BTS.local_BTT, mask_BTS.page)
+            return jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), k, v
         if cache_k_BCKD is not None:
             keys = jnp.concatenate([cache_k_BCKD.astype(dt), k], axis=1)
             values = jnp.concatenate([cache_v_BCKD.astype(dt), v], axis=1)
         else:
             keys, values = k, v
         attn_BTHD = attention.attend(q, keys, values, mask_BTS, self.cfg.attention)
-        out = jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt))
+        out = checkpoint_name(jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), "o_proj")
         return out, k, v
 
 

@@ -14,6 +14,12 @@ from flax import nnx
 
 from tidar_jax.config import ModelConfig
 from tidar_jax.model.layers import MLP, Attention, RMSNorm, _normal, param, rope_tables
+from tidar_jax.model.remat import policy_name, rematerialize
+from tidar_jax.scan_options import scan_unroll
+from tidar_jax.sharding import constrain
+
+LAYERS_AXIS = "layers"
+ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class KVCache(NamedTuple):
@@ -52,13 +58,32 @@ class DecoderLayer(nnx.Module):
         return x_BTD, k, v
 
 
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One ``DecoderLayer`` whose every parameter has a leading ``layers`` axis (layer i at index i)."""
+    graphdef, first = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.split(lyr)[1] for lyr in layers[1:]])
+
+    def tag(var):
+        var.set_metadata("logical_axes", (LAYERS_AXIS,) + tuple(var.get_metadata()["logical_axes"]))
+        return var
+
+    stacked = jax.tree.map(tag, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
+
+
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, remat: bool = False):
+    """Embedding, ``num_layers`` decoder layers applied by ``lax.scan`` over stacked parameters, final norm, head.
+
+    ``remat``: a policy name of ``tidar_jax.model.remat`` (or the old booleans) applied to each scanned layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, remat: bool | str = False):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
-        self.remat = remat
+        self.remat = policy_name(remat)
         self.embed = param(rngs, _normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        # built one by one (so a seed gives the same weights as the former unrolled stack), then stacked
+        self.layers = stack_layers([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, _normal(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -67,23 +92,28 @@ class Transformer(nnx.Module):
         """Final-normed hidden states ``[B, T, D]`` and the current tokens' K/V (``StepKV``).
 
         ``mask_BTS`` is a ``tidar_jax.masks`` layout or a dense boolean mask over keys ``[cache slots 0..C-1 |
-        current tokens]`` (just the current tokens when ``cache`` is None); it is passed through to every layer. The cache is read, never written: committing K/V is the caller's decision.
+        current tokens]`` (just the current tokens when ``cache`` is None); it is passed through, unchanged, to every
+        scanned layer. The cache is read, never written: committing K/V is the caller's decision.
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
         cos, sin = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, dt)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            ck = cache.k_LBCKD[i] if cache is not None else None
-            cv = cache.v_LBCKD[i] if cache is not None else None
-            if self.remat:
-                x_BTD, k, v = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x_BTD, cos, sin, mask_BTS, ck, cv)
-            else:
-                x_BTD, k, v = layer(x_BTD, cos, sin, mask_BTS, ck, cv)
-            ks.append(k)
-            vs.append(v)
-        return self.final_norm(x_BTD), StepKV(jnp.stack(ks), jnp.stack(vs))
+        layer_graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(x_BTD, xs):
+            # the mask (possibly an opaque layout object), cos and sin are closed over: the same for every layer
+            state, cache_k_BCKD, cache_v_BCKD = xs
+            layer = nnx.merge(layer_graphdef, state)
+            x_BTD = constrain(x_BTD, ACTIVATION_AXES, "layer input activations")
+            x_BTD, k_BTKD, v_BTKD = layer(x_BTD, cos, sin, mask_BTS, cache_k_BCKD, cache_v_BCKD)
+            return x_BTD, (k_BTKD, v_BTKD)
+
+        caches = (cache.k_LBCKD, cache.v_LBCKD) if cache is not None else (None, None)
+        x_BTD, (k_LBTKD, v_LBTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_BTD,
+                                                 (layer_state, *caches), unroll=scan_unroll())
+        x_BTD = constrain(x_BTD, ACTIVATION_AXES, "final activations")
+        return self.final_norm(x_BTD), StepKV(k_LBTKD, v_LBTKD)
 
     def logits(self, hidden_BTD):
         """LM-head logits (float32 or wider) for the given hidden states; call it only where logits are needed."""
@@ -105,5 +135,5 @@ def causal_mask(batch: int, length: int):
     return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (batch, length, length))
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, remat: bool = False) -> Transformer:
+def init_model(cfg: ModelConfig, seed: int = 0, remat: bool | str = False) -> Transformer:
     return Transformer(cfg, nnx.Rngs(params=seed), remat=remat)

@@ -122,12 +122,20 @@ def restore_params(step_dir: str, cfg: ModelConfig, mesh=None):
     """``(graphdef, nnx.State)``: only the params of a train-state checkpoint (no optimizer state is read)."""
     from tidar_jax.params_io import restore_target, state_from_pure
 
+    from tidar_jax.layer_layout import holds_unrolled_layers, plain_tree, stack_unrolled, unrolled_target
+
     graphdef, abstract, target = restore_target(cfg, mesh)
-    item = {"params": target}
+    path = os.path.join(step_dir, "state")
     with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+        meta = plain_tree(getattr(ckptr.metadata(path), "item_metadata", None))
+        item = {"params": target}
+        unrolled = isinstance(meta, dict) and holds_unrolled_layers(meta.get("params"))
+        if unrolled:  # a run written before the layer stack was scanned
+            item = {"params": unrolled_target(target, meta["params"])}
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    return graphdef, state_from_pure(abstract, restored["params"])
+    params = stack_unrolled(restored["params"], target) if unrolled else restored["params"]
+    return graphdef, state_from_pure(abstract, params)
 
 
 def load_inference(run_or_checkpoint_dir: str, mesh=None) -> InferenceBundle:

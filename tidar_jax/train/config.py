@@ -29,7 +29,7 @@ class ModelSection:
 
     arch: dict = dataclasses.field(default_factory=dict)  # ModelConfig keys as written in the YAML
     init_from: str | None = None
-    remat: bool = False
+    remat: str = "none"  # a policy of tidar_jax.model.remat: none | full | qkvo | dots (old true/false: full/none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,7 @@ class MeshSection:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    strict: bool = False  # a mesh axis that does not divide a dimension is an error (else: that dim replicates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,7 @@ class TrainSection:
     chain_weight: float = 0.0  # 1 - differentiable expected accepted fraction of a block's drafts
     position_weighting: str = "none"  # none | exponential (slot j of a block weighs position_decay**j)
     position_decay: float = 1.0
+    loss_chunk: int = 0  # target positions per cross-entropy chunk (0 = whole sequence at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +230,10 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
         if name == "model":
             arch = {k: raw.pop(k) for k in list(raw) if k in _MODEL_FIELDS}
             kwargs["arch"] = arch
+            if "remat" in raw:  # a policy name; old configs say true/false
+                from tidar_jax.model.remat import policy_name
+
+                raw["remat"] = policy_name(raw["remat"])
         unknown = sorted(set(raw) - (set(types) - {"arch"}))
         if unknown:
             allowed = sorted((set(types) - {"arch"}) | (_MODEL_FIELDS if name == "model" else set()))
@@ -258,6 +264,11 @@ def validate(cfg: TrainConfig) -> None:
     drafting = t.distill_weight > 0 or t.chain_weight > 0 or t.position_weighting != "none"
     need(not drafting or t.objective == "tidar", "train.objective", t.objective,
          "draft-loss options (distill_weight, chain_weight, position_weighting) need objective tidar")
+    need(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "must be >= 0 (0 = no chunking)")
+    need(t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0, "train.loss_chunk", t.loss_chunk,
+         f"must divide data.seq_len={d.seq_len}")
+    need(not drafting or t.loss_chunk == 0, "train.loss_chunk", t.loss_chunk,
+         "must be 0 when draft-loss options are on (the chunked loss does not compute draft terms yet)")
     need(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
     need(d.global_batch >= 1, "data.global_batch", d.global_batch, "must be >= 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
@@ -309,6 +320,8 @@ def validate(cfg: TrainConfig) -> None:
         bs = arch.get("block_size", ModelConfig.block_size)
         if t.objective == "tidar":
             need(d.seq_len % bs == 0, "data.seq_len", d.seq_len, f"must be a multiple of model.block_size={bs}")
+            need(t.loss_chunk % bs == 0, "train.loss_chunk", t.loss_chunk,
+                 f"must be a multiple of model.block_size={bs} (chunks align to blocks)")
 
 
 def _apply_overrides(values: dict, overrides) -> dict:

@@ -216,6 +216,13 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     checkpoint_kind(cfg.model.init_from)  # one clear error for a path that is no checkpoint
     bundle = load_for_inference(cfg.model.init_from, mesh=mesh)  # loads straight into the target shardings
     over = _arch_overrides(cfg, manifest)
+    # a preset may spell out the architecture (for train.py --plan); it must be the checkpoint's
+    differ = {k: (v, getattr(bundle.config, k)) for k, v in cfg.model.arch.items()
+              if k not in over and v is not None and getattr(bundle.config, k) != v}
+    if differ:
+        k, (want, got) = sorted(differ.items())[0]
+        raise ConfigError(f"model.{k}={want!r} in the config but model.init_from={cfg.model.init_from!r} has "
+                          f"{k}={got!r}; remove the key or make it match the checkpoint")
     mcfg = bundle.config.replace(**over)
     if mcfg.vocab_size < int(manifest["vocab_size"]):
         raise ConfigError(f"model.init_from={cfg.model.init_from!r} has vocab {mcfg.vocab_size}, smaller than the "
@@ -280,8 +287,12 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
 
     graphdef, abstract = abstract_model(mcfg, remat=cfg.model.remat)
     total = cfg.train.steps
+    if cfg.train.objective == "tidar" and cfg.train.loss_chunk % mcfg.block_size:
+        raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk}: must be a multiple of model.block_size="
+                          f"{mcfg.block_size} (chunks align to blocks)")
     fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha,
-                        DraftLoss.from_train(cfg.train))
+                        DraftLoss.from_train(cfg.train), cfg.train.loss_chunk, cfg.mesh.strict,
+                        (cfg.data.global_batch, cfg.data.seq_len))
 
     if main:  # run-dir files next to the checkpoints (the resolved config is also in every checkpoint's meta)
         _write_atomic(os.path.join(run_dir, ck.RUN_CONFIG), dump_yaml(cfg))

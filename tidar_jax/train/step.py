@@ -22,15 +22,17 @@ from tidar_jax.masks import causal_layout, training_layout, training_positions
 from flax import nnx
 
 from tidar_jax.model.functional import merge
+from tidar_jax.chunked_loss import chunked_ar_loss, chunked_tidar_loss
 from tidar_jax.draft_loss import DraftLoss
 from tidar_jax.objective import ar_loss, tidar_loss
-from tidar_jax.sharding import replicated, state_shardings
+from tidar_jax.sharding import activation_mesh, batch_spec, replicated, state_shardings
 
-BATCH_SPEC = P(("data", "fsdp"), None)
+BATCH_SPEC = batch_spec()  # [batch, length] tokens, from the rules table
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, BATCH_SPEC)
+def batch_sharding(mesh: Mesh, shape=None, strict: bool = False) -> NamedSharding:
+    """Token batches' sharding; with ``shape`` (and ``strict``), checked against the mesh like any tensor."""
+    return NamedSharding(mesh, batch_spec(mesh, shape, strict) if shape is not None else BATCH_SPEC)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,20 +112,36 @@ def to_model(graphdef, template, params):
 
 
 def make_loss_fn(graphdef, template, cfg: ModelConfig, objective: str = "tidar", alpha: float = 1.0,
-                 draft: DraftLoss | None = None):
-    """``loss_fn(params, tokens_NS, segment_ids_NS=None) -> (loss, metrics)`` for the chosen objective (``draft``:
-    draft-loss options)."""
+                 draft: DraftLoss | None = None, loss_chunk: int = 0):
+    """``loss_fn(params, tokens_NS, segment_ids_NS=None) -> (loss, metrics)`` for the chosen objective.
+
+    ``draft``: draft-loss options. ``loss_chunk > 0``: the cross-entropy runs over chunks of that many target
+    positions (``tidar_jax.chunked_loss``), so the full-vocabulary logits of the whole sequence never exist at once.
+    """
+    if loss_chunk and draft is not None and draft.active:
+        raise ValueError("train.loss_chunk > 0 with draft-loss options: the chunked loss has no draft terms yet")
 
     def tidar(params, tokens_NS, segment_ids_NS=None):
         tokens_N2S, pos, mask = tidar_inputs(tokens_NS, cfg, segment_ids_NS)
-        logits, _ = to_model(graphdef, template, params)(tokens_N2S, pos, mask)
-        return tidar_loss(logits, tokens_NS, packed_loss_mask(segment_ids_NS), segment_ids_NS, alpha=alpha,
-                          draft=draft, block_size=cfg.block_size)
+        model = to_model(graphdef, template, params)
+        loss_mask = packed_loss_mask(segment_ids_NS)
+        if loss_chunk:
+            hidden, _ = model.hidden(tokens_N2S, pos, mask)
+            return chunked_tidar_loss(model.logits, hidden, tokens_NS, loss_mask, segment_ids_NS, alpha=alpha,
+                                      chunk=loss_chunk)
+        logits, _ = model(tokens_N2S, pos, mask)
+        return tidar_loss(logits, tokens_NS, loss_mask, segment_ids_NS, alpha=alpha, draft=draft,
+                          block_size=cfg.block_size)
 
     def ar(params, tokens_NS, segment_ids_NS=None):
         pos, mask = causal_inputs(tokens_NS.shape[1], segment_ids_NS)
-        logits, _ = to_model(graphdef, template, params)(tokens_NS, pos, mask)
-        return ar_loss(logits, tokens_NS, packed_loss_mask(segment_ids_NS), segment_ids_NS)
+        model = to_model(graphdef, template, params)
+        loss_mask = packed_loss_mask(segment_ids_NS)
+        if loss_chunk:
+            hidden, _ = model.hidden(tokens_NS, pos, mask)
+            return chunked_ar_loss(model.logits, hidden, tokens_NS, loss_mask, segment_ids_NS, chunk=loss_chunk)
+        logits, _ = model(tokens_NS, pos, mask)
+        return ar_loss(logits, tokens_NS, loss_mask, segment_ids_NS)
 
     if objective == "tidar":
         return tidar
@@ -164,13 +182,13 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
         transform_non_params=lambda _: replicated(mesh))
 
 
-def param_shardings(abstract_state, mesh: Mesh):
+def param_shardings(abstract_state, mesh: Mesh, strict: bool = False):
     """Pure-dict NamedShardings of the params (from the Params' ``logical_axes``)."""
-    return nnx.to_pure_dict(state_shardings(abstract_state, mesh))
+    return nnx.to_pure_dict(state_shardings(abstract_state, mesh, strict=strict))
 
 
-def train_state_shardings(tx, abstract_state, mesh: Mesh):
-    param_sh = param_shardings(abstract_state, mesh)
+def train_state_shardings(tx, abstract_state, mesh: Mesh, strict: bool = False):
+    param_sh = param_shardings(abstract_state, mesh, strict)
     abstract_params = nnx.to_pure_dict(abstract_state)
     return {"params": param_sh, "opt": opt_state_shardings(tx, abstract_params, param_sh, mesh),
             "step": replicated(mesh)}
@@ -200,6 +218,35 @@ def init_train_state(tx, params, shardings):
 # The step functions
 # ----------------------------------------------------------------------------------------------------------------
 
+class _OptionalSegments:
+    """A jitted ``f(x, tokens_NS, segment_ids_NS)`` callable, lowerable and compilable with the segment ids left
+    out (None: one unpacked sequence per row), as jit itself needs every positional argument."""
+
+    def __init__(self, jitted, compiled=None):
+        self._jitted, self._compiled = jitted, compiled
+
+    def __call__(self, x, tokens_NS, segment_ids_NS=None):
+        return (self._compiled or self._jitted)(x, tokens_NS, segment_ids_NS)
+
+    def lower(self, x, tokens_NS, segment_ids_NS=None):
+        return _LoweredOptionalSegments(self._jitted.lower(x, tokens_NS, segment_ids_NS))
+
+
+class _LoweredOptionalSegments:
+    def __init__(self, lowered):
+        self._lowered = lowered
+
+    def compile(self, *args, **kwargs):
+        compiled = self._lowered.compile(*args, **kwargs)
+        wrapped = _OptionalSegments(None, compiled)
+        for name in ("memory_analysis", "cost_analysis", "as_text"):
+            setattr(wrapped, name, getattr(compiled, name))
+        return wrapped
+
+    def __getattr__(self, name):  # cost_analysis, as_text, ... of the lowered program
+        return getattr(self._lowered, name)
+
+
 @dataclasses.dataclass
 class StepFns:
     train_step: Callable  # (state, tokens_NS, segment_ids_NS=None) -> (state, metrics)
@@ -218,7 +265,7 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh, segment_ids_
         (loss, metrics), grads = grad_fn(params, tokens_NS, segment_ids_NS)
         return loss, metrics, grads
     n, s = tokens_NS.shape
-    micro_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+    micro_sh = NamedSharding(mesh, P(None, *BATCH_SPEC))
 
     def micro(x_NS):
         # rows j*accum + a form micro-batch a, so every micro-batch keeps the batch sharding of the full batch
@@ -244,18 +291,25 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh, segment_ids_
 
 
 def make_step_fns(graphdef, cfg: ModelConfig, abstract_state, mesh: Mesh, optim, total_steps: int,
-                  objective: str = "tidar", alpha: float = 1.0, draft: DraftLoss | None = None) -> StepFns:
-    """``abstract_state``: the model's ``nnx.State`` (abstract or concrete; only shapes/metadata are used)."""
+                  objective: str = "tidar", alpha: float = 1.0, draft: DraftLoss | None = None,
+                  loss_chunk: int = 0, strict: bool = False, batch_shape=None) -> StepFns:
+    """``abstract_state``: the model's ``nnx.State`` (abstract or concrete; only shapes/metadata are used).
+
+    Activations are pinned at layer boundaries by the rules table (``sharding.constrain``). ``strict``: a mesh
+    axis that does not divide a parameter, activation or (given ``batch_shape``) batch dimension raises a
+    ``ShardingError`` instead of replicating that dimension.
+    """
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
     tx, schedule = make_optimizer(optim, total_steps)
-    shardings = train_state_shardings(tx, template, mesh)
-    batch_sh = batch_sharding(mesh)
-    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha, draft)
+    shardings = train_state_shardings(tx, template, mesh, strict)
+    batch_sh = batch_sharding(mesh, batch_shape, strict)
+    loss_fn = make_loss_fn(graphdef, template, cfg, objective, alpha, draft, loss_chunk)
     accum = optim.grad_accum
 
     def train_step(state, tokens_NS, segment_ids_NS):
         params = state["params"]
-        loss, metrics, grads = _accumulate(loss_fn, params, tokens_NS, accum, mesh, segment_ids_NS)
+        with activation_mesh(mesh, strict):
+            loss, metrics, grads = _accumulate(loss_fn, params, tokens_NS, accum, mesh, segment_ids_NS)
         grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
@@ -274,10 +328,5 @@ def make_step_fns(graphdef, cfg: ModelConfig, abstract_state, mesh: Mesh, optim,
                        in_shardings=(shardings["params"], batch_sh, batch_sh), out_shardings=replicated(mesh))
 
     # segment ids are optional (None: one unpacked sequence per row); jit needs every positional argument
-    def train(state, tokens_NS, segment_ids_NS=None):
-        return train_jit(state, tokens_NS, segment_ids_NS)
-
-    def evaluate(params, tokens_NS, segment_ids_NS=None):
-        return eval_jit(params, tokens_NS, segment_ids_NS)
-
+    train, evaluate = _OptionalSegments(train_jit), _OptionalSegments(eval_jit)
     return StepFns(train, evaluate, template, shardings, batch_sh, schedule, tx)
