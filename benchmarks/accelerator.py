@@ -391,30 +391,32 @@ class Corpus:
 
     def __init__(self, data_dir: str):
         from tidar_jax.data.corpus import load_manifest
+        from tidar_jax.data.shards import TokenStream, split_parts
 
         self.dir = data_dir
         self.manifest = load_manifest(data_dir)
-        dtype = np.dtype(self.manifest["dtype"])
-        self.tokens = {split: np.memmap(os.path.join(data_dir, info["file"]), dtype=dtype, mode="r",
-                                        shape=(info["tokens"],))
-                       for split, info in self.manifest["splits"].items()}
+        # every shard of a split as one stream (sharded format-2 corpora and flat format-1 ones alike)
+        self.tokens = {split: TokenStream(split_parts(data_dir, self.manifest, split), self.manifest["dtype"])
+                       for split in self.manifest["splits"]}
         tok = self.manifest["tokenizer"]
         self.vocab_size, self.mask_token_id = int(tok["vocab_size"]), int(tok["mask_token_id"])
 
     def random_windows(self, rng, split: str, count: int, length: int) -> np.ndarray:
         tokens = self.tokens[split]
-        if tokens.size <= length:
-            raise SectionSkipped(f"the {split} split of {self.dir} has {tokens.size} tokens, fewer than {length + 1}")
-        starts = rng.integers(0, tokens.size - length, size=count)
-        return np.stack([np.asarray(tokens[s:s + length], np.int32) for s in starts])
+        if tokens.num_tokens <= length:
+            raise SectionSkipped(f"the {split} split of {self.dir} has {tokens.num_tokens} tokens, "
+                                 f"fewer than {length + 1}")
+        starts = rng.integers(0, tokens.num_tokens - length, size=count)
+        return np.stack([tokens.read(int(s), int(s) + length) for s in starts])
 
     def spread_windows(self, split: str, count: int, length: int) -> np.ndarray:
         """``count`` windows at evenly spaced offsets of the split (deterministic; they cover the whole split)."""
         tokens = self.tokens[split]
-        if tokens.size <= length:
-            raise SectionSkipped(f"the {split} split of {self.dir} has {tokens.size} tokens, fewer than {length + 1}")
-        starts = np.linspace(0, tokens.size - length, count).astype(np.int64)
-        return np.stack([np.asarray(tokens[s:s + length], np.int32) for s in starts])
+        if tokens.num_tokens <= length:
+            raise SectionSkipped(f"the {split} split of {self.dir} has {tokens.num_tokens} tokens, "
+                                 f"fewer than {length + 1}")
+        starts = np.linspace(0, tokens.num_tokens - length, count).astype(np.int64)
+        return np.stack([tokens.read(int(s), int(s) + length) for s in starts])
 
 
 def read_prompt_file(path: str, corpus: Corpus, prompt_len: int) -> list[list[int]]:
@@ -526,9 +528,9 @@ def section_trained_speedup(ctx, deadline: Deadline) -> dict:
         "block_size": cfg.block_size, "compute_dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
         "optimizer": f"adamw lr {sizes.train_lr}, {warmup} warm-up steps then constant, clip 1.0", "steps": steps, "wall_s": train_wall,
         "compile_s": train_compile_s, "tokens_seen": tokens_seen, "train_tokens_per_s": tokens_seen / train_wall,
-        "epochs_over_train_split": tokens_seen / corpus.tokens["train"].size,
-        "corpus": {"dir": corpus.dir, "train_tokens": int(corpus.tokens["train"].size),
-                   "eval_tokens": int(corpus.tokens["eval"].size), "vocab_size": corpus.vocab_size},
+        "epochs_over_train_split": tokens_seen / corpus.tokens["train"].num_tokens,
+        "corpus": {"dir": corpus.dir, "train_tokens": int(corpus.tokens["train"].num_tokens),
+                   "eval_tokens": int(corpus.tokens["eval"].num_tokens), "vocab_size": corpus.vocab_size},
         "loss_curve": curve[:: max(1, len(curve) // 200)] + ([curve[-1]] if curve else []),
         "final_train_loss": curve[-1][1] if curve else None,
         "heldout": heldout, "train_windows": train_eval, "eval_windows": sizes.eval_windows,

@@ -64,6 +64,7 @@ def test_vs_transformers_tiny_greedy_outputs_agree(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in res["speed"].values())
 
 
+@pytest.mark.slow  # 80+ s: every benchmark end to end; each script also has its own default-suite smoke
 def test_run_all_tiny_writes_summary(tmp_path):
     run("run_all.py", "--tiny", "--random-init", "--only", "decode_modes,bandwidth", "--out", tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())

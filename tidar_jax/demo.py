@@ -24,22 +24,15 @@ RESET = "\033[0m"
 def heldout_prompts(data_dir: str, count: int, prompt_tokens: int) -> list[list[int]]:
     """Prompts from the held-out split: the first ``prompt_tokens`` tokens of distinct held-out documents."""
     from tidar_jax.data import load_manifest
+    from tidar_jax.data.shards import TokenStream, document_spans, split_parts
 
     manifest = load_manifest(data_dir)
-    dtype = np.dtype(manifest.get("dtype", "uint16"))
-    tokens = np.memmap(os.path.join(data_dir, "eval.bin"), dtype=dtype, mode="r")
-    eos = manifest.get("eos_token_id")
-    starts = [0] + ([int(i) + 1 for i in np.flatnonzero(np.asarray(tokens) == eos)] if eos is not None else [])
-    prompts = []
-    for s in starts:
-        window = np.asarray(tokens[s:s + prompt_tokens]).astype(int).tolist()
-        if len(window) == prompt_tokens and (eos is None or eos not in window):
-            prompts.append(window)
-        if len(prompts) == count:
-            break
+    stream = TokenStream(split_parts(data_dir, manifest, "eval"), manifest.get("dtype", "uint16"))
+    prompts = [stream.read(int(off), int(off) + prompt_tokens).tolist()
+               for off, length in document_spans(data_dir, manifest, "eval") if length >= prompt_tokens][:count]
     if not prompts:  # short documents: fall back to fixed windows
-        prompts = [np.asarray(tokens[i * prompt_tokens:(i + 1) * prompt_tokens]).astype(int).tolist()
-                   for i in range(count)]
+        prompts = [stream.read(i * prompt_tokens, (i + 1) * prompt_tokens).tolist() for i in range(count)
+                   if (i + 1) * prompt_tokens <= stream.num_tokens]
     return prompts
 
 
