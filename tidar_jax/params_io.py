@@ -36,11 +36,17 @@ def save_params(out_dir: str, cfg: ModelConfig, params_state, tokenizer_path: st
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise FileExistsError(f"output {out_dir} already exists; choose a new path or remove it first")
+    pure = params_state.to_pure_dict() if hasattr(params_state, "to_pure_dict") else params_state
+    # checked before orbax starts: a failure inside its async save can leave a background thread writing into the
+    # temp dir after it was removed
+    leaves = jax.tree.leaves(pure)
+    if not leaves or not all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves):
+        raise TypeError(f"params_state: expected a tree of arrays (an nnx.State or its pure dict), got "
+                        f"{type(params_state).__name__} with leaves {[type(x).__name__ for x in leaves[:4]]}")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        pure = params_state.to_pure_dict() if hasattr(params_state, "to_pure_dict") else params_state
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
             ckptr.wait_until_finished()
