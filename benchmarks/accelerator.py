@@ -305,19 +305,7 @@ def timed_rounds(candidates: dict[str, Callable[[], Any]], rounds: int, deadline
                  sync=jax.block_until_ready) -> dict[str, list[float]]:
     """Interleaved timing (one warm-up call each, then round-robin with rotation); stops early at the deadline
     but always completes at least one timed round."""
-    names = list(candidates)
-    for name in names:
-        sync(candidates[name]())
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        if r and deadline.expired():
-            break
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
-            sync(candidates[name]())
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return bc.interleaved(candidates, rounds, warmup=1, sync=sync, stop=deadline.expired)
 
 
 _SAMPLERS: dict[tuple, Callable] = {}
@@ -617,13 +605,6 @@ def section_trained_speedup(ctx, deadline: Deadline) -> dict:
 # 2. Free token slots on real shapes
 # ------------------------------------------------------------------------------------------------------------
 
-def query_grid(max_query: int) -> list[int]:
-    out, q = [], 1
-    while q <= max_query:
-        out.append(q)
-        q *= 2
-    return out
-
 
 def random_cache(cfg: ModelConfig, batch: int, context: int, seed: int) -> KVCache:
     """A cache with ``context`` visible slots of random K/V (the values do not change the cost)."""
@@ -697,7 +678,7 @@ def get_random_model(ctx, name: str):
 def section_free_slots(ctx, deadline: Deadline) -> dict:
     sizes = ctx.sizes
     names = list(sizes.shapes)
-    queries = query_grid(sizes.slot_max_query)
+    queries = bc.query_grid(sizes.slot_max_query)
     # priority: batch 1 before batch 8, the paper's two models before 0.5B, the shorter context first
     order = sorted(names, key=lambda n: (n not in PAPER, names.index(n)))
     groups = [(name, n, c) for n in sizes.slot_batches for name in order for c in sizes.slot_contexts]

@@ -147,9 +147,10 @@ def _block(x):
 
 
 def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
-                sync: Callable[[Any], Any] = _block) -> dict[str, list[float]]:
+                sync: Callable[[Any], Any] = _block, stop: Callable[[], bool] | None = None) -> dict[str, list[float]]:
     """Seconds per call for each candidate, measured round-robin: every round calls each candidate once (in a
-    rotated order so no candidate is always first). ``warmup`` untimed rounds run first (compilation, caches)."""
+    rotated order so no candidate is always first). ``warmup`` untimed rounds run first (compilation, caches).
+    ``stop`` (e.g. a deadline) is asked before every round after the first, so at least one round is timed."""
     if rounds < 1:
         raise BenchError(f"rounds={rounds}: must be >= 1")
     names = list(candidates)
@@ -158,12 +159,23 @@ def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: i
             sync(candidates[name]())
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
+        if r and stop is not None and stop():
+            break
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
             sync(candidates[name]())
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def query_grid(max_query: int) -> list[int]:
+    """Query-token counts 1, 2, 4, ... up to ``max_query`` (the free-token-slot curve's x axis)."""
+    out, q = [], 1
+    while q <= max_query:
+        out.append(q)
+        q *= 2
+    return out
 
 
 def stats(samples: list[float]) -> dict[str, float]:

@@ -49,12 +49,7 @@ TINY = {"contexts": "16", "max_query": 2, "blocks": "2", "rounds": 2, "preset": 
         "new_tokens": 6, "prompt_len": 8}  # smoke tests only
 
 
-def query_grid(max_query: int) -> list[int]:
-    out, q = [], 1
-    while q <= max_query:
-        out.append(q)
-        q *= 2
-    return out
+query_grid = bc.query_grid  # the curve's x axis, shared with the accelerator suite
 
 
 def head_rows(block: int, beta: float) -> int:
