@@ -39,7 +39,11 @@ def test_cached_attention_equals_dense(cache_size, page, lengths):
     ck = jnp.where(live_NC[..., None, None], jax.random.normal(ks[3], (n, cache_size, kv, d), jnp.float64), garbage)
     cv = jnp.where(live_NC[..., None, None], jax.random.normal(ks[4], (n, cache_size, kv, d), jnp.float64), garbage)
     local_NQQ = jnp.broadcast_to(local_QQ[None], (n, t, t))
-    got = jax.jit(cached_attention, static_argnames="page")(q, k, v, ck, cv, length_N, local_NQQ, page=page)
+    # the kernel reads pages of layer 1 straight out of the whole [L, N, C, K, D] cache; layer 0 is garbage
+    ck_LNCKD = jnp.stack([jnp.full_like(ck, -garbage), ck])
+    cv_LNCKD = jnp.stack([jnp.full_like(cv, -garbage), cv])
+    got = jax.jit(cached_attention, static_argnames="page")(q, k, v, ck_LNCKD, cv_LNCKD, jnp.int32(1), length_N,
+                                                             local_NQQ, page=page)
     mask = layout.step_mask(length_N, block, counts, cache_size)
     # reference: dense attention over the concatenation, with the garbage zeroed (0 * 1e4 weights are exact)
     ref = dense_attention(q, jnp.concatenate([jnp.where(live_NC[..., None, None], ck, 0), k], axis=1),

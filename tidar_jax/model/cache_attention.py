@@ -29,13 +29,17 @@ class CacheLayout(NamedTuple):
     page: int = 128
 
 
-def cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_BCKD, cache_v_BCKD, length_B, local_mask_BTT,
+def cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, length_B, local_mask_BTT,
                      page: int = 128):
-    """GQA attention of the current queries over cache slots ``< length`` (per row) and the current tokens
-    allowed by ``local_mask`` (True = may attend). Softmax statistics in float32 (at least)."""
+    """GQA attention of the current queries over layer ``layer``'s cache slots ``< length`` (per row) and the
+    current tokens allowed by ``local_mask`` (True = may attend). Softmax statistics in float32 (at least).
+
+    The cache is the whole ``[L, B, C, K, D]`` buffer and pages are sliced from it directly: slicing the layer
+    first would materialise that layer's whole allocated cache (XLA copies a dynamic slice that feeds a loop),
+    i.e. copy the entire cache once per step."""
     b, t, h, d = q_BTHD.shape
     kv = k_BTKD.shape[2]
-    c = cache_k_BCKD.shape[1]
+    c = cache_k_LBCKD.shape[2]
     compute = jnp.promote_types(q_BTHD.dtype, jnp.float32)
     q_BTKGD = q_BTHD.reshape(b, t, kv, h // kv, d).astype(compute) * (d ** -0.5)
     page = max(1, min(page, c)) if c else 1
@@ -56,8 +60,10 @@ def cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_BCKD, cache_v_BCKD, length_
             m_BKGT, l_BKGT, acc_BKGTD = carry
             # the last page may be clamped back to C - page: slots below i*page were already counted
             start = jnp.minimum(i * page, c - page)
-            k_BPKD = jax.lax.dynamic_slice_in_dim(cache_k_BCKD, start, page, axis=1).astype(compute)
-            v_BPKD = jax.lax.dynamic_slice_in_dim(cache_v_BCKD, start, page, axis=1).astype(compute)
+            zero = jnp.zeros((), jnp.int32)  # one index dtype (x64 mode would make Python ints int64)
+            corner = (jnp.asarray(layer, jnp.int32), zero, start.astype(jnp.int32), zero, zero)
+            k_BPKD = jax.lax.dynamic_slice(cache_k_LBCKD, corner, (1, b, page, kv, d))[0].astype(compute)
+            v_BPKD = jax.lax.dynamic_slice(cache_v_LBCKD, corner, (1, b, page, kv, d))[0].astype(compute)
             slot_P = start + jnp.arange(page)
             ok_BP = (slot_P[None] >= i * page) & (slot_P[None] < length_B[:, None])
             s_BKGTP = jnp.einsum("btkgd,bpkd->bkgtp", q_BTKGD, k_BPKD)

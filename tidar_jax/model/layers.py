@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -68,6 +70,21 @@ def apply_rope(x_BTHD, cos_BTD, sin_BTD):
     return out.astype(x_BTHD.dtype)
 
 
+class LayerCache(NamedTuple):
+    """The whole KV cache ``[L, B, C, K, D]`` and the index of the layer being computed. Passed whole (not sliced
+    per layer by the layer scan) so that live-length attention reads pages of it in place."""
+
+    k_LBCKD: jax.Array
+    v_LBCKD: jax.Array
+    layer: jax.Array
+
+    def layer_k(self):
+        return jax.lax.dynamic_index_in_dim(self.k_LBCKD, self.layer, axis=0, keepdims=False)
+
+    def layer_v(self):
+        return jax.lax.dynamic_index_in_dim(self.v_LBCKD, self.layer, axis=0, keepdims=False)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -86,7 +103,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
 
-    def __call__(self, x_BTD, cos_BTD, sin_BTD, mask_BTS, cache_k_BCKD=None, cache_v_BCKD=None):
+    def __call__(self, x_BTD, cos_BTD, sin_BTD, mask_BTS, cache: "LayerCache | None" = None):
         """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here.
 
         ``mask_BTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
@@ -104,12 +121,12 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
         if isinstance(mask_BTS, CacheLayout):  # live-length paged attention: the cache is read, never copied
-            attn_BTHD = cached_attention(q, k, v, cache_k_BCKD, cache_v_BCKD, mask_BTS.length_B,
+            attn_BTHD = cached_attention(q, k, v, cache.k_LBCKD, cache.v_LBCKD, cache.layer, mask_BTS.length_B,
                                          mask_BTS.local_BTT, mask_BTS.page)
             return jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), k, v
-        if cache_k_BCKD is not None:
-            keys = jnp.concatenate([cache_k_BCKD.astype(dt), k], axis=1)
-            values = jnp.concatenate([cache_v_BCKD.astype(dt), v], axis=1)
+        if cache is not None:
+            keys = jnp.concatenate([cache.layer_k().astype(dt), k], axis=1)
+            values = jnp.concatenate([cache.layer_v().astype(dt), v], axis=1)
         else:
             keys, values = k, v
         attn_BTHD = attention.attend(q, keys, values, mask_BTS, self.cfg.attention)

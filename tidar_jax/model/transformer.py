@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.model.layers import MLP, Attention, RMSNorm, _normal, param, rope_tables
+from tidar_jax.model.layers import MLP, Attention, LayerCache, RMSNorm, _normal, param, rope_tables
 from tidar_jax.model.remat import policy_name, rematerialize
 from tidar_jax.scan_options import scan_unroll
 from tidar_jax.sharding import constrain
@@ -51,8 +51,8 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, cache_k=None, cache_v=None):
-        attn_out, k, v = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, cache_k, cache_v)
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache: LayerCache | None = None):
+        attn_out, k, v = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, cache)
         x_BTD = x_BTD + attn_out
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return x_BTD, k, v
@@ -102,16 +102,18 @@ class Transformer(nnx.Module):
         layer_graphdef, layer_state = nnx.split(self.layers)
 
         def one_layer(x_BTD, xs):
-            # the mask (possibly an opaque layout object), cos and sin are closed over: the same for every layer
-            state, cache_k_BCKD, cache_v_BCKD = xs
+            # the mask (possibly an opaque layout object), cos, sin and the whole cache are closed over: the same
+            # for every layer (the cache is indexed by layer inside attention, never sliced out by the scan)
+            state, layer_index = xs
             layer = nnx.merge(layer_graphdef, state)
+            layer_cache = None if cache is None else LayerCache(cache.k_LBCKD, cache.v_LBCKD, layer_index)
             x_BTD = constrain(x_BTD, ACTIVATION_AXES, "layer input activations")
-            x_BTD, k_BTKD, v_BTKD = layer(x_BTD, cos, sin, mask_BTS, cache_k_BCKD, cache_v_BCKD)
+            x_BTD, k_BTKD, v_BTKD = layer(x_BTD, cos, sin, mask_BTS, layer_cache)
             return x_BTD, (k_BTKD, v_BTKD)
 
-        caches = (cache.k_LBCKD, cache.v_LBCKD) if cache is not None else (None, None)
+        layer_index_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         x_BTD, (k_LBTKD, v_LBTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_BTD,
-                                                 (layer_state, *caches), unroll=scan_unroll())
+                                                 (layer_state, layer_index_L), unroll=scan_unroll())
         x_BTD = constrain(x_BTD, ACTIVATION_AXES, "final activations")
         return self.final_norm(x_BTD), StepKV(k_LBTKD, v_LBTKD)
 
