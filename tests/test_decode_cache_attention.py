@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from test_decode_support import pattern_prompts, trained_decoder
-from tidar_jax.decode import layout
-from tidar_jax.model.cache_attention import cached_attention
+from tidar_jax import masks
+from tidar_jax.attention.paged import cached_attention
 from tidar_jax.attention.reference import attend as dense_attention
 
 
@@ -26,7 +26,8 @@ def _x64():
                                                                     (5, 8, [5, 0, 2, 4])]])
 def test_cached_attention_equals_dense(cache_size, page, lengths):
     block, counts = 2, (1, 2)
-    local_QQ = jnp.asarray(layout.step_local_mask(block, counts))
+    step = masks.decode_attention_layout(jnp.asarray(lengths), block, cache_size, counts=counts)
+    local_QQ = jnp.asarray(step.local_mask())
     t = local_QQ.shape[0]
     n, h, kv, d = len(lengths), 4, 2, 8
     ks = jax.random.split(jax.random.key(cache_size + page), 5)
@@ -44,7 +45,7 @@ def test_cached_attention_equals_dense(cache_size, page, lengths):
     cv_LNCKD = jnp.stack([jnp.full_like(cv, -garbage), cv])
     got = jax.jit(cached_attention, static_argnames="page")(q, k, v, ck_LNCKD, cv_LNCKD, jnp.int32(1), length_N,
                                                              local_NQQ, page=page)
-    mask = layout.step_mask(length_N, block, counts, cache_size)
+    mask = step.block()
     # reference: dense attention over the concatenation, with the garbage zeroed (0 * 1e4 weights are exact)
     ref = dense_attention(q, jnp.concatenate([jnp.where(live_NC[..., None, None], ck, 0), k], axis=1),
                                 jnp.concatenate([jnp.where(live_NC[..., None, None], cv, 0), v], axis=1), mask)
@@ -59,3 +60,26 @@ def test_paged_decode_is_lossless():
     ar = dec.generate(prompts, mode="ar", max_new_tokens=24, cache_attention="dense")
     td = dec.generate(prompts, mode="tidar", block_size=4, max_new_tokens=24, cache_page=4)
     assert td.tokens == ar.tokens
+
+
+@pytest.mark.parametrize("counts,kernel", [((1, 3), "blockwise"), (None, "reference")])
+def test_attend_with_cache_paged_equals_concatenated(counts, kernel):
+    """The attention interface's two cached paths agree: reading the cache in pages (``cache_page > 0``) and
+    concatenating layer ``layer`` of the cache with the current keys (attended by ``kernel``)."""
+    from tidar_jax import attention
+
+    block, cache_size, n_layers, h, kv, d = 3, 21, 3, 4, 2, 8
+    lengths = jnp.asarray([0, 21, 9], jnp.int32)
+    dense = masks.decode_attention_layout(lengths, block, cache_size, counts=counts)
+    paged = masks.decode_attention_layout(lengths, block, cache_size, counts=counts, cache_page=8)
+    t, n = dense.q_len, lengths.shape[0]
+    ks = jax.random.split(jax.random.key(3), 5)
+    q = jax.random.normal(ks[0], (n, t, h, d), jnp.float64)
+    k = jax.random.normal(ks[1], (n, t, kv, d), jnp.float64)
+    v = jax.random.normal(ks[2], (n, t, kv, d), jnp.float64)
+    ck = jax.random.normal(ks[3], (n_layers, n, cache_size, kv, d), jnp.float64)
+    cv = jax.random.normal(ks[4], (n_layers, n, cache_size, kv, d), jnp.float64)
+    layer = jnp.int32(2)
+    want = attention.attend_with_cache(q, k, v, ck, cv, layer, dense, kernel)
+    got = jax.jit(attention.attend_with_cache, static_argnums=(7,))(q, k, v, ck, cv, layer, paged, kernel)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)

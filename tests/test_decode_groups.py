@@ -29,13 +29,18 @@ def _x64():
                                           (5, (1, 2, 3, 4, 5))])
 def test_step_layout_matches_reference(block, counts):
     ref_mask, ref_pos = decode_step_mask_groups_ref(block, counts)
-    np.testing.assert_array_equal(layout.step_local_mask(block, counts), np.asarray(ref_mask))
     length_N = jnp.asarray([0, 7])
-    pos = np.asarray(layout.step_positions(length_N, block, counts))
+    step = masks.decode_attention_layout(length_N, block, 9, counts=counts)
+    np.testing.assert_array_equal(step.local_mask(), np.asarray(ref_mask))
+    pos = np.asarray(step.positions())
     np.testing.assert_array_equal(pos, np.asarray([ref_pos, [p + 7 for p in ref_pos]]))
+    # over [cache | step]: each row sees exactly its committed cache slots, then the reference's local mask
+    dense = np.asarray(step.block())
+    for row, length in enumerate([0, 7]):
+        np.testing.assert_array_equal(dense[row, :, :9], np.broadcast_to(np.arange(9) < length, (len(ref_pos), 9)))
+        np.testing.assert_array_equal(dense[row, :, 9:], np.asarray(ref_mask))
     if counts == tuple(range(1, block + 1)):  # every group: exactly the engine's original decode mask
-        np.testing.assert_array_equal(np.asarray(layout.step_mask(length_N, block, counts, 9)),
-                                      np.asarray(masks.decode_mask(length_N, block, 9)))
+        np.testing.assert_array_equal(dense, np.asarray(masks.decode_mask(length_N, block, 9)))
         np.testing.assert_array_equal(pos, np.asarray(masks.decode_positions(length_N, block)))
 
 

@@ -261,17 +261,31 @@ class PrefillLayout(_Layout):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeLayout(_Layout):
-    """A decode step's ``[d_0 .. d_{B-1} | G_1 | ... | G_B]`` (``groups=False``: the drafts only, e.g. the AR step's
-    single token with B=1) against ``[cache slots 0..C-1 | current tokens]``; ``cache_len_N`` traced per row."""
+    """A decode step's ``[d_0 .. d_{B-1} | G_{k_1} | ... | G_{k_G}]`` against ``[cache slots 0..C-1 | current
+    tokens]``; ``cache_len_N`` traced per row.
+
+    ``counts``: the accepted counts k that have a mask group (group k assumes d_0..d_{k-1} accepted: it sees those
+    drafts and itself). None = every count 1..B; ``groups=False`` = none (the drafts only, e.g. the AR step's
+    single token with B=1). ``cache_page``: 0 = attend over the concatenation ``[cache | current]`` through the
+    attention interface; > 0 = read the cache in place, in pages of that many slots, up to the longest live row
+    (``tidar_jax.attention.paged``)."""
 
     cache_len_N: Any
     block_size: int = _static()
     cache_size: int = _static()
     groups: bool = _static(default=True)
+    counts: tuple[int, ...] | None = _static(default=None)
+    cache_page: int = _static(default=0)
+
+    @property
+    def group_counts(self) -> tuple[int, ...]:
+        if not self.groups:
+            return ()
+        return tuple(range(1, self.block_size + 1)) if self.counts is None else tuple(self.counts)
 
     @property
     def q_len(self):
-        return self.block_size * (self.block_size + 1) if self.groups else self.block_size
+        return self.block_size * (1 + len(self.group_counts))
 
     @property
     def k_len(self):
@@ -280,18 +294,25 @@ class DecodeLayout(_Layout):
     def _row_data(self):
         return (self.cache_len_N,)
 
-    def _step_info(self, idx):
+    def _step_info(self, idx, xp):
+        """``(count, slot)``: the accepted count a token's group stands for (0 = the draft row) and its slot."""
         group, slot = idx // self.block_size, idx % self.block_size
-        return group, slot
+        counts = self.group_counts
+        if counts == tuple(range(1, len(counts) + 1)):
+            return group, slot
+        count = xp.zeros_like(group)  # elementwise only, so it also runs inside a Pallas kernel
+        for g, k in enumerate(counts, start=1):
+            count = xp.where(group == g, k, count)
+        return count, slot
 
     def _info(self, idx, side, xp):
         if side == "q":
-            group, slot = self._step_info(idx)
-            return TokenInfo(xp.where(group == 0, CLEAN, MASK), slot, group)
+            count, slot = self._step_info(idx, xp)
+            return TokenInfo(xp.where(count == 0, CLEAN, MASK), slot, count)
         in_cache = idx < self.cache_size
-        group, slot = self._step_info(idx - self.cache_size)
-        kind = xp.where(in_cache, CACHE, xp.where(group == 0, CLEAN, MASK))
-        return TokenInfo(kind, xp.where(in_cache, idx, slot), xp.where(in_cache, -1, group))
+        count, slot = self._step_info(idx - self.cache_size, xp)
+        kind = xp.where(in_cache, CACHE, xp.where(count == 0, CLEAN, MASK))
+        return TokenInfo(kind, xp.where(in_cache, idx, slot), xp.where(in_cache, -1, count))
 
     def _rule(self, q, k):
         xp = _xp(self.cache_len_N)
@@ -302,10 +323,21 @@ class DecodeLayout(_Layout):
 
     def static_bound(self):
         """Every cache slot committed (L = C): a superset of the mask of any row."""
-        return DecodeLayout(np.array([self.cache_size]), self.block_size, self.cache_size, self.groups)
+        return dataclasses.replace(self, cache_len_N=np.array([self.cache_size]))
 
     def static_key(self):
-        return ("DecodeLayout", self.block_size, self.cache_size, self.groups)
+        return ("DecodeLayout", self.block_size, self.cache_size, self.group_counts)
+
+    def local_mask(self):
+        """Static numpy ``[Q, Q]`` among the step's own tokens (the part of the mask that no row's length changes)."""
+        own = dataclasses.replace(self, cache_len_N=np.zeros((1,), np.int32))
+        return own.block(np.arange(self.q_len), self.cache_size + np.arange(self.q_len))[0]
+
+    def positions(self):
+        """Positions ``[N, Q]``: draft i -> L+i; slot t of group k -> L+k+t."""
+        count_Q, slot_Q = self._step_info(np.arange(self.q_len), np)
+        cache_len_N = jnp.asarray(self.cache_len_N, dtype=jnp.int32).reshape(-1)
+        return (cache_len_N[:, None] + jnp.asarray(count_Q + slot_Q, jnp.int32)[None, :]).astype(jnp.int32)
 
 
 def is_layout(mask) -> bool:
@@ -385,9 +417,22 @@ def decode_positions(cache_len_N, block_size: int):
     return (cache_len_N[:, None] + (group_Q + slot_Q)[None, :]).astype(jnp.int32)
 
 
-def decode_attention_layout(cache_len_N, block_size: int, cache_size: int, groups: bool = True) -> DecodeLayout:
-    """The decode-step layout (``groups=False``: ``block_size`` causal drafts only, e.g. the AR step with 1)."""
-    return DecodeLayout(jnp.asarray(cache_len_N, dtype=jnp.int32).reshape(-1), block_size, cache_size, groups)
+def decode_attention_layout(cache_len_N, block_size: int, cache_size: int, groups: bool = True,
+                            counts: tuple[int, ...] | None = None, cache_page: int = 0) -> DecodeLayout:
+    """The decode-step layout (``groups=False``: ``block_size`` causal drafts only, e.g. the AR step with 1;
+    ``counts``: only these mask groups; ``cache_page``: read the cache in place, see ``DecodeLayout``)."""
+    if counts is not None:
+        counts = tuple(int(k) for k in counts)
+        if list(counts) != sorted(set(counts)) or not all(1 <= k <= block_size for k in counts):
+            raise ValueError(f"counts={counts}: must be increasing accepted counts in 1..{block_size}")
+    return DecodeLayout(jnp.asarray(cache_len_N, dtype=jnp.int32).reshape(-1), block_size, cache_size, groups,
+                        counts, cache_page)
+
+
+def ar_step_layout(cache_len_N, cache_size: int, cache_page: int = 0) -> DecodeLayout:
+    """The AR decode step: one token that sees the committed cache and itself (a decode step with B=1 and no
+    mask groups)."""
+    return decode_attention_layout(cache_len_N, 1, cache_size, groups=False, cache_page=cache_page)
 
 
 def decode_step_mask(block_size: int):

@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
-from tidar_jax.attention import blockwise, cudnn, reference, splash
+from tidar_jax.attention import blockwise, cudnn, paged, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
-from tidar_jax.masks import is_layout
+from tidar_jax.masks import DecodeLayout, is_layout
 
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
@@ -78,4 +79,19 @@ def attend(q_BTHD, k_BSKD, v_BSKD, layout, kernel: str = "auto"):
     return KERNELS[resolve(kernel)](q_BTHD, k_BSKD, v_BSKD, layout)
 
 
-__all__ = ["AUTO_PREFERENCE", "KERNELS", "UNAVAILABLE", "attend", "register", "resolve"]
+def attend_with_cache(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, layout, kernel: str = "auto"):
+    """Attention of a cached forward (a decode step): keys are layer ``layer`` of the whole ``[L, B, C, K, D]``
+    cache followed by the current tokens' ``k, v [B, T, K, D]``. A ``DecodeLayout`` with ``cache_page > 0`` reads
+    the cache in place up to the live length (``paged``); otherwise the layer's cache and the current keys are
+    concatenated and attended with ``kernel`` (or the reference kernel for a dense boolean mask)."""
+    if isinstance(layout, DecodeLayout) and layout.cache_page:
+        return paged.attend(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, layout)
+    dt = k_BTKD.dtype
+    keys = jnp.concatenate([jax.lax.dynamic_index_in_dim(cache_k_LBCKD, layer, 0, keepdims=False).astype(dt),
+                            k_BTKD], axis=1)
+    values = jnp.concatenate([jax.lax.dynamic_index_in_dim(cache_v_LBCKD, layer, 0, keepdims=False).astype(dt),
+                              v_BTKD], axis=1)
+    return attend(q_BTHD, keys, values, layout, kernel)
+
+
+__all__ = ["AUTO_PREFERENCE", "KERNELS", "UNAVAILABLE", "attend", "attend_with_cache", "register", "resolve"]

@@ -31,7 +31,6 @@ from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf, verifier_probs
 from tidar_jax.model import KVCache
-from tidar_jax.model.cache_attention import CacheLayout
 
 
 class Stops(NamedTuple):
@@ -175,6 +174,11 @@ def _initial_state(cache, pending_NB, key, stops: Stops, opts: DecodeOptions) ->
         steps=jnp.zeros((), jnp.int32), stops=stops)
 
 
+def _cache_page(opts: DecodeOptions) -> int:
+    """Cache read in place in pages (live-length attention) or concatenated (``cache_attention="dense"``)."""
+    return opts.cache_page if opts.cache_attention == "paged" else 0
+
+
 def _gather_rows(x_NTD, idx_NS):
     return jnp.take_along_axis(x_NTD, idx_NS[:, :, None], axis=1)
 
@@ -233,14 +237,10 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     active_N = ~state.done_N
     tokens_NQ = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
                                 axis=1)
-    positions_NQ = layout.step_positions(length_N, b, counts)
-    if opts.cache_attention == "paged":
-        local_QQ = jnp.asarray(layout.step_local_mask(b, counts))
-        mask_NQS = CacheLayout(length_N, jnp.broadcast_to(local_QQ[None], (n,) + local_QQ.shape), opts.cache_page)
-    elif opts.groups is None:  # every group: the attention interface's decode layout
-        mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2])
-    else:  # pruned groups: a dense mask (reference kernel)
-        mask_NQS = layout.step_mask(length_N, b, counts, cache.k_LBCKD.shape[2])
+    mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2],
+                                             counts=None if opts.groups is None else counts,
+                                             cache_page=_cache_page(opts))
+    positions_NQ = mask_NQS.positions()
     hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
 
     # Group slot-0 rows that mix into the verifier when beta < 1: verifier i (position L+i+1) mixes with group
@@ -310,10 +310,7 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n = token_N1.shape[0]
     length_N = cache.length_B
     active_N = ~state.done_N
-    if opts.cache_attention == "paged":
-        mask_N1S = CacheLayout(length_N, jnp.ones((n, 1, 1), bool), opts.cache_page)
-    else:  # the AR step is a decode step with one draft and no mask groups: [cache < L | itself]
-        mask_N1S = masks.decode_attention_layout(length_N, 1, cache.k_LBCKD.shape[2], groups=False)
+    mask_N1S = masks.ar_step_layout(length_N, cache.k_LBCKD.shape[2], _cache_page(opts))
     hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1D)[:, 0]
     key, sub = jax.random.split(state.key)

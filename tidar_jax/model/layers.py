@@ -10,7 +10,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
-from tidar_jax.model.cache_attention import CacheLayout, cached_attention
 
 
 def _dtype(name: str):
@@ -72,17 +71,11 @@ def apply_rope(x_BTHD, cos_BTD, sin_BTD):
 
 class LayerCache(NamedTuple):
     """The whole KV cache ``[L, B, C, K, D]`` and the index of the layer being computed. Passed whole (not sliced
-    per layer by the layer scan) so that live-length attention reads pages of it in place."""
+    per layer by the layer scan) so that decode attention can read pages of it in place."""
 
     k_LBCKD: jax.Array
     v_LBCKD: jax.Array
     layer: jax.Array
-
-    def layer_k(self):
-        return jax.lax.dynamic_index_in_dim(self.k_LBCKD, self.layer, axis=0, keepdims=False)
-
-    def layer_v(self):
-        return jax.lax.dynamic_index_in_dim(self.v_LBCKD, self.layer, axis=0, keepdims=False)
 
 
 class Attention(nnx.Module):
@@ -107,7 +100,8 @@ class Attention(nnx.Module):
         """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here.
 
         ``mask_BTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
-        mask over keys ``[cache | current]`` (attended with the reference kernel)."""
+        mask over keys ``[cache | current]`` (attended with the reference kernel); with a cache, see
+        ``tidar_jax.attention.attend_with_cache``."""
         dt = x_BTD.dtype
         # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
         q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)), "q_proj")
@@ -120,16 +114,11 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
-        if isinstance(mask_BTS, CacheLayout):  # live-length paged attention: the cache is read, never copied
-            attn_BTHD = cached_attention(q, k, v, cache.k_LBCKD, cache.v_LBCKD, cache.layer, mask_BTS.length_B,
-                                         mask_BTS.local_BTT, mask_BTS.page)
-            return jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), k, v
-        if cache is not None:
-            keys = jnp.concatenate([cache.layer_k().astype(dt), k], axis=1)
-            values = jnp.concatenate([cache.layer_v().astype(dt), v], axis=1)
+        if cache is None:
+            attn_BTHD = attention.attend(q, k, v, mask_BTS, self.cfg.attention)
         else:
-            keys, values = k, v
-        attn_BTHD = attention.attend(q, keys, values, mask_BTS, self.cfg.attention)
+            attn_BTHD = attention.attend_with_cache(q, k, v, cache.k_LBCKD, cache.v_LBCKD, cache.layer, mask_BTS,
+                                                    self.cfg.attention)
         out = checkpoint_name(jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), "o_proj")
         return out, k, v
 

@@ -1,32 +1,21 @@
-"""Attention over ``[KV cache | current tokens]`` without concatenating the cache, bounded by the live length.
+"""Decode-step attention over ``[KV cache | current tokens]`` that reads the cache in place, bounded by the live
+length (``DecodeLayout.cache_page > 0``).
 
 Two partial softmaxes merged by log-sum-exp (the "online softmax" of flash attention):
   * the cache part walks fixed-size pages ``0 .. ceil(max(length) / page) - 1`` with a *dynamic* trip count
     (``lax.fori_loop`` with a traced bound lowers to a ``while_loop``), so the work grows with the longest live
-    row of the batch, not with the allocated cache size; each page is read once and never copied;
-  * the current-token part uses the step's own (small) mask ``[B, T, T]``.
+    row of the batch, not with the allocated cache size; each page is sliced straight out of the whole
+    ``[L, B, C, K, D]`` cache and never copied;
+  * the current-token part uses the layout's static mask among the step's own tokens.
 
-It is a pure function of ``(q, k_new, v_new, cache_k_layer, cache_v_layer, lengths, local_mask)`` so it works
-per layer inside a ``lax.scan`` over layers. Hook: the model's mask argument may be a ``CacheLayout`` (an
-attention-layout object, passed through the model unchanged); ``Attention`` then calls this kernel instead of
-concatenating the cache. This is a stand-in until the attention interface of issue 10 takes it over.
+A pure function of ``(q, k_new, v_new, whole cache, layer index, layout)``, so it works per layer inside the
+``lax.scan`` over layers.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-
-
-class CacheLayout(NamedTuple):
-    """Attention layout of a cached forward: keys are cache slots ``< length_B`` (per row) plus the current tokens
-    allowed by ``local_BTT``; the cache is walked in pages of ``page`` slots up to the longest live row."""
-
-    length_B: jax.Array
-    local_BTT: jax.Array
-    page: int = 128
 
 
 def cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, length_B, local_mask_BTT,
@@ -79,3 +68,10 @@ def cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer
 
     out_BKGTD = acc_BKGTD / l_BKGT[..., None]
     return jnp.transpose(out_BKGTD, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BTHD.dtype)
+
+
+def attend(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, layout):
+    """``cached_attention`` for a ``tidar_jax.masks.DecodeLayout`` with ``cache_page > 0``."""
+    local_1TT = jnp.asarray(layout.local_mask())[None]
+    return cached_attention(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, layout.cache_len_N,
+                            local_1TT, layout.cache_page)
