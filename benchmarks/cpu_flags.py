@@ -32,15 +32,35 @@ QWEN05 = dict(vocab_size=151936, hidden_size=896, num_heads=14, num_kv_heads=2, 
               tie_embeddings=True, qkv_bias=True, family="qwen2", mask_token_id=151662, block_size=4)
 
 
+STEPS = {  # name -> (block size, mask-group counts or None = all, head strategy); B=1 is the AR step
+    "step_B1": (1, None, "selective"),
+    "step_B2_selective": (2, None, "selective"), "step_B2_one_pass": (2, None, "one_pass"),
+    "step_B4_selective": (4, None, "selective"), "step_B4_one_pass": (4, None, "one_pass"),
+    "step_B4_G2_one_pass": (4, (1, 2), "one_pass"), "step_B4_G1_one_pass": (4, (1,), "one_pass"),
+}
+FORWARD_Q = (1, 2, 4, 6, 8, 12, 20)  # 6 = B(B+1) at B=2, 20 at B=4, 12 / 8: B=4 with 2 / 1 mask groups
+
+
+def step_queries(name: str) -> int:
+    """Query tokens of a step: B drafts + B per mask group."""
+    block, counts, _ = STEPS[name]
+    if block == 1:
+        return 1
+    return block * (1 + (block if counts is None else len(counts)))
+
+
 def worker(args):
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from functools import partial
+    from flax import nnx
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import free_slots as fs
 
+    from tidar_jax import masks
     from tidar_jax.config import ModelConfig
     from tidar_jax.decode import engine
     from tidar_jax.decode.api import cast_params
@@ -54,19 +74,45 @@ def worker(args):
         cfg = cfg.replace(param_dtype=args.dtype)
         graphdef = abstract_model(cfg)[0]
         params = cast_params(params, jnp.dtype(args.dtype))
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     context = args.context
     cands = {}
-    for block in (1, 2, 4):
-        opts = DecodeOptions(mode="ar" if block == 1 else "tidar", block_size=block, max_new_tokens=1 << 20)
-        fn = jax.jit(partial(engine.step, graphdef, opts.validate()))
-        cands[f"step_B{block}"] = partial(fn, params, fs.engine_state(cfg, context, block, opts, 0))
-    fwd = jax.jit(partial(fs._forward, graphdef))
-    import numpy as np
+
+    class Stepper:
+        """The engine's jitted step with its state donated and fed back, as in the decode loop."""
+
+        def __init__(self, fn, state):
+            self.fn, self.state = fn, state
+
+        def __call__(self):
+            self.state = self.fn(params, self.state)
+            return self.state.n_out_N
+
+    for name, (block, counts, head) in STEPS.items():
+        opts = DecodeOptions(mode="ar" if block == 1 else "tidar", block_size=block, max_new_tokens=1 << 20,
+                             groups=counts, head=head).validate()
+        fn = jax.jit(partial(engine.step, graphdef, opts), donate_argnums=(1,))
+        cands[name] = Stepper(fn, fs.engine_state(cfg, context, block, opts, 0))
+
+    def plain_forward(params, cache, tokens_1Q, length_1):
+        """A plain causal forward of Q tokens over the cache (the decode engine's cache path), logits at every row."""
+        model = nnx.merge(graphdef, params)
+        layout = masks.decode_attention_layout(length_1, tokens_1Q.shape[1], cache.k_LBCKD.shape[2], groups=False,
+                                               cache_page=128)
+        hidden_1QD, _ = model.hidden(tokens_1Q, layout.positions(), layout, cache)
+        return model.logits(hidden_1QD)
+
+    fwd = jax.jit(plain_forward)
     rng = np.random.default_rng(0)
     cache = fs.random_cache(cfg, context, 0)
-    for q in (1, 4, 16):
-        inputs = [jnp.asarray(a) for a in fs.plain_inputs(cfg, context, q, rng)]
-        cands[f"fwd_Q{q}"] = partial(fwd, params, cache, *inputs)
+    for q in FORWARD_Q:
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, q)), jnp.int32)
+        cands[f"fwd_Q{q}"] = partial(fwd, params, cache, tokens, jnp.full((1,), context, jnp.int32))
+
+    # memory bandwidth of this process, for the weight-read bound of the 1-token forward / AR step
+    big = jnp.ones((args.bandwidth_mib << 20) // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    cands["read_bw"] = partial(total, big)
     for f in cands.values():  # compile + warm
         jax.block_until_ready(f())
     times = {k: [] for k in cands}
@@ -75,9 +121,28 @@ def worker(args):
             t0 = time.perf_counter()
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t0)
-    out = {k: min(v) * 1e3 for k, v in times.items()}
+    out = {k: min(v) * 1e3 for k, v in times.items() if k != "read_bw"}
+    out["read_gb_s"] = big.nbytes / min(times["read_bw"]) / 1e9
+    out["weight_bytes"] = weight_bytes
     out["load_average"] = list(os.getloadavg())
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians over rounds of the per-run minima and of ratios taken inside one worker run: each step and forward
+    over the 1-token forward, each step over a plain forward of as many query tokens (the engine's overhead), and
+    the 1-token forward / AR step over the weight-read bound (weight bytes / read bandwidth of that run)."""
+    med = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k not in ("load_average",)}
+    ratios = {}
+    for k in runs[0]:
+        if k.startswith(("fwd_Q", "step_")) and k != "fwd_Q1":
+            ratios[f"{k}/fwd_Q1"] = statistics.median(x[k] / x["fwd_Q1"] for x in runs)
+    for k in STEPS:
+        ratios[f"{k}/fwd_same_Q"] = statistics.median(x[k] / x[f"fwd_Q{step_queries(k)}"] for x in runs)
+    for k in ("fwd_Q1", "step_B1"):
+        ratios[f"{k}/weight_read_bound"] = statistics.median(
+            x[k] / (x["weight_bytes"] / (x["read_gb_s"] * 1e9) * 1e3) for x in runs)
+    return {"min_ms_median_over_rounds": med, "ratios": ratios, "load_averages": [x["load_average"] for x in runs]}
 
 
 def main(argv=None):
@@ -89,6 +154,7 @@ def main(argv=None):
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth-mib", type=int, default=512)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -105,7 +171,7 @@ def main(argv=None):
                    "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--dtype", dtype,
                                    "--reps", str(args.reps), "--layers", str(args.layers),
-                                   "--context", str(args.context)], env=env, capture_output=True, text=True)
+                                   "--context", str(args.context), "--bandwidth-mib", str(args.bandwidth_mib)], env=env, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 runs[c].append({"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
@@ -118,13 +184,7 @@ def main(argv=None):
         if not ok:
             table[c] = {"error": rs[-1]["error"]}
             continue
-        med = {k: statistics.median(x[k] for x in ok) for k in ok[0] if k != "load_average"}
-        ratios = {f"{k}/fwd_Q1": statistics.median(x[k] / x["fwd_Q1"] for x in ok) for k in ok[0]
-                  if k.startswith(("fwd_Q", "step_B")) and k != "fwd_Q1"}
-        ratios.update({f"step_B{b}/step_B1": statistics.median(x[f"step_B{b}"] / x["step_B1"] for x in ok)
-                       for b in (2, 4)})
-        table[c] = {"min_ms_median_over_rounds": med, "ratios": ratios,
-                    "load_averages": [x["load_average"] for x in ok]}
+        table[c] = summarise(ok)
     result = {"benchmark": "cpu_flags", "model": f"random Qwen2.5-0.5B shape, {args.layers} layers, batch 1, "
               f"context {args.context}", "rounds": args.rounds, "reps": args.reps, "candidates": CANDIDATES,
               "results": table, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -138,8 +198,11 @@ def main(argv=None):
             print(f"{c:18s} error: {t['error']}")
             continue
         m, r = t["min_ms_median_over_rounds"], t["ratios"]
-        print(f"{c:18s} fwd Q1 {m['fwd_Q1']:7.1f} ms  Q4 {r['fwd_Q4/fwd_Q1']:.2f}x  Q16 {r['fwd_Q16/fwd_Q1']:.2f}x  "
-              f"AR step {m['step_B1']:7.1f} ms  TiDAR B2 {r['step_B2/step_B1']:.2f}x  B4 {r['step_B4/step_B1']:.2f}x")
+        print(f"{c:18s} fwd Q1 {m['fwd_Q1']:6.1f} ms ({r['fwd_Q1/weight_read_bound']:.2f}x bound)  "
+              + "  ".join(f"Q{q} {r[f'fwd_Q{q}/fwd_Q1']:.2f}x" for q in FORWARD_Q[1:]))
+        print(f"{'':18s} AR step {m['step_B1']:6.1f} ms ({r['step_B1/weight_read_bound']:.2f}x bound)  "
+              + "  ".join(f"{k[5:]} {r[f'{k}/fwd_Q1']:.2f}x|{r[f'{k}/fwd_same_Q']:.2f}" for k in STEPS
+                          if k != "step_B1"))
     return result
 
 
