@@ -19,7 +19,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
+
+from benchmarks import ROOT, cli  # noqa: E402
 
 CANDIDATES = {  # name -> (extra XLA_FLAGS, decode dtype)
     "default": ("", "float32"),
@@ -33,13 +36,11 @@ QWEN05 = dict(vocab_size=151936, hidden_size=896, num_heads=14, num_kv_heads=2, 
 
 
 def worker(args):
-    sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
     from functools import partial
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import free_slots as fs
+    from benchmarks import free_slots as fs
 
     from tidar_jax.config import ModelConfig
     from tidar_jax.decode import engine
@@ -81,13 +82,12 @@ def worker(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "rounds", "reps", rounds=dict(default=2), reps=dict(default=5))
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--candidates", default=",".join(CANDIDATES))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    cli.add_shared(p, "out", out=dict(default=os.path.join(ROOT, "benchmarks", "results")))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -103,9 +103,10 @@ def main(argv=None):
             flags, dtype = CANDIDATES[c]
             env = {**os.environ, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--dtype", dtype,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_flags", "--worker", "--dtype", dtype,
                                    "--reps", str(args.reps), "--layers", str(args.layers),
-                                   "--context", str(args.context)], env=env, capture_output=True, text=True)
+                                   "--context", str(args.context)], env=env, cwd=ROOT, capture_output=True,
+                                  text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 runs[c].append({"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
