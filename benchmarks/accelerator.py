@@ -24,7 +24,6 @@ rewriting the JSON and markdown after every section (a run cut short keeps what 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import math
@@ -38,9 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -361,7 +362,7 @@ def ensure_corpus(ctx) -> str:
         path = os.path.join(ctx.tmp, "corpus")
         kwargs = dict(vocab_size=512, max_files=40)
     else:
-        path = os.path.join(bc._ROOT, "data", "stdlib")
+        path = os.path.join(ROOT, "data", "stdlib")
         kwargs = {}
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         t0 = time.perf_counter()
@@ -1266,31 +1267,33 @@ def write_outputs(result: dict, out: str):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory (accelerator.json, accelerator.md, PNGs)")
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "out", out=dict(required=True, default=None,
+                                      help="output directory (accelerator.json, accelerator.md, PNGs)"))
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget in seconds for the suite after start-up (default 440: with imports, "
                         "about 8 minutes; --smoke: 3600, so every section runs however busy the machine)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any backend (the CPU test); numbers mean "
                                                        "nothing")
-    p.add_argument("--data", help="prepared corpus dir (default data/stdlib, prepared from the stdlib if missing)")
+    cli.add_shared(p, "data", data=dict(help="prepared corpus dir (default data/stdlib, prepared from the stdlib if "
+                                             "missing)"))
     p.add_argument("--prompt-file", help="extra decode prompts: UTF-8 text, prompts separated by lines '---'")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_shared(p, "seed")
     args = p.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 3600.0 if args.smoke else 440.0  # smoke: every section runs, however busy the machine
     if not args.budget_s > 0:
-        bc.fail(f"--budget-s={args.budget_s:g}: must be > 0 seconds")
+        cli.fail(f"--budget-s={args.budget_s:g}: must be > 0 seconds")
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in wanted if s not in SECTIONS]
     if bad or not wanted:
-        bc.fail(f"--sections={args.sections!r}: must be a comma-separated subset of {', '.join(SECTIONS)}")
+        cli.fail(f"--sections={args.sections!r}: must be a comma-separated subset of {', '.join(SECTIONS)}")
     args.sections = [s for s in SECTIONS if s in wanted]
     if args.prompt_file and not os.path.isfile(args.prompt_file):
-        bc.fail(f"--prompt-file={args.prompt_file}: no such file")
+        cli.fail(f"--prompt-file={args.prompt_file}: no such file")
     if args.data and not os.path.isfile(os.path.join(args.data, "manifest.json")):
-        bc.fail(f"--data={args.data}: no manifest.json there (prepare it with python -m tidar_jax.data.prepare)")
+        cli.fail(f"--data={args.data}: no manifest.json there (prepare it with python -m tidar_jax.data.prepare)")
     return args
 
 

@@ -19,5 +19,5 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 \
     | tee "$DEST/accelerator.log"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$DEST/accelerator.log"
-"$PY" benchmarks/accelerator.py --budget-s "${ACCEL_BUDGET_S:-330}" --out "$DEST" "$@" 2>&1 \
+"$PY" -m benchmarks.accelerator --budget-s "${ACCEL_BUDGET_S:-330}" --out "$DEST" "$@" 2>&1 \
     | tee -a "$DEST/accelerator.log"

@@ -16,15 +16,15 @@ Writes ``bandwidth.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
-import free_slots as fs  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import cli  # noqa: E402
+from benchmarks import free_slots as fs  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,21 +49,16 @@ def step_bytes(bundle, cache_slots: int) -> dict[str, int]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
-    p.add_argument("--preset", choices=sorted(bc.PRESETS))
-    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
-    p.add_argument("--quick", action="store_true")
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "checkpoint", "preset", "tiny", "quick")
     p.add_argument("--contexts", help="comma-separated context lengths L (default 256,1024,4096)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth array in MiB (default 512)")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--new-tokens", type=int, help="tokens per row for the AR decode-loop timing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "rounds", "new_tokens", "seed", "out",
+                   new_tokens=dict(help="tokens per row for the AR decode-loop timing"))
     args = p.parse_args(argv)
-    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
-    args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")
-    bc.require_positive(args, ("copy_mib", "rounds", "new_tokens"))
+    cli.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
+    args.contexts = cli.parse_int_list(str(args.contexts), "--contexts")
+    cli.require_positive(args, ("copy_mib", "rounds", "new_tokens"))
     return args
 
 

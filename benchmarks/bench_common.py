@@ -16,27 +16,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
-# benchmarks are scripts: make the repository importable when run as ``python benchmarks/x.py``
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import ROOT
+from benchmarks.cli import fail
+from benchmarks.presets import PRESETS
+from tidar_jax.bundle import InferenceBundle
+from tidar_jax.config import ModelConfig
 
-from tidar_jax.bundle import InferenceBundle  # noqa: E402
-from tidar_jax.config import ModelConfig  # noqa: E402
-
-# Random-init models used when no checkpoint is given. "m38" is the 38.7M-parameter model of
-# shared/reference/environment.md section 8, so numbers can be compared with that table.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_size=64,
-                 mask_token_id=1, block_size=4),
-    "small": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_size=768,
-                  mask_token_id=1, block_size=8, family="qwen2", qkv_bias=True),
-    "m38": dict(vocab_size=32000, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=6, mlp_size=1536,
-                tie_embeddings=False, mask_token_id=1, block_size=8, family="qwen2", qkv_bias=True),
-}
 
 RANDOM_MODEL_WARNING = (
     "WARNING: no checkpoint given -- this is a RANDOM-INIT model. Its diffusion drafts are noise, so it accepts "
@@ -46,11 +34,6 @@ RANDOM_MODEL_WARNING = (
 
 class BenchError(ValueError):
     """Bad benchmark input; the message names the value and what is allowed."""
-
-
-def fail(message: str):
-    """CLI exit: one line on stderr, non-zero status, no traceback."""
-    raise SystemExit(f"error: {message}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,10 +219,10 @@ def find_data_dir(checkpoint: str | None, data: str | None) -> str | None:
                 with open(path) as f:
                     recorded = (yaml.safe_load(f) or {}).get("data", {}).get("dir")
                 if recorded:
-                    for cand in (recorded, os.path.join(_ROOT, recorded)):
+                    for cand in (recorded, os.path.join(ROOT, recorded)):
                         if os.path.isfile(os.path.join(cand, "manifest.json")):
                             return cand
-    default = os.path.join(_ROOT, "data", "stdlib")
+    default = os.path.join(ROOT, "data", "stdlib")
     return default if os.path.isfile(os.path.join(default, "manifest.json")) else None
 
 
@@ -309,30 +292,3 @@ def _jsonable(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def parse_int_list(text: str, name: str, minimum: int = 1) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{name}={text!r}: must be a comma-separated list of integers")
-    if not values or any(v < minimum for v in values):
-        fail(f"{name}={text!r}: must be a non-empty comma-separated list of integers >= {minimum}")
-    return values
-
-
-def fill_size_defaults(args, defaults: dict, quick: dict | None = None, tiny: dict | None = None):
-    """Fill every option the user left unset from the chosen size preset (--tiny, else --quick, else defaults)."""
-    preset = tiny if tiny is not None and getattr(args, "tiny", False) else \
-        quick if quick is not None and getattr(args, "quick", False) else defaults
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def require_positive(args, names) -> None:
-    """One clear CLI error for the first option in ``names`` that is below 1."""
-    for name in names:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1")

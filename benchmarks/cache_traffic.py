@@ -10,14 +10,14 @@ Writes ``cache_traffic.json``. Goal (issue 12): paged, 8x live within 10% of liv
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import cli  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,14 +37,14 @@ def ar_state(cfg, live: int, allocated: int, opts):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="m38", choices=sorted(bc.PRESETS))
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "preset", preset=dict(default="m38"))
     p.add_argument("--live", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=10)
+    cli.add_shared(p, "rounds", rounds=dict(default=10))
     p.add_argument("--page", type=int, default=128)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "out")
     args = p.parse_args(argv)
-    bc.require_positive(args, ("live", "rounds", "page"))
+    cli.require_positive(args, ("live", "rounds", "page"))
     bundle = bc.random_bundle(args.preset)
     cfg = bundle.config
     cands = {}

@@ -10,7 +10,6 @@ fresh trace + lowering + XLA compile. Writes benchmarks/results/compile_depth.js
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,18 +17,21 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
 import jax  # noqa: E402
 
+from benchmarks import cli  # noqa: E402
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--layers", type=int, nargs="+", default=[4, 28])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-unrolled", action="store_true", help="skip the unrolled contrast")
-    p.add_argument("--out", default="benchmarks/results/compile_depth.json")
+    cli.add_shared(p, "out", out=dict(default="benchmarks/results/compile_depth.json"))
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 

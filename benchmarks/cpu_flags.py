@@ -19,7 +19,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
+
+from benchmarks import ROOT, cli  # noqa: E402
 
 CANDIDATES = {  # name -> (extra XLA_FLAGS, decode dtype)
     "default": ("", "float32"),
@@ -50,15 +53,13 @@ def step_queries(name: str) -> int:
 
 
 def worker(args):
-    sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
     import numpy as np
     from functools import partial
     from flax import nnx
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import free_slots as fs
+    from benchmarks import free_slots as fs
 
     from tidar_jax import masks
     from tidar_jax.config import ModelConfig
@@ -146,13 +147,12 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "rounds", "reps", rounds=dict(default=2), reps=dict(default=5))
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--candidates", default=",".join(CANDIDATES))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    cli.add_shared(p, "out", out=dict(default=os.path.join(ROOT, "benchmarks", "results")))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bandwidth-mib", type=int, default=512)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -169,9 +169,10 @@ def main(argv=None):
             flags, dtype = CANDIDATES[c]
             env = {**os.environ, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--dtype", dtype,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_flags", "--worker", "--dtype", dtype,
                                    "--reps", str(args.reps), "--layers", str(args.layers),
-                                   "--context", str(args.context), "--bandwidth-mib", str(args.bandwidth_mib)], env=env, capture_output=True, text=True)
+                                   "--context", str(args.context), "--bandwidth-mib", str(args.bandwidth_mib)],
+                                  env=env, cwd=ROOT, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 runs[c].append({"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})

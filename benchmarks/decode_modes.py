@@ -11,13 +11,13 @@ Writes ``decode_modes.json``; ``benchmarks/decode_speed.py`` (decode engineer) a
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import cli  # noqa: E402
 
 MODES = {"lossless": dict(beta=1.0, slot0="verifier"), "trust-diff": dict(beta=0.0, slot0="diffusion")}
 DEFAULTS = {"blocks": "4,8,16", "batches": "1,4", "rounds": 5, "new_tokens": 64, "prompt_len": 64, "preset": "m38"}
@@ -26,28 +26,20 @@ TINY = {"blocks": "2", "batches": "1", "rounds": 1, "new_tokens": 6, "prompt_len
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
-    p.add_argument("--preset", choices=sorted(bc.PRESETS))
-    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
-    p.add_argument("--quick", action="store_true")
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "checkpoint", "preset", "tiny", "quick")
     p.add_argument("--blocks", help="TiDAR block sizes (default 4,8,16)")
     p.add_argument("--batches", help="batch sizes (default 1,4)")
     p.add_argument("--modes", default="lossless,trust-diff", help="subset of lossless,trust-diff")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--new-tokens", type=int)
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--data", help="prepared data dir for held-out prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "rounds", "new_tokens", "prompt_len", "data", "seed", "out")
     args = p.parse_args(argv)
-    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
-    args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
-    args.batches = bc.parse_int_list(str(args.batches), "--batches")
+    cli.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
+    args.blocks = cli.parse_int_list(str(args.blocks), "--blocks")
+    args.batches = cli.parse_int_list(str(args.batches), "--batches")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
-        bc.fail(f"--modes={','.join(args.modes)}: must be a non-empty subset of {','.join(MODES)}")
-    bc.require_positive(args, ("rounds", "new_tokens", "prompt_len"))
+        cli.fail(f"--modes={','.join(args.modes)}: must be a non-empty subset of {','.join(MODES)}")
+    cli.require_positive(args, ("rounds", "new_tokens", "prompt_len"))
     return args
 
 

@@ -19,10 +19,12 @@ import statistics
 import sys
 import time
 
-import numpy as np
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np  # noqa: E402
+
+from benchmarks import ROOT, cli  # noqa: E402
 
 
 def parse_ints(text):
@@ -31,18 +33,18 @@ def parse_ints(text):
 
 def build_parser():
     p = argparse.ArgumentParser(description="AR vs TiDAR decode speed (interleaved)")
-    p.add_argument("--checkpoint", help="checkpoint to load (default: a random model, clearly labelled)")
+    cli.add_shared(p, "checkpoint", checkpoint=dict(help="checkpoint to load (default: a random model, clearly "
+                                                         "labelled)"))
     p.add_argument("--block-sizes", default="2,4,8,16")
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    cli.add_shared(p, "prompt_len", "rounds", prompt_len=dict(default=32), rounds=dict(default=5))
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--out-name", default="decode_speed", help="results file stem")
     p.add_argument("--vocab", type=int, default=8192, help="random model only")
     p.add_argument("--hidden", type=int, default=256, help="random model only")
     p.add_argument("--layers", type=int, default=4, help="random model only")
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_shared(p, "seed")
     p.add_argument("--toy-train-steps", type=int, default=0,
                    help="instead of a random model, train one for this many steps on arithmetic sequences "
                         "(x_{i+1} = x_i + s mod V-1) so that drafts are accepted; prompts come from the same law")

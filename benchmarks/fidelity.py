@@ -19,22 +19,22 @@ into ``--runs-dir``; a run trained to the same step count is reused. Writes ``fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = bc._ROOT
 # The study's model: the (pre-issue-16) tiny preset's optimiser, pinned here, on a 1024-token BPE vocabulary of the same stdlib corpus (its own
 # data dir) and a smaller network (~0.2M params, S=64), so that a dozen runs fit a shared 2-core CPU in ~30 min.
 # The LM head dominates the step at vocab 4096; 1024 cuts the step ~2.5x. Overrides given with --set win.
@@ -126,7 +126,7 @@ def train_variant(args, variant: dict, seed: int) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        bc.fail(f"training {variant['name']} failed (exit {proc.returncode}): " + " | ".join(tail))
+        cli.fail(f"training {variant['name']} failed (exit {proc.returncode}): " + " | ".join(tail))
     tail = proc.stdout.strip().splitlines()[-8:]
     load = bc.load_average()
     bc.write_json(record_path, {"steps": steps, "train_wall_s": wall, "command": cmd[1:], "log_tail": tail,
@@ -209,7 +209,7 @@ def evaluate(args, variant: dict, trained: dict) -> dict:
     bundle = load_for_inference(trained["run_dir"])
     data_dir = bc.find_data_dir(trained["run_dir"], args.data)
     if data_dir is None:
-        bc.fail(f"cannot find the held-out data of {trained['run_dir']}; pass --data DIR")
+        cli.fail(f"cannot find the held-out data of {trained['run_dir']}; pass --data DIR")
     seq_len = args.eval_seq_len
     loss = heldout_ar_loss(bundle, data_dir, seq_len, args.eval_batch, args.eval_batches, variant["block_size"])
     prompts, source = bc.heldout_prompts(bundle.config, data_dir, args.prompts, args.prompt_len, args.seed)
@@ -223,7 +223,7 @@ def evaluate(args, variant: dict, trained: dict) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"), help="training preset")
     p.add_argument("--steps", type=int, help="steps of TiDAR with the paper loss at the smallest B; the others get "
                    "the steps of equal FLOPs (default 200; --quick 60)")
@@ -236,36 +236,33 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train.py override for every variant (repeatable), e.g. --set data.seq_len=64")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "fidelity"))
-    p.add_argument("--data", help="prepared data dir (default: the one each run trained on)")
+    cli.add_shared(p, "data", data=dict(help="prepared data dir (default: the one each run trained on)"))
     p.add_argument("--eval-seq-len", type=int, default=64)
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--eval-batches", type=int)
-    p.add_argument("--prompts", type=int)
-    p.add_argument("--prompt-len", type=int)
+    cli.add_shared(p, "prompts", "prompt_len")
     p.add_argument("--short-prompts", type=int, default=32,
                    help="held-out contexts for the short-horizon acceptance (2B+1 new tokens each)")
-    p.add_argument("--new-tokens", type=int)
-    p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
-    p.add_argument("--quick", action="store_true")
+    cli.add_shared(p, "new_tokens", "seed", "quick", seed=dict(help="prompt sampling seed"))
     p.add_argument("--merge-json", metavar="A.json,B.json",
                    help="train nothing: merge the runs of earlier fidelity.json files (e.g. two halves of a study run "
                         "in parallel; the first file wins for a repeated variant and seed) and rewrite the results")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "out")
     args = p.parse_args(argv)
-    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK)
-    args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
-    args.seeds = bc.parse_int_list(str(args.seeds), "--seeds", minimum=0)
+    cli.fill_size_defaults(args, DEFAULTS, quick=QUICK)
+    args.blocks = cli.parse_int_list(str(args.blocks), "--blocks")
+    args.seeds = cli.parse_int_list(str(args.seeds), "--seeds", minimum=0)
     args.options = [o.strip() for o in args.options.split(",") if o.strip()]
     bad = [o for o in args.options if o not in OPTIONS]
     if bad or not args.options:
-        bc.fail(f"--options {','.join(bad) or repr('')}: must be a comma-separated subset of {','.join(OPTIONS)}")
-    bc.require_positive(args, ("steps", "eval_seq_len", "eval_batch", "eval_batches", "prompts", "prompt_len",
-                               "new_tokens", "short_prompts"))
+        cli.fail(f"--options {','.join(bad) or repr('')}: must be a comma-separated subset of {','.join(OPTIONS)}")
+    cli.require_positive(args, ("steps", "eval_seq_len", "eval_batch", "eval_batches", "prompts", "prompt_len",
+                                "new_tokens", "short_prompts"))
     if not os.path.isfile(args.config):
-        bc.fail(f"--config {args.config}: no such file")
+        cli.fail(f"--config {args.config}: no such file")
     for item in args.set:
         if "=" not in item:
-            bc.fail(f"--set {item!r}: must be KEY=VALUE")
+            cli.fail(f"--set {item!r}: must be KEY=VALUE")
     args.runs_dir = os.path.abspath(args.runs_dir)
     return args
 
@@ -277,7 +274,7 @@ def merge(args) -> dict:
             with open(path) as f:
                 part = json.load(f)
         except (OSError, ValueError) as e:
-            bc.fail(f"--merge-json {path}: cannot read a fidelity.json ({e})")
+            cli.fail(f"--merge-json {path}: cannot read a fidelity.json ({e})")
         for r in part["runs"]:
             runs.setdefault((r["name"], r["seed"]), r)
         for p in part["plan"]:
@@ -300,7 +297,7 @@ def main(argv=None) -> dict:
     try:
         assign_steps(args, plan)
     except Exception as e:  # a bad --set or config: one line
-        bc.fail(f"cannot build the study's configs: {e}")
+        cli.fail(f"cannot build the study's configs: {e}")
     rows = []
     for seed in args.seeds:  # seed-major: every variant of one seed before the next seed
         for v in plan:

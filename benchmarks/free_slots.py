@@ -22,14 +22,14 @@ Writes ``free_slots.csv`` (one row per timed forward), ``free_slots.json`` and `
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import cli  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -264,11 +264,9 @@ def free_slot_summary(latency_ms, contexts, queries):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
-    p.add_argument("--preset", choices=sorted(bc.PRESETS), help="random model when no checkpoint")
-    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
-    p.add_argument("--quick", action="store_true", help="small contexts/queries/rounds (a minute on 2 cores)")
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "checkpoint", "preset", "tiny", "quick", preset=dict(help="random model when no checkpoint"),
+                   quick=dict(help="small contexts/queries/rounds (a minute on 2 cores)"))
     p.add_argument("--contexts", help="comma-separated context lengths L (default 256,1024,4096)")
     p.add_argument("--max-query", type=int, help="largest Q in the 1,2,4,... grid (default 512)")
     p.add_argument("--blocks", help="candidate draft block sizes (default 2,4,8,16)")
@@ -278,24 +276,22 @@ def parse_args(argv):
     p.add_argument("--groups-grid", action="store_true",
                    help="also time the engine step for every (B, G = 1, 2, 4.. B groups, head strategy) and "
                         "recommend (B, groups, head) from measured step cost and measured acceptance")
-    p.add_argument("--rounds", type=int, help="timed interleaved rounds (default 15)")
+    cli.add_shared(p, "rounds", rounds=dict(help="timed interleaved rounds (default 15)"))
     p.add_argument("--stat", choices=("min", "p25", "median"), default="p25",
                    help="latency statistic used for ratios and the recommendation (min is the most robust on a "
                         "busy machine)")
-    p.add_argument("--prompts", type=int, help="held-out prompts for the acceptance statistics")
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--new-tokens", type=int, help="tokens generated per prompt for the acceptance statistics")
-    p.add_argument("--data", help="prepared data dir for held-out prompts (default: the run's, else data/stdlib)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "prompts", "prompt_len", "new_tokens", "data", "seed", "out",
+                   prompts=dict(help="held-out prompts for the acceptance statistics"),
+                   new_tokens=dict(help="tokens generated per prompt for the acceptance statistics"),
+                   data=dict(help="prepared data dir for held-out prompts (default: the run's, else data/stdlib)"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
-    args.contexts = bc.parse_int_list(str(args.contexts), "--contexts")
-    args.blocks = bc.parse_int_list(str(args.blocks), "--blocks")
-    bc.require_positive(args, ("max_query", "rounds", "prompts", "prompt_len", "new_tokens"))
+    cli.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
+    args.contexts = cli.parse_int_list(str(args.contexts), "--contexts")
+    args.blocks = cli.parse_int_list(str(args.blocks), "--blocks")
+    cli.require_positive(args, ("max_query", "rounds", "prompts", "prompt_len", "new_tokens"))
     if not 0.0 <= args.beta <= 1.0:
-        bc.fail(f"--beta={args.beta}: must be in [0, 1]")
+        cli.fail(f"--beta={args.beta}: must be in [0, 1]")
     return args
 
 
@@ -357,7 +353,7 @@ def main(argv=None) -> dict:
     bc.write_csv(os.path.join(args.out, "free_slots.csv"), rows)
     bc.write_json(os.path.join(args.out, "free_slots.json"), result)
     if not args.no_plot:
-        import plots
+        from benchmarks import plots
         result["plot"] = plots.latency_curve(rows, rec, os.path.join(args.out, "free_slots.png"), args.stat)
     print(report(result), flush=True)
     return result

@@ -15,7 +15,6 @@ Rounds alternate the two; the ratio is taken within this run. Writes ``benchmark
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,9 +23,10 @@ import sys
 import tempfile
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
+
+from benchmarks import ROOT, cli  # noqa: E402
 
 
 def _machine():
@@ -89,7 +89,7 @@ def run_prepare(corpus_dir: str, tokenizer_path: str, out_dir: str, workers: int
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "tidar_jax.data.prepare", "--out", out_dir, "--source", corpus_dir,
            "--tokenizer", tokenizer_path, "--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
@@ -123,18 +123,16 @@ def run_prepare(corpus_dir: str, tokenizer_path: str, out_dir: str, workers: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument("--mb", type=int, default=64, help="generated corpus size in MB (default 64)")
     p.add_argument("--baseline-mb", type=int, default=32, help="text the baseline encodes per round (default 32)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    cli.add_shared(p, "rounds", rounds=dict(default=2))
     p.add_argument("--work", default=None, help="scratch dir (default: a temp dir, removed afterwards)")
-    p.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
+    cli.add_shared(p, "out", out=dict(default=os.path.join(ROOT, "benchmarks", "results")))
     p.add_argument("--name", default="prepare", help="result file stem (default prepare)")
     args = p.parse_args(argv)
-    for name in ("mb", "baseline_mb", "workers", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    cli.require_positive(args, ("mb", "baseline_mb", "workers", "rounds"))
     work = args.work or tempfile.mkdtemp(prefix="tidar-prepare-bench-")
     try:
         from tidar_jax.data import prepare_corpus

@@ -13,19 +13,19 @@ Exit status: 0 when every benchmark ran, 1 when any failed (the summary still li
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = bc._ROOT
 DEFAULT_RUN = os.path.join(ROOT, "runs", "tiny")
 
 
@@ -77,7 +77,8 @@ def run_step(step: dict, out: str) -> dict:
     script = os.path.join(HERE, step["script"])
     if not os.path.isfile(script):
         return {"status": "missing", "error": f"{step['script']} is not in this checkout"}
-    cmd = [sys.executable, script, *step["args"]]
+    # as a module of the package from the root, so it imports this checkout whatever is installed
+    cmd = [sys.executable, "-m", "benchmarks." + os.path.splitext(step["script"])[0], *step["args"]]
     log_path = os.path.join(out, "logs", f"{step['name']}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     print(f"\n=== {step['name']}: {' '.join(['python', os.path.relpath(script, ROOT), *step['args']])}", flush=True)
@@ -275,26 +276,27 @@ def markdown(summary: dict) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: runs/tiny if trained)")
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "checkpoint", checkpoint=dict(help="run dir / params checkpoint / HF dir (default: runs/tiny "
+                                                         "if trained)"))
     p.add_argument("--random-init", action="store_true", help="use a random-init model even if runs/tiny exists")
-    p.add_argument("--preset", choices=sorted(bc.PRESETS), help="random model when there is no checkpoint")
-    p.add_argument("--quick", action="store_true", help="every benchmark at its quick size")
-    p.add_argument("--tiny", action="store_true", help="every benchmark at its smallest size (smoke tests)")
+    cli.add_shared(p, "preset", "quick", "tiny", preset=dict(help="random model when there is no checkpoint"),
+                   quick=dict(help="every benchmark at its quick size"),
+                   tiny=dict(help="every benchmark at its smallest size (smoke tests)"))
     p.add_argument("--only", help="comma-separated subset: free_slots,decode_modes,bandwidth,vs_transformers,"
                                   "decode_speed,train_step")
     p.add_argument("--summarize-only", action="store_true",
                    help="run nothing: rebuild summary.{json,md} and the plots from the JSON files already in --out")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "out")
     args = p.parse_args(argv)
     known = {"free_slots", "decode_modes", "bandwidth", "vs_transformers", "decode_speed", "train_step"}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     if args.only is not None and (not args.only or set(args.only) - known):
-        bc.fail(f"--only={','.join(args.only)}: must be a comma-separated subset of {','.join(sorted(known))}")
+        cli.fail(f"--only={','.join(args.only)}: must be a comma-separated subset of {','.join(sorted(known))}")
     if args.random_init and args.checkpoint:
-        bc.fail("--random-init and --checkpoint: give one or the other")
+        cli.fail("--random-init and --checkpoint: give one or the other")
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
-        bc.fail(f"--checkpoint {args.checkpoint}: does not exist")
+        cli.fail(f"--checkpoint {args.checkpoint}: does not exist")
     if args.checkpoint is None and not args.random_init:
         args.checkpoint = default_checkpoint()
     args.out = os.path.abspath(args.out)
@@ -309,7 +311,7 @@ def main(argv=None) -> int:
     load_start = bc.load_average()
     if args.summarize_only:
         if not os.path.isdir(args.out):
-            bc.fail(f"--out {args.out}: no such directory (--summarize-only reads the results already there)")
+            cli.fail(f"--out {args.out}: no such directory (--summarize-only reads the results already there)")
         results = {s["name"]: existing_result(s, args.out) for s in steps(args)}
     else:
         os.makedirs(args.out, exist_ok=True)
@@ -338,7 +340,7 @@ def main(argv=None) -> int:
 def make_plots(results: dict, out: str) -> list[str]:
     """Plots built from the results: measured speedup vs block size and the accepted-length histogram (from
     decode_modes), or the free-slot profiler's expected figures when decode_modes did not run."""
-    import plots
+    from benchmarks import plots
 
     made = []
     dm = results.get("decode_modes", {}).get("result")

@@ -18,7 +18,6 @@ reports the fraction of attention tiles the blockwise kernel visits. Writes ``tr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,26 +25,27 @@ import platform
 import sys
 import time
 
-import numpy as np
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import numpy as np  # noqa: E402
+
+from benchmarks import ROOT, cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(REPO, "configs", "tiny.yaml"))
-    p.add_argument("--rounds", type=int, default=20, help="timed (TiDAR, AR) pairs after warm-up")
+    p = cli.parser(__doc__)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    cli.add_shared(p, "rounds", rounds=dict(default=20, help="timed (TiDAR, AR) pairs after warm-up"))
     p.add_argument("--vocab-size", type=int, default=None, help="model vocab (default: model.vocab_size)")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    cli.add_shared(p, "out", out=dict(default=os.path.join(ROOT, "benchmarks", "results")))
     p.add_argument("--kernels", default=None,
                    help="comma list of attention kernels to compare (e.g. reference,blockwise,blockwise@256)")
     p.add_argument("--seq-lens", default=None, help="comma list of S for --kernels (default: data.seq_len)")
     p.add_argument("--tag", default="", help="--kernels results go to train_step_kernels[_TAG].{json,md}")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds={args.rounds}: must be >= 1")
+    cli.require_positive(args, ("rounds",))
     if args.kernels is not None:
         return kernel_sweep(args)
 

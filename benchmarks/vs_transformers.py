@@ -12,14 +12,14 @@ Writes ``vs_transformers.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
-import bench_common as bc  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import cli  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -61,25 +61,18 @@ def hf_generator(hf_dir: str, attn: str, threads: int):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="run dir / params checkpoint / HF dir (default: random-init --preset)")
-    p.add_argument("--preset", choices=sorted(bc.PRESETS))
-    p.add_argument("--tiny", action="store_true", help="the smallest size (smoke tests)")
-    p.add_argument("--quick", action="store_true")
+    p = cli.parser(__doc__)
+    cli.add_shared(p, "checkpoint", "preset", "tiny", "quick")
     p.add_argument("--batch", type=int, help="prompts per generate call (equal lengths, no padding)")
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--new-tokens", type=int)
+    cli.add_shared(p, "prompt_len", "new_tokens")
     p.add_argument("--block-size", type=int, help="TiDAR block size (default: the checkpoint's trained one)")
-    p.add_argument("--rounds", type=int)
+    cli.add_shared(p, "rounds")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
-    p.add_argument("--data", help="prepared data dir for held-out prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    cli.add_shared(p, "data", "seed", "out")
     args = p.parse_args(argv)
-    bc.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
-    bc.require_positive(args, ("batch", "prompt_len", "new_tokens", "rounds"))
-    if args.block_size is not None and args.block_size < 1:
-        bc.fail(f"--block-size={args.block_size}: must be an integer >= 1")
+    cli.fill_size_defaults(args, DEFAULTS, quick=QUICK, tiny=TINY)
+    # --block-size stays None (the checkpoint's own) unless given
+    cli.require_positive(args, ("batch", "prompt_len", "new_tokens", "rounds", "block_size"))
     return args
 
 

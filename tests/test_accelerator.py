@@ -19,9 +19,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
-sys.path.insert(0, BENCH)
 
-import accelerator as acc  # noqa: E402
+from benchmarks import accelerator as acc  # noqa: E402
 
 # The documented schema (docs/benchmarks.md, "Accelerator evidence suite"): every key must be present in --smoke.
 TOP_FIELDS = ["schema_version", "suite", "smoke", "command", "argv", "budget_s", "elapsed_s", "machine", "sizes",
@@ -68,8 +67,8 @@ def smoke(tmp_path_factory):
     prompt_file.write_text("def add(a, b):\n    return a + b\n---\nimport os\nprint(os.getcwd())\n")
     # grain is made unimportable: the suite's whole path must run on the accelerator image, which has none
     code = ("import sys, runpy; sys.modules['grain'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, os.path.join(BENCH, "accelerator.py"), "--smoke", "--out",
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", code, "benchmarks.accelerator", "--smoke", "--out",
                            str(out), "--prompt-file", str(prompt_file)], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -238,8 +237,8 @@ def test_roofline_bytes_match_the_real_parameter_arrays(tie):
     """weight/KV bytes against bandwidth.step_bytes, which sums the bytes of the model's actual arrays."""
     import types
 
-    import bandwidth
-    import bench_common as bc
+    from benchmarks import bandwidth
+    from benchmarks import bench_common as bc
     from tidar_jax.config import ModelConfig
     from tidar_jax.model.functional import abstract_model
 

@@ -5,28 +5,23 @@ forward (it must be the real model forward over a real cache) and the plots."""
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from flax import nnx
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from benchmarks import bandwidth, plots
+from benchmarks import bench_common as bc
+from benchmarks import free_slots as fs
+from benchmarks import vs_transformers as vt
 
-import bandwidth  # noqa: E402
-import bench_common as bc  # noqa: E402
-import free_slots as fs  # noqa: E402
-import plots  # noqa: E402
-import vs_transformers as vt  # noqa: E402
-
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ModelConfig  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from tidar_jax.model import KVCache, causal_mask  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ModelConfig
+from tidar_jax.model import KVCache, causal_mask
 
 
 def test_interleaved_calls_each_candidate_every_round_in_rotated_order():
@@ -195,9 +190,61 @@ def test_write_json_is_atomic_and_replaces(tmp_path):
 
 
 def test_distinct_ngram_fraction_flags_loops():
-    import fidelity
+    from benchmarks import fidelity
 
     assert fidelity.distinct_ngram_fraction([[5] * 20], 4) == pytest.approx(1 / 17)  # one 4-gram, 17 times
     assert fidelity.distinct_ngram_fraction([list(range(10)), list(range(10, 20))], 4) == 1.0
     assert fidelity.distinct_ngram_fraction([[1, 2]], 4) == 1.0  # nothing to count
     assert fidelity.variants([8, 4])[0] == {"name": "ar", "objective": "ar", "block_size": 4}
+
+
+def test_shared_options_are_declared_once_and_changed_only_in_default_or_help():
+    import argparse
+
+    from benchmarks import cli
+
+    p = cli.add_shared(argparse.ArgumentParser(), "preset", "rounds", "new_tokens", "out",
+                       rounds=dict(default=10, help="timed rounds"))
+    args = p.parse_args(["--new-tokens", "7"])
+    assert (args.preset, args.rounds, args.new_tokens, args.out) == (None, 10, 7, cli.DEFAULT_OUT)
+    assert p.parse_args(["--rounds", "3"]).rounds == 3  # still an int
+    with pytest.raises(SystemExit):
+        p.parse_args(["--preset", "nope"])  # choices are the presets bench_common builds
+    assert sorted(cli.SHARED["preset"]["choices"]) == sorted(bc.PRESETS)
+    for bad in (dict(names=("bogus",), changes={}), dict(names=("rounds",), changes={"seed": {"default": 1}}),
+                dict(names=("rounds",), changes={"rounds": {"type": float}})):
+        with pytest.raises(KeyError):
+            cli.add_shared(argparse.ArgumentParser(), *bad["names"], **bad["changes"])
+
+
+def test_require_positive_names_the_first_bad_option_and_skips_unset_ones():
+    import argparse
+
+    from benchmarks import cli
+
+    cli.require_positive(argparse.Namespace(rounds=1, block_size=None), ("rounds", "block_size"))
+    with pytest.raises(SystemExit, match=r"^error: --new-tokens=0: must be an integer >= 1$"):
+        cli.require_positive(argparse.Namespace(rounds=2, new_tokens=0, seed=-1), ("rounds", "new_tokens", "seed"))
+
+
+def test_no_benchmark_touches_sys_path_but_the_file_run_bootstrap():
+    """The package imports itself; only _repo_on_path.py (imported when a script runs as a file) edits sys.path."""
+    bench = os.path.dirname(bc.__file__)
+    offenders = [name for name in sorted(os.listdir(bench)) if name.endswith((".py", ".sh"))
+                 and name != "_repo_on_path.py" and "sys.path" in open(os.path.join(bench, name)).read()]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_a_benchmark_runs_as_a_file_from_anywhere_and_as_a_module(tmp_path, as_module):
+    """``python benchmarks/prepare.py`` (from another directory too) and ``python -m benchmarks.prepare`` import the
+    package of this checkout and reach its CLI check; prepare is the lightest script (no jax before parsing)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(bc.__file__))
+    cmd = ["-m", "benchmarks.prepare"] if as_module else [os.path.join(root, "benchmarks", "prepare.py")]
+    proc = subprocess.run([sys.executable, *cmd, "--mb", "0", "--out", str(tmp_path)], cwd=root if as_module
+                          else tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip() == "error: --mb=0: must be an integer >= 1", proc.stderr
+    assert os.listdir(tmp_path) == []

@@ -278,8 +278,7 @@ def test_mixture_proportions_and_exact_mid_epoch_resume(tmp_path):
 def test_peak_rss_of_a_1gb_preparation_stays_bounded(tmp_path):
     """1 GB of generated JSONL, 2 workers: the summed RSS of the preparation's processes stays under 1.5 GB.
     (The same code as ``benchmarks/prepare.py --mb 1024``, which reports the figure.)"""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import prepare as bench
+    from benchmarks import prepare as bench
 
     tok_dir = tmp_path / "tok"
     prepare_corpus(tok_dir, max_files=100, vocab_size=1024)

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import decode_speed  # noqa: E402
+from benchmarks import decode_speed
 
 
 def test_decode_speed_smoke(tmp_path):

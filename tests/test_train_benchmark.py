@@ -26,8 +26,7 @@ def test_train_step_benchmark_smoke(tmp_path):
 def test_kernel_sweep_arguments_and_tile_fractions():
     """--kernels / --seq-lens parsing (one clear line on bad input) and the tile fractions the sweep reports."""
     import pytest
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import train_step
+    from benchmarks import train_step
 
     assert train_step._parse_kernel("blockwise@256") == ("blockwise", 256)
     assert train_step._parse_kernel("reference") == ("reference", None)
