@@ -635,8 +635,27 @@ def step_inputs(cfg: ModelConfig, batch: int, context: int, block: int, rng):
     return tokens, positions, mask, rows
 
 
+def _merge(graphdef, params):
+    """The model for stacked params or for the decoder's per-layer buffers (``tidar_jax.model.layer_major``, where
+    this tidar_jax has it: a scan over stacked weights copies each layer's weights per forward)."""
+    try:
+        from tidar_jax.model import layer_major
+    except ImportError:
+        return nnx.merge(graphdef, params)
+    return layer_major.merge(graphdef, params)
+
+
+def decode_params(params):
+    """The params in the layout the decoder runs (per-layer buffers where this tidar_jax has them)."""
+    try:
+        from tidar_jax.model.layer_major import to_layer_major
+    except ImportError:
+        return params
+    return to_layer_major(params)
+
+
 def _forward(graphdef, params, cache, tokens_NQ, positions_NQ, mask_NQS, rows_NR):
-    model = nnx.merge(graphdef, params)
+    model = _merge(graphdef, params)
     hidden_NQD, _ = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
     return model.logits(jnp.take_along_axis(hidden_NQD, rows_NR[:, :, None], axis=1))
 
@@ -660,7 +679,7 @@ def engine_layouts() -> bool:
 
 def _engine_forward(graphdef, block, groups, params, cache, tokens_NQ, positions_NQ, length_N, rows_NR):
     """The decode engine's step forward with its attention layout, built inside the program as the engine does."""
-    model = nnx.merge(graphdef, params)
+    model = _merge(graphdef, params)
     layout = masks.decode_attention_layout(length_N, block, cache.k_LBCKD.shape[2], groups=groups)
     hidden_NQD, _ = model.hidden(tokens_NQ, positions_NQ, layout, cache)
     return model.logits(jnp.take_along_axis(hidden_NQD, rows_NR[:, :, None], axis=1))
@@ -671,6 +690,7 @@ def get_random_model(ctx, name: str):
         cfg = qwen_config(name, ctx.sizes)
         t0 = time.perf_counter()
         graphdef, params = random_params(cfg, ctx.args.seed)
+        params = decode_params(params)  # only forwards and the Decoder use these: the decode layout, once
         jax.block_until_ready(params)
         ctx.random_models[name] = (cfg, graphdef, params, time.perf_counter() - t0)
     return ctx.random_models[name]

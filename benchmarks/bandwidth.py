@@ -31,6 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from tidar_jax.model import layer_major  # noqa: E402
+
 DEFAULTS = {"contexts": "256,1024,4096", "copy_mib": 512, "rounds": 15, "preset": "m38", "new_tokens": 64}
 QUICK = {"contexts": "64,512", "copy_mib": 128, "rounds": 5, "preset": "small", "new_tokens": 24}
 TINY = {"contexts": "16", "copy_mib": 4, "rounds": 2, "preset": "tiny", "new_tokens": 6}  # smoke tests only
@@ -80,10 +82,11 @@ def main(argv=None) -> dict:
     cands = {"copy": copy_step, "read": partial(read, x)}
 
     fwd = jax.jit(partial(fs._forward, bundle.graphdef))
+    decode_params = layer_major.to_layer_major(bundle.params)  # the layout the decoder runs
     rng = np.random.default_rng(args.seed)
     for context in args.contexts:
         inputs = [jnp.asarray(a) for a in fs.plain_inputs(cfg, context, 1, rng)]
-        cands[f"ar_step/L={context}"] = partial(fwd, bundle.params, fs.random_cache(cfg, context, args.seed), *inputs)
+        cands[f"ar_step/L={context}"] = partial(fwd, decode_params, fs.random_cache(cfg, context, args.seed), *inputs)
 
     from tidar_jax.decode import Decoder
     dec = Decoder.from_bundle(bundle)

@@ -57,7 +57,6 @@ def worker(args):
     import jax.numpy as jnp
     import numpy as np
     from functools import partial
-    from flax import nnx
 
     from benchmarks import free_slots as fs
 
@@ -66,7 +65,7 @@ def worker(args):
     from tidar_jax.decode import engine
     from tidar_jax.decode.api import cast_params
     from tidar_jax.decode.options import DecodeOptions
-    from tidar_jax.model import abstract_model, create_sharded
+    from tidar_jax.model import abstract_model, create_sharded, layer_major
     from tidar_jax.sharding import make_mesh
 
     cfg = ModelConfig(num_layers=args.layers, **QWEN05, dtype=args.dtype, param_dtype="float32")
@@ -76,6 +75,7 @@ def worker(args):
         graphdef = abstract_model(cfg)[0]
         params = cast_params(params, jnp.dtype(args.dtype))
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    params = layer_major.to_layer_major(params)  # the layout the decoder runs: one buffer per layer
     context = args.context
     cands = {}
 
@@ -97,7 +97,7 @@ def worker(args):
 
     def plain_forward(params, cache, tokens_1Q, length_1):
         """A plain causal forward of Q tokens over the cache (the decode engine's cache path), logits at every row."""
-        model = nnx.merge(graphdef, params)
+        model = layer_major.merge(graphdef, params)
         layout = masks.decode_attention_layout(length_1, tokens_1Q.shape[1], cache.k_LBCKD.shape[2], groups=False,
                                                cache_page=128)
         hidden_1QD, _ = model.hidden(tokens_1Q, layout.positions(), layout, cache)

@@ -34,12 +34,11 @@ from benchmarks import cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from tidar_jax import masks  # noqa: E402
 from tidar_jax.decode import engine  # noqa: E402
 from tidar_jax.decode.options import DecodeOptions  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax.model import KVCache, layer_major  # noqa: E402
 
 DEFAULTS = {"contexts": "256,1024,4096", "max_query": 512, "blocks": "2,4,8,16", "rounds": 15, "preset": "m38",
             "prompts": 4, "new_tokens": 64, "prompt_len": 64}
@@ -67,7 +66,7 @@ def random_cache(cfg, context: int, seed: int) -> KVCache:
 
 
 def _forward(graphdef, params, cache, tokens_1Q, positions_1Q, mask_1QS, rows_1R):
-    model = nnx.merge(graphdef, params)
+    model = layer_major.merge(graphdef, params)  # stacked params or the decoder's per-layer buffers
     hidden_1QD, _ = model.hidden(tokens_1Q, positions_1Q, mask_1QS, cache)
     return model.logits(jnp.take_along_axis(hidden_1QD, rows_1R[:, :, None], axis=1))
 
@@ -98,6 +97,7 @@ def build_candidates(bundle, contexts, queries, blocks, beta, seed):
     """name -> (zero-arg callable, row description) for every timed forward."""
     cfg = bundle.config
     fwd = jax.jit(partial(_forward, bundle.graphdef))
+    decode_params = layer_major.to_layer_major(bundle.params)  # the layout the decoder runs
     rng = np.random.default_rng(seed)
     cands, meta = {}, {}
     for context in contexts:
@@ -107,7 +107,7 @@ def build_candidates(bundle, contexts, queries, blocks, beta, seed):
         for kind, q, block, inputs in specs:
             args = [jnp.asarray(a) for a in inputs]
             name = f"{kind}/L={context}/Q={q}"
-            cands[name] = partial(fwd, bundle.params, cache, *args)
+            cands[name] = partial(fwd, decode_params, cache, *args)
             meta[name] = {"kind": kind, "context": context, "query_tokens": q, "block_size": block or "",
                           "head_rows": int(args[3].shape[1])}
     return cands, meta
@@ -140,11 +140,12 @@ def engine_candidates(bundle, contexts, blocks, beta, seed):
     """name -> callable timing ``engine.step`` for every (context, B, G = 1..B grid, head)."""
     cfg = bundle.config
     cands, meta = {}, {}
+    params = layer_major.to_layer_major(bundle.params)  # the layout the decoder runs
     ar_opts = DecodeOptions(mode="ar", block_size=1, max_new_tokens=1 << 20).validate()
     ar_fn = jax.jit(partial(engine.step, bundle.graphdef, ar_opts))
     for context in contexts:  # the engine's AR step: the baseline the engine's TiDAR step is compared with
         name = f"engine_step/L={context}/AR"
-        cands[name] = partial(ar_fn, bundle.params, engine_state(cfg, context, 1, ar_opts, seed))
+        cands[name] = partial(ar_fn, params, engine_state(cfg, context, 1, ar_opts, seed))
         meta[name] = {"kind": "engine_step", "context": context, "query_tokens": 1, "block_size": 1, "groups": 0,
                       "head": "ar", "head_rows": ""}
     for block in blocks:
@@ -156,7 +157,7 @@ def engine_candidates(bundle, contexts, blocks, beta, seed):
                 fn = jax.jit(partial(engine.step, bundle.graphdef, opts))
                 for context in contexts:
                     name = f"engine_step/L={context}/B={block}/G={g}/{head}"
-                    cands[name] = partial(fn, bundle.params, engine_state(cfg, context, block, opts, seed))
+                    cands[name] = partial(fn, params, engine_state(cfg, context, block, opts, seed))
                     meta[name] = {"kind": "engine_step", "context": context, "query_tokens": block * (g + 1),
                                   "block_size": block, "groups": g, "head": head, "head_rows": ""}
     return cands, meta

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+
 
 from test_decode_support import pattern_prompts, trained_decoder
-from tidar_jax.model import causal_mask
+from tidar_jax.model import causal_mask, layer_major
 
 MAX_NEW = 24  # same program signature as the lossless tests, so the generate programs are shared
 
@@ -31,7 +31,8 @@ def plain_kv(dec, rows):
     @jax.jit
     def fwd(params, toks):
         n = toks.shape[0]
-        return nnx.merge(dec.graphdef, params)(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[1]
+        model = layer_major.merge(dec.graphdef, params)
+        return model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[1]
 
     kv = jax.device_get(fwd(dec.params, toks))
     return [(kv.k_LBTKD[:, i], kv.v_LBTKD[:, i]) for i in range(len(rows))]

@@ -83,3 +83,33 @@ def test_attend_with_cache_paged_equals_concatenated(counts, kernel):
     want = attention.attend_with_cache(q, k, v, ck, cv, layer, dense, kernel)
     got = jax.jit(attention.attend_with_cache, static_argnums=(7,))(q, k, v, ck, cv, layer, paged, kernel)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_major_params_equal_stacked():
+    """The decoder's per-layer param buffers (``to_layer_major``) give the same logits and step K/V as the
+    stacked, scanned model, for a cached decode step (paged) and a prefill."""
+    from flax import nnx
+
+    from tidar_jax.config import ModelConfig
+    from tidar_jax.model import KVCache, init_model, layer_major
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_size=48,
+                      mask_token_id=1, block_size=2, dtype="float64", param_dtype="float64")
+    graphdef, params = nnx.split(init_model(cfg, seed=4))
+    lm = layer_major.to_layer_major(params)
+    assert len(lm.layers) == 3 and layer_major.to_layer_major(lm) is lm
+    lengths = jnp.asarray([5, 11], jnp.int32)
+    step = masks.decode_attention_layout(lengths, 2, 16, cache_page=4)
+    ks = jax.random.split(jax.random.key(0), 3)
+    shape = (3, 2, 16, 2, 8)
+    cache = KVCache(jax.random.normal(ks[0], shape, jnp.float64), jax.random.normal(ks[1], shape, jnp.float64),
+                    lengths)
+    tokens = jax.random.randint(ks[2], (2, step.q_len), 0, 64)
+    prefill = masks.prefill_layout(jnp.asarray([7, 4]), 8, 2)
+    ptokens = tokens[:, :1].repeat(10, axis=1)
+    for args in [(tokens, step.positions(), step, cache),
+                 (ptokens, masks.prefill_positions(jnp.asarray([7, 4]), 8, 2), prefill)]:
+        want = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(params, *args)
+        got = jax.jit(lambda p, *a: layer_major.merge(graphdef, p)(*a))(lm, *args)
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+
 
 from test_decode_support import pattern_prompts, trained_decoder, trained_tiny
 from tidar_jax.decode import Decoder, DecodeError
 from tidar_jax.decode.api import default_dtype
-from tidar_jax.model import causal_mask
+from tidar_jax.model import causal_mask, layer_major
 
 MAX_NEW = 24
 PROMPTS = pattern_prompts([5, 2, 9, 12], seed=31)
@@ -45,7 +45,8 @@ def _logits_last(dec, rows):
     @jax.jit
     def fwd(params, toks):
         n = toks.shape[0]
-        return nnx.merge(dec.graphdef, params)(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[0]
+        model = layer_major.merge(dec.graphdef, params)
+        return model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[0]
 
     logits = np.asarray(fwd(dec.params, toks), np.float64)
     return [logits[i, len(r) - 1] for i, r in enumerate(rows)]

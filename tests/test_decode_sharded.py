@@ -51,6 +51,11 @@ def test_sharded_stream_cache_layout():
     for _ in stream:
         specs.append(stream.state.cache.k_LBCKD.sharding.spec)
     assert all(tuple(s)[:4] == (None, ("data", "fsdp"), None, "tensor") for s in specs), specs
-    embed = dec.params["embed"].get_value() if hasattr(dec.params["embed"], "get_value") else dec.params["embed"]
+    embed = dec.params.rest["embed"]
+    embed = embed.get_value() if hasattr(embed, "get_value") else embed
     assert tuple(embed.sharding.spec) == ("tensor", "fsdp")
+    # per-layer decode buffers keep the rules' sharding (embed -> fsdp, heads -> tensor) minus the layer axis
+    q_proj = dec.params.layers[0]["attn"]["q_proj"]
+    q_proj = q_proj.get_value() if hasattr(q_proj, "get_value") else q_proj
+    assert tuple(q_proj.sharding.spec)[:2] == ("fsdp", "tensor"), q_proj.sharding.spec
     assert stream.result.tokens == _run(trained_decoder("float64"), "tidar", 0.0)

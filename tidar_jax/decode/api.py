@@ -142,7 +142,10 @@ class Decoder:
             cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
             graphdef = abstract_model(cfg)[0]
             params = cast_params(params, jnp.dtype(dtype), shardings)
-        self.cfg, self.graphdef, self.params = cfg, graphdef, params
+        from tidar_jax.model.layer_major import to_layer_major
+
+        # one buffer per layer, converted once: a scan over stacked weights copies each layer's weights per step
+        self.cfg, self.graphdef, self.params = cfg, graphdef, to_layer_major(params)
         self.dtype, self.mesh = dtype, mesh
         self.tokenizer = tokenizer
         self.trained_block_size = trained_block_size

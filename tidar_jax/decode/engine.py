@@ -1,7 +1,7 @@
 """Prefill, one decode step and the whole-generation ``while_loop`` for TiDAR and the AR baseline.
 
-Everything here is a pure function of the params ``state`` (the model is rebuilt with ``nnx.merge`` at trace
-time). Shapes are static: ``N`` rows, prompts right-padded to ``P``, a cache of ``C`` slots, an output buffer of
+Everything here is a pure function of the params ``state`` (the model is rebuilt with ``layer_major.merge`` at
+trace time; stacked params or, as ``Decoder`` keeps them, one buffer per layer). Shapes are static: ``N`` rows, prompts right-padded to ``P``, a cache of ``C`` slots, an output buffer of
 ``max_new_tokens + B`` tokens.
 
 Emission: a row's output is its committed tokens followed by its pending first draft. Draft 0 is always
@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from tidar_jax import masks
 from tidar_jax.decode import kv as kvops
@@ -30,7 +29,7 @@ from tidar_jax.decode import layout
 from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf, verifier_probs
-from tidar_jax.model import KVCache
+from tidar_jax.model import KVCache, layer_major
 
 
 class Stops(NamedTuple):
@@ -330,13 +329,13 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
 
 def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,
             stops: Stops, mesh=None) -> DecodeState:
-    model = nnx.merge(graphdef, params)
+    model = layer_major.merge(graphdef, params)
     fn = tidar_prefill if opts.mode == "tidar" else ar_prefill
     return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
 
 
 def step(graphdef, opts: DecodeOptions, params, state: DecodeState, mesh=None) -> DecodeState:
-    model = nnx.merge(graphdef, params)
+    model = layer_major.merge(graphdef, params)
     fn = tidar_step if opts.mode == "tidar" else ar_step
     return constrain_state(fn(model, opts, state), mesh)
 

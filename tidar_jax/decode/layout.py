@@ -9,7 +9,6 @@ it is the source of the next drafts when k drafts are accepted; an uncovered k f
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 
 def next_draft_source(accepted_N, block_size: int, counts: tuple[int, ...]):

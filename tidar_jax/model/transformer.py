@@ -19,6 +19,7 @@ from tidar_jax.scan_options import scan_unroll
 from tidar_jax.sharding import constrain
 
 LAYERS_AXIS = "layers"
+LAYERS_KEY = "layers"  # the params subtree of the stacked decoder layers (the attribute below)
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
@@ -88,12 +89,14 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, _normal(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
-    def hidden(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
+    def hidden(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None, layer_states=None):
         """Final-normed hidden states ``[B, T, D]`` and the current tokens' K/V (``StepKV``).
 
         ``mask_BTS`` is a ``tidar_jax.masks`` layout or a dense boolean mask over keys ``[cache slots 0..C-1 |
         current tokens]`` (just the current tokens when ``cache`` is None); it is passed through, unchanged, to every
         scanned layer. The cache is read, never written: committing K/V is the caller's decision.
+        ``layer_states``: one state per layer (``tidar_jax.model.layer_major``) to run instead of the stacked
+        layers, as straight-line code (decoding: no per-layer slice of a stacked weight is materialised).
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
@@ -111,9 +114,16 @@ class Transformer(nnx.Module):
             x_BTD, k_BTKD, v_BTKD = layer(x_BTD, cos, sin, mask_BTS, layer_cache)
             return x_BTD, (k_BTKD, v_BTKD)
 
-        layer_index_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        x_BTD, (k_LBTKD, v_LBTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_BTD,
-                                                 (layer_state, layer_index_L), unroll=scan_unroll())
+        if layer_states is not None:
+            kv = []
+            for i, state in enumerate(layer_states):
+                x_BTD, kv_i = one_layer(x_BTD, (state, jnp.int32(i)))
+                kv.append(kv_i)
+            k_LBTKD, v_LBTKD = (jnp.stack(a) for a in zip(*kv))
+        else:
+            layer_index_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            x_BTD, (k_LBTKD, v_LBTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_BTD,
+                                                     (layer_state, layer_index_L), unroll=scan_unroll())
         x_BTD = constrain(x_BTD, ACTIVATION_AXES, "final activations")
         return self.final_norm(x_BTD), StepKV(k_LBTKD, v_LBTKD)
 
