@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask groups drafted per step: G (accepted counts 1..G) or a comma list of counts "
                         "(default: all B)")
     p.add_argument("--head", default=None, choices=("selective", "one_pass"),
-                   help="LM-head strategy per step (default selective)")
+                   help="LM-head strategy per step (default one_pass)")
     p.add_argument("--recommendation", default=None,
                    help="JSON written by benchmarks/free_slots.py: use its block size, groups and head (explicit "
                         "--block-size/--groups/--head win)")
@@ -167,7 +167,7 @@ def _option_kwargs(args, mode):
     return dict(mode=mode, block_size=args.block_size, beta=args.beta, slot0=args.slot0,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, allow_untrained_block_size=args.allow_untrained_block_size,
-                groups=parse_groups(args.groups), head=args.head or "selective", cache_dtype=args.cache_dtype)
+                groups=parse_groups(args.groups), head=args.head or "one_pass", cache_dtype=args.cache_dtype)
 
 
 def _common(args):

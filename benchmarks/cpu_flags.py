@@ -114,6 +114,14 @@ def worker(args):
     big = jnp.ones((args.bandwidth_mib << 20) // 4, jnp.float32)
     total = jax.jit(jnp.sum)
     cands["read_bw"] = partial(total, big)
+    bump = jax.jit(lambda x: x + 1, donate_argnums=0)  # in place: read + write every byte once
+    copy_buf = [bump(jnp.ones_like(big))]
+
+    def copy_step():
+        copy_buf[0] = bump(copy_buf[0])
+        return copy_buf[0]
+
+    cands["copy_bw"] = copy_step
     for f in cands.values():  # compile + warm
         jax.block_until_ready(f())
     times = {k: [] for k in cands}
@@ -122,28 +130,77 @@ def worker(args):
             t0 = time.perf_counter()
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t0)
-    out = {k: min(v) * 1e3 for k, v in times.items() if k != "read_bw"}
+    out = {k: min(v) * 1e3 for k, v in times.items() if not k.endswith("_bw")}
     out["read_gb_s"] = big.nbytes / min(times["read_bw"]) / 1e9
+    out["copy_gb_s"] = 2 * big.nbytes / min(times["copy_bw"]) / 1e9
     out["weight_bytes"] = weight_bytes
+    if args.capture:
+        out["capture"] = capture(cfg, graphdef, params, out, args)
     out["load_average"] = list(os.getloadavg())
     print("RESULT " + json.dumps(out), flush=True)
+
+
+CAPTURE = {  # generate() configurations -> the engine step (of STEPS) whose cost predicts them
+    "ar": (dict(mode="ar"), "step_B1"),
+    "B2_one_pass": (dict(mode="tidar", block_size=2, head="one_pass"), "step_B2_one_pass"),
+    "B2_selective": (dict(mode="tidar", block_size=2, head="selective"), "step_B2_selective"),
+    "B4_G1_one_pass": (dict(mode="tidar", block_size=4, groups=(1,), head="one_pass"), "step_B4_G1_one_pass"),
+}
+
+
+def capture(cfg, graphdef, params, step_ms, args) -> dict:
+    """Does the engine capture what the hardware and the drafts allow? Greedy lossless generation through
+    ``Decoder.generate`` (compile excluded), AR and TiDAR interleaved over rounds; predicted speedup =
+    T/NFE x t(AR step) / t(TiDAR step) from this worker's step timings; capture = measured / predicted."""
+    import numpy as np
+
+    from tidar_jax.decode import Decoder
+
+    dec = Decoder(cfg, graphdef, params, eos_token_id=None)
+    rng = np.random.default_rng(1)
+    prompt = [int(t) for t in rng.integers(2, cfg.vocab_size, args.capture_prompt)]
+    kw = dict(max_new_tokens=args.capture_tokens, eos_token_id=None)
+    for options, _ in CAPTURE.values():  # compile (reported separately by generate, never in wall_s)
+        dec.generate([prompt], **options, **kw)
+    stats = {name: [] for name in CAPTURE}
+    tokens = {}
+    for _ in range(args.capture_rounds):
+        for name, (options, _) in CAPTURE.items():
+            res = dec.generate([prompt], **options, **kw)
+            stats[name].append(res.stats)
+            tokens[name] = res.tokens[0]
+    wall = {name: statistics.median(s["wall_s"] for s in runs) for name, runs in stats.items()}
+    out = {"prompt_tokens": args.capture_prompt, "new_tokens": args.capture_tokens,
+           "lossless_equal_ar": {name: tokens[name] == tokens["ar"] for name in CAPTURE}}
+    for name, (_, step) in CAPTURE.items():
+        tpnfe = stats[name][0]["tokens_per_nfe"]
+        speedup = wall["ar"] / wall[name]
+        predicted = tpnfe * step_ms["step_B1"] / step_ms[step]
+        out[name] = {"wall_s": wall[name], "tokens_per_s": args.capture_tokens / wall[name],
+                     "tokens_per_nfe": tpnfe, "speedup_vs_ar": speedup, "predicted_speedup": predicted,
+                     "capture": speedup / predicted}
+    return out
 
 
 def summarise(runs: list[dict]) -> dict:
     """Medians over rounds of the per-run minima and of ratios taken inside one worker run: each step and forward
     over the 1-token forward, each step over a plain forward of as many query tokens (the engine's overhead), and
     the 1-token forward / AR step over the weight-read bound (weight bytes / read bandwidth of that run)."""
-    med = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k not in ("load_average",)}
+    med = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k not in ("load_average", "capture")}
     ratios = {}
     for k in runs[0]:
         if k.startswith(("fwd_Q", "step_")) and k != "fwd_Q1":
             ratios[f"{k}/fwd_Q1"] = statistics.median(x[k] / x["fwd_Q1"] for x in runs)
     for k in STEPS:
         ratios[f"{k}/fwd_same_Q"] = statistics.median(x[k] / x[f"fwd_Q{step_queries(k)}"] for x in runs)
-    for k in ("fwd_Q1", "step_B1"):
-        ratios[f"{k}/weight_read_bound"] = statistics.median(
-            x[k] / (x["weight_bytes"] / (x["read_gb_s"] * 1e9) * 1e3) for x in runs)
-    return {"min_ms_median_over_rounds": med, "ratios": ratios, "load_averages": [x["load_average"] for x in runs]}
+    for k in ("fwd_Q1", "step_B1"):  # bound = weight bytes / bandwidth (read-only sum, and copy as bandwidth.py)
+        for bw in ("read", "copy"):
+            ratios[f"{k}/weight_{bw}_bw_bound"] = statistics.median(
+                x[k] / (x["weight_bytes"] / (x[f"{bw}_gb_s"] * 1e9) * 1e3) for x in runs)
+    out = {"min_ms_median_over_rounds": med, "ratios": ratios, "load_averages": [x["load_average"] for x in runs]}
+    if any("capture" in x for x in runs):
+        out["capture"] = [x["capture"] for x in runs if "capture" in x]
+    return out
 
 
 def main(argv=None):
@@ -155,14 +212,23 @@ def main(argv=None):
     cli.add_shared(p, "out", out=dict(default=os.path.join(ROOT, "benchmarks", "results")))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bandwidth-mib", type=int, default=512)
+    p.add_argument("--capture", action="store_true",
+                   help="also time greedy generation (AR vs TiDAR) in the first candidate's workers")
+    p.add_argument("--capture-prompt", type=int, default=8)
+    p.add_argument("--capture-tokens", type=int, default=64)
+    p.add_argument("--capture-rounds", type=int, default=2)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    cli.require_positive(args, ("rounds", "reps", "layers", "context", "bandwidth_mib", "capture_prompt",
+                                "capture_tokens", "capture_rounds"))
     if args.worker:
         return worker(args)
     names = [c for c in args.candidates.split(",") if c]
     bad = [c for c in names if c not in CANDIDATES]
     if bad:
         raise SystemExit(f"--candidates: unknown {bad[0]!r}; known: {', '.join(CANDIDATES)}")
+    capture_args = ["--capture", "--capture-prompt", str(args.capture_prompt), "--capture-tokens",
+                    str(args.capture_tokens), "--capture-rounds", str(args.capture_rounds)]
     runs = {c: [] for c in names}
     for r in range(args.rounds):
         for c in names:
@@ -171,7 +237,8 @@ def main(argv=None):
                    "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
             proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_flags", "--worker", "--dtype", dtype,
                                    "--reps", str(args.reps), "--layers", str(args.layers),
-                                   "--context", str(args.context), "--bandwidth-mib", str(args.bandwidth_mib)],
+                                   "--context", str(args.context), "--bandwidth-mib", str(args.bandwidth_mib)]
+                                  + (capture_args if args.capture and c == names[0] else []),
                                   env=env, cwd=ROOT, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -199,9 +266,14 @@ def main(argv=None):
             print(f"{c:18s} error: {t['error']}")
             continue
         m, r = t["min_ms_median_over_rounds"], t["ratios"]
-        print(f"{c:18s} fwd Q1 {m['fwd_Q1']:6.1f} ms ({r['fwd_Q1/weight_read_bound']:.2f}x bound)  "
+        print(f"{c:18s} fwd Q1 {m['fwd_Q1']:6.1f} ms ({r['fwd_Q1/weight_read_bw_bound']:.2f}x read / {r['fwd_Q1/weight_copy_bw_bound']:.2f}x copy bound)  "
               + "  ".join(f"Q{q} {r[f'fwd_Q{q}/fwd_Q1']:.2f}x" for q in FORWARD_Q[1:]))
-        print(f"{'':18s} AR step {m['step_B1']:6.1f} ms ({r['step_B1/weight_read_bound']:.2f}x bound)  "
+        for cap in t.get("capture", []):
+            print(f"{'':18s} generate: " + "  ".join(
+                f"{k} {v['tokens_per_s']:.1f} tok/s T/NFE {v['tokens_per_nfe']:.2f} speedup {v['speedup_vs_ar']:.2f}x "
+                f"(predicted {v['predicted_speedup']:.2f}x, capture {v['capture']:.2f})"
+                for k, v in cap.items() if isinstance(v, dict) and k != "lossless_equal_ar"))
+        print(f"{'':18s} AR step {m['step_B1']:6.1f} ms ({r['step_B1/weight_read_bw_bound']:.2f}x read / {r['step_B1/weight_copy_bw_bound']:.2f}x copy bound)  "
               + "  ".join(f"{k[5:]} {r[f'{k}/fwd_Q1']:.2f}x|{r[f'{k}/fwd_same_Q']:.2f}" for k in STEPS
                           if k != "step_B1"))
     return result

@@ -61,8 +61,9 @@ def test_next_drafts_match_reference(block, counts):
             assert np.asarray(got)[0].tolist() == want, (k, verifier_slot0)
 
 
-# one (B, groups, head) by default (the cache test below covers another); the rest with -m slow
-@pytest.mark.parametrize("block,groups,head", [(8, (1, 3, 8), "one_pass")] + [
+# one (B, groups, head) by default (the selective head: every other decode test runs the default one_pass; the
+# cache test below covers other groups); the rest with -m slow
+@pytest.mark.parametrize("block,groups,head", [(8, (1, 3, 8), "selective")] + [
     pytest.param(b, g, h, marks=pytest.mark.slow) for b, g, h in [(4, 1, "selective"), (4, (2, 4), "one_pass"),
                                                                   (8, 2, "selective"), (4, None, "one_pass")]])
 def test_pruned_groups_lossless(block, groups, head):

@@ -168,7 +168,7 @@ class Decoder:
     # -- inputs ----------------------------------------------------------------------------------------------
 
     def options(self, mode="tidar", block_size=None, beta=1.0, slot0="verifier", temperature=0.0, top_k=0,
-                top_p=1.0, max_new_tokens=64, allow_untrained_block_size=False, head="selective", groups=None,
+                top_p=1.0, max_new_tokens=64, allow_untrained_block_size=False, head="one_pass", groups=None,
                 cache_dtype=None, cache_attention="paged", cache_page=128, full_logits=False) -> DecodeOptions:
         """Static options. ``groups``: None (all B), an int G (counts 1..G) or a list of covered counts.
         ``full_logits=True`` is the old name of ``head="one_pass"``."""
@@ -190,7 +190,7 @@ class Decoder:
         if groups is not None and mode == "tidar" and groups == tuple(range(1, block_size + 1)):
             groups = None  # all groups: one program
         if mode == "ar":  # the AR program ignores the TiDAR-only options: normalise them so it compiles once
-            block_size, beta, slot0, head, groups = 1, 1.0, "verifier", "selective", None
+            block_size, beta, slot0, head, groups = 1, 1.0, "verifier", "one_pass", None
         opts = DecodeOptions(
             mode=mode, block_size=block_size, beta=float(beta), slot0=slot0, temperature=float(temperature),
             top_k=top_k, top_p=float(top_p), max_new_tokens=max_new_tokens, head=head, groups=groups,

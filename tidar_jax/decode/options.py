@@ -31,7 +31,9 @@ class DecodeOptions:
         not options, so changing them does not recompile.)
     head: LM-head strategy of a TiDAR step. "selective": dependent passes (the B draft rows, then the B rows of
         the chosen group; reads the head weights two or three times but computes 2B-3B rows); "one_pass": one pass
-        over the draft rows and every group's rows (reads the head weights once, computes B + G*B rows).
+        over the draft rows and every group's rows (reads the head weights once, computes B + G*B rows). Default
+        one_pass: at real sizes a step is bound by reading weights, and the head (the tied 151936 x 896 embedding
+        of Qwen2.5-0.5B: 27% of its weights) is the largest of them (benchmarks/cpu_flags.py measures both).
     groups: the accepted counts k in 1..B whose mask group is drafted in a step (sorted, unique); None = all B.
         For an uncovered count the next drafts are the exact verifier token followed by the later slots of the
         nearest lower covered group (group 0 = the current drafts). Verification is unchanged, so lossless mode
@@ -50,7 +52,7 @@ class DecodeOptions:
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    head: str = "selective"
+    head: str = "one_pass"
     groups: tuple[int, ...] | None = None
     cache_dtype: str | None = None
     cache_attention: str = "paged"
