@@ -26,7 +26,7 @@ def _flat(state) -> dict:
 
 @pytest.mark.parametrize("path", [RUN_V1, os.path.join(RUN_V1, "checkpoints", "2"), PARAMS_V1])
 def test_v1_checkpoint_loads_for_inference(path):
-    from tidar_jax.loading import load_for_inference
+    from tidar_jax.checkpoint import load_for_inference
 
     bundle = load_for_inference(path)
     expected = np.load(EXPECTED)
@@ -34,7 +34,7 @@ def test_v1_checkpoint_loads_for_inference(path):
     assert sorted(got) == sorted(expected.files)
     for key in expected.files:
         assert np.array_equal(got[key], expected[key]), key
-    assert (bundle.config.block_size, bundle.trained_block_size, bundle.config.mask_token_id) == (4, 4, 1)
+    assert (bundle.config.block_size, bundle.config.mask_token_id) == (4, 1)
     assert (bundle.step, bundle.eos_token_id) == (2, 0)
     assert bundle.tokenizer is not None and bundle.tokenizer.get_vocab_size() == 384
     nnx.merge(bundle.graphdef, bundle.params)  # a usable model
