@@ -79,12 +79,13 @@ def main(argv=None) -> int:
         return _plan(cfg, args)
 
     from tidar_jax.data import DataError
+    from tidar_jax.output_paths import OutputPathError
     from tidar_jax.train.loop import Preempted, TrainingDiverged, train
     from tidar_jax.train.summary import format_summary
 
     try:
         result = train(cfg, args.run_dir)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OutputPathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     except TrainingDiverged as e:
         raise SystemExit(f"error: {e}") from None

@@ -533,7 +533,7 @@ def section_trained_speedup(ctx, deadline: Deadline) -> dict:
     del state
     dec_cfg = cfg.replace(param_dtype=cfg.dtype)
     params_dec = jax.tree.map(lambda x: x.astype(cfg.dtype), params_state)
-    dec = Decoder(dec_cfg, graphdef, params_dec, trained_block_size=cfg.block_size, eos_token_id=None)
+    dec = Decoder(dec_cfg, graphdef, params_dec, check_block_size=True, eos_token_id=None)
     rows = max(sizes.decode_batches)
     file_prompts = read_prompt_file(ctx.args.prompt_file, corpus, sizes.prompt_len) if ctx.args.prompt_file else []
     heldout_prompts = [r.tolist() for r in corpus.spread_windows("eval", rows, sizes.prompt_len)]

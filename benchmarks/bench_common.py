@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks import ROOT
 from benchmarks.cli import fail
 from benchmarks.presets import PRESETS
-from tidar_jax.bundle import InferenceBundle
+from tidar_jax.checkpoint import InferenceBundle
 from tidar_jax.config import ModelConfig
 
 
@@ -180,14 +180,14 @@ def random_bundle(preset: str, seed: int = 0, **overrides) -> InferenceBundle:
     cfg = ModelConfig(**{**PRESETS[preset], **overrides})
     graphdef, _ = abstract_model(cfg)
     params = jax.jit(lambda: split(init_model(cfg, seed))[1])()  # one compile instead of one per eager op
-    return InferenceBundle(config=cfg, graphdef=graphdef, params=params, tokenizer=None, trained_block_size=None,
+    return InferenceBundle(config=cfg, graphdef=graphdef, params=params, tokenizer=None,
                            eos_token_id=None, source=f"random-init preset {preset!r} (seed {seed})")
 
 
 def load_model(checkpoint: str | None, preset: str, seed: int = 0) -> tuple[InferenceBundle, bool]:
     """``(bundle, trained)``: the checkpoint when given, else a random-init preset (``trained`` False)."""
     if checkpoint:
-        from tidar_jax.loading import CheckpointNotFound, load_for_inference
+        from tidar_jax.checkpoint import CheckpointNotFound, load_for_inference
         try:
             return load_for_inference(checkpoint), True
         except (CheckpointNotFound, FileNotFoundError) as e:
@@ -199,7 +199,7 @@ def load_model(checkpoint: str | None, preset: str, seed: int = 0) -> tuple[Infe
 def model_description(bundle: InferenceBundle, trained: bool) -> dict[str, Any]:
     cfg = bundle.config
     param_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(bundle.params)))
-    return {"source": bundle.source, "trained": trained, "trained_block_size": bundle.trained_block_size,
+    return {"source": bundle.source, "trained": trained, "trained_block_size": cfg.block_size if trained else None,
             "step": bundle.step, "num_params": int(sum(x.size for x in jax.tree.leaves(bundle.params))),
             "param_bytes": param_bytes, "config": cfg.to_dict()}
 

@@ -330,7 +330,7 @@ def main(argv=None) -> dict:
     data_dir = bc.find_data_dir(args.checkpoint, args.data)
     prompts, prompt_source = bc.heldout_prompts(cfg, data_dir, args.prompts, args.prompt_len, args.seed)
     acceptance = measure_acceptance(bundle, args.blocks, prompts, args.new_tokens, args.beta, args.slot0)
-    rec = recommend(latency_ms, acceptance, args.contexts, args.blocks, bundle.trained_block_size)
+    rec = recommend(latency_ms, acceptance, args.contexts, args.blocks, bundle.config.block_size if trained else None)
     group_acc = None
     if args.groups_grid:
         group_acc = measure_group_acceptance(bundle, args.blocks, acceptance, prompts, args.new_tokens, args.beta,

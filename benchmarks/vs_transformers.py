@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     bundle, trained = bc.load_model(args.checkpoint, args.preset, args.seed)
     cfg = bundle.config
-    block = args.block_size or bundle.trained_block_size or cfg.block_size
+    block = args.block_size or cfg.block_size
     data_dir = bc.find_data_dir(args.checkpoint, args.data)
     prompts, prompt_source = bc.heldout_prompts(cfg, data_dir, args.batch, args.prompt_len, args.seed)
 

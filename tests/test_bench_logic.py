@@ -133,7 +133,7 @@ def test_plain_forward_over_cache_equals_full_causal_forward():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_step_bytes_counts_weights_read_and_kv(tied):
-    from tidar_jax.bundle import InferenceBundle
+    from tidar_jax.checkpoint import InferenceBundle
     from tidar_jax.model.functional import abstract_model
 
     cfg = _tiny_cfg(tie_embeddings=tied)

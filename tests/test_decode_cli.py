@@ -23,7 +23,7 @@ TEXTS = ["the cat sat on the mat", "a dog ran in the park", "def add(a, b): retu
 def checkpoint(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tidar_jax.params_io import save_params
+    from tidar_jax.checkpoint.params import save_params
 
     tmp = tmp_path_factory.mktemp("decode_cli")
     tok = Tokenizer(models.BPE())
@@ -34,8 +34,8 @@ def checkpoint(tmp_path_factory):
     tok_path = str(tmp / "tokenizer.json")
     tok.save(tok_path)
     model = random_tiny("float32", seed=3, vocab_size=320, mask_token_id=319)
-    path = save_params(str(tmp / "ckpt"), model.cfg, nnx.state(model), tokenizer_path=tok_path,
-                       extra={"trained_block_size": 4, "eos_token_id": None})
+    assert model.cfg.block_size == 4  # the trained block size the checkpoint records
+    path = save_params(str(tmp / "ckpt"), model.cfg, nnx.state(model), tokenizer_path=tok_path)
     return path
 
 

@@ -39,7 +39,7 @@ def test_prompt_bucket():
 
 
 def _dec():
-    return Decoder.from_model(random_tiny("float32"), trained_block_size=4, max_cache_len=64)
+    return Decoder.from_model(random_tiny("float32"), check_block_size=True, max_cache_len=64)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -16,7 +16,6 @@ from flax import nnx
 from test_hf_support import (FAMILIES, MASK_ID, VOCAB, all_tensors, hf_logits, hf_model, our_logits, save_hf_dir,
                              word_tokenizer)
 from tidar_jax.hf import export_hf, is_hf_dir, load_hf_dir
-from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE
 
 ATOL = 1e-4
 
@@ -43,8 +42,8 @@ def test_round_trip(tmp_path, family, tied):
     assert is_hf_dir(hf_dir) and not is_hf_dir(str(tmp_path))
     bundle = load_hf_dir(hf_dir, mask_token_id=MASK_ID)
     cfg = bundle.config
-    assert (cfg.family, cfg.tie_embeddings, cfg.block_size, bundle.trained_block_size) == \
-        (family, tied, DEFAULT_BLOCK_SIZE, None)
+    # a plain HF checkpoint records no block size: it is an AR model (no trained block size)
+    assert (cfg.family, cfg.tie_embeddings, cfg.block_size) == (family, tied, None)
     tokens = _tokens()
     ref = hf_logits(src, tokens)
     np.testing.assert_allclose(our_logits(cfg, bundle.params, tokens, graphdef=bundle.graphdef), ref, atol=ATOL,
@@ -74,11 +73,11 @@ def test_round_trip(tmp_path, family, tied):
     assert type(reloaded).__name__ == type(src).__name__
     np.testing.assert_allclose(hf_logits(reloaded, tokens), ref, atol=ATOL, rtol=0)
     hf_cfg = json.load(open(os.path.join(out, "config.json")))
-    assert (hf_cfg["mask_token_id"], hf_cfg["block_size"]) == (MASK_ID, DEFAULT_BLOCK_SIZE)
+    assert (hf_cfg["mask_token_id"], hf_cfg["block_size"]) == (MASK_ID, None)
 
     # the recorded TiDAR fields come back on re-import without being passed
     again = load_hf_dir(out)
-    assert again.config == cfg and again.trained_block_size == DEFAULT_BLOCK_SIZE
+    assert again.config == cfg and again.config.block_size is None
     for (path_a, a), (path_b, b) in zip(_leaves(bundle.params), _leaves(again.params)):
         assert path_a == path_b and np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -189,8 +188,8 @@ def test_mask_token_policy(tmp_path):
 
 def test_cli_import_then_export(tmp_path):
     from tidar_jax.convert import main
-    from tidar_jax.loading import load_for_inference
-    from tidar_jax.params_io import is_params_dir
+    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.checkpoint.params import is_params_dir
 
     src = hf_model("qwen2", True, seed=13)
     src.generation_config.eos_token_id = 5

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.loading import CheckpointNotFound, load_for_inference
+from tidar_jax.checkpoint import CheckpointMeta, CheckpointNotFound, load_for_inference
 from tidar_jax.model import init_model, split
-from tidar_jax.params_io import load_params, save_params
+from tidar_jax.checkpoint.params import load_params, save_params
 from tidar_jax.sharding import make_mesh
 
 
@@ -19,17 +19,17 @@ def _cfg():
 def test_save_load_roundtrip_single_device_and_mesh(tmp_path):
     cfg = _cfg()
     _, state = split(init_model(cfg, 3))
-    path = save_params(str(tmp_path / "ck"), cfg, state, extra={"trained_block_size": 4})
+    path = save_params(str(tmp_path / "ck"), CheckpointMeta(cfg, step=7), state)
     for mesh in (None, make_mesh(2, 2, 2)):
         cfg2, _, restored, meta = load_params(path, mesh=mesh)
-        assert cfg2 == cfg and meta["trained_block_size"] == 4
+        assert cfg2 == cfg and meta.config.block_size == 4 and meta.step == 7
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         if mesh is not None:
             q = restored["layers"]["attn"]["q_proj"][...]  # stacked: [layers, embed, heads, head_dim]
             assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
     bundle = load_for_inference(path)
-    assert bundle.trained_block_size == 4 and bundle.config == cfg
+    assert bundle.config.block_size == 4 and bundle.config == cfg and bundle.step == 7
 
 
 def test_save_is_atomic_and_refuses_existing(tmp_path):

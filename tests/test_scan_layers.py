@@ -83,7 +83,7 @@ def test_scanned_equals_unrolled_logits_kv_and_grads(policy):
 
 def test_old_unrolled_params_checkpoint_loads():
     """The fixture was written by the unrolled-layer code (``layers/0/...``); each layer lands at its index."""
-    from tidar_jax.params_io import load_params
+    from tidar_jax.checkpoint.params import load_params
     from tidar_jax.sharding import make_mesh
 
     expected = np.load(FIXTURE + "_expected.npz")

@@ -153,16 +153,18 @@ def _corrupt(step_dir):
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(reference, tmp_path):
-    from tidar_jax.train import checkpointing as ck
+    from tidar_jax.checkpoint import run as ck
     from tidar_jax.train.step import abstract_train_state, make_step_fns
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.sharding import make_mesh
+
+    from tidar_jax.checkpoint.metadata import read_model_config
 
     cfg, ref_dir, _ = reference
     run_dir = str(tmp_path / "run")
     shutil.copytree(ref_dir, run_dir)
     _corrupt(os.path.join(run_dir, "checkpoints", "12"))
-    mcfg = ck.read_model_config(run_dir)
+    mcfg = read_model_config(run_dir)
     graphdef, abstract = abstract_model(mcfg)
     mesh = make_mesh(8, 1, 1)
     fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, STEPS)
@@ -178,7 +180,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(reference, tmp_path):
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
     # inference loading falls back the same way
     with pytest.warns(ck.CheckpointFallbackWarning):
-        bundle = ck.load_inference(run_dir)
+        bundle = ck.load_run(run_dir)
     assert bundle.step == 8
 
 
@@ -186,14 +188,14 @@ def test_restore_onto_a_different_mesh_shape(reference):
     from flax import nnx
 
     from tidar_jax.sharding import make_mesh
-    from tidar_jax.train import checkpointing as ck
+    from tidar_jax.checkpoint import run as ck
 
     _, run_dir, _ = reference
     expected = _params_of(run_dir, STEPS)
     for shape in ((1, 4, 2), (8, 1, 1)):
         mesh = make_mesh(*shape)
-        bundle = ck.load_inference(run_dir, mesh=mesh)
-        assert bundle.step == STEPS and bundle.trained_block_size == 4 and bundle.tokenizer is not None
+        bundle = ck.load_run(run_dir, mesh=mesh)
+        assert bundle.step == STEPS and bundle.config.block_size == 4 and bundle.tokenizer is not None
         pure = nnx.to_pure_dict(bundle.params)
         leaves = jax.tree_util.tree_leaves_with_path({"params": pure})
         assert any(leaf.sharding.mesh.devices.shape == shape for _, leaf in leaves)
@@ -202,7 +204,7 @@ def test_restore_onto_a_different_mesh_shape(reference):
         for key, value in got.items():
             np.testing.assert_array_equal(value, expected[key], err_msg=key)
     # one device, no mesh
-    bundle = ck.load_inference(os.path.join(run_dir, "checkpoints", "8"))
+    bundle = ck.load_run(os.path.join(run_dir, "checkpoints", "8"))
     assert bundle.step == 8
     got = _flat({"params": nnx.to_pure_dict(bundle.params)})
     exp8 = _params_of(run_dir, 8)
@@ -311,13 +313,13 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
 def test_init_from_params_checkpoint_starts_from_those_weights(reference, data_dir, tmp_path):
     """``model.init_from`` = a params checkpoint: the first step's loss is the loss of those weights on batch 0."""
     from tidar_jax.data import make_train_iterator
-    from tidar_jax.params_io import save_params
-    from tidar_jax.train import checkpointing as ck
+    from tidar_jax.checkpoint.params import save_params
+    from tidar_jax.checkpoint import run as ck
     from tidar_jax.train.loop import train
     from tidar_jax.train.step import make_loss_fn
 
     cfg, ref_dir, _ = reference
-    bundle = ck.load_inference(ref_dir)
+    bundle = ck.load_run(ref_dir)
     params_dir = save_params(str(tmp_path / "params"), bundle.config, bundle.params,
                              tokenizer_path=os.path.join(ref_dir, "tokenizer.json"))
     fresh = cfg.replace(**{"model.init_from": params_dir, "train.steps": 1, "data.eval_batches": 0})

@@ -4,20 +4,17 @@
                                                      [--dtype float32|bfloat16|float16]
     python -m tidar_jax.convert export-hf CHECKPOINT OUT_DIR [--dtype ...] [--max-shard-size 5GB]
 
-``import-hf`` writes a params checkpoint (``tidar_jax.params_io``) that ``train.py`` can start from and
+``import-hf`` writes a params checkpoint (``tidar_jax.checkpoint.params``) that ``train.py`` can start from and
 ``decode.py`` can load. ``export-hf`` takes a run dir, a step checkpoint or a params checkpoint and writes an HF
 directory loadable by ``transformers.AutoModelForCausalLM.from_pretrained``. Bad input exits non-zero with one
-line; nothing is written.
+line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-import tempfile
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "KIB": 1024, "MIB": 1024 ** 2,
                "GIB": 1024 ** 3}
@@ -43,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="existing token id to use as [MASK] (default: recorded, or 151662 for Qwen vocabularies)")
     group.add_argument("--add-mask-token", action="store_true",
                        help="append <|mask|> to the tokenizer (grows the embedding if it has no free row)")
-    imp.add_argument("--block-size", type=int, default=None, help="draft block size (default: recorded, else 16)")
+    imp.add_argument("--block-size", type=int, default=None,
+                     help="the block size the weights were trained with (default: the one recorded in config.json; "
+                          "none recorded: an AR model, decoded with --mode ar or an explicit untrained block size)")
     imp.add_argument("--dtype", choices=_DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
     exp = sub.add_parser("export-hf", help="run dir / checkpoint dir -> Hugging Face dir")
     exp.add_argument("checkpoint")
@@ -54,40 +53,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def import_hf(hf_dir: str, out: str, mask_token_id=None, add_mask_token=False, block_size=None, dtype=None) -> str:
+    from tidar_jax.checkpoint.metadata import CheckpointMeta, eos_tuple
+    from tidar_jax.checkpoint.params import save_params
     from tidar_jax.hf import load_hf_dir
     from tidar_jax.hf.load import read_hf_config, token_ids
-    from tidar_jax.params_io import save_params
+    from tidar_jax.output_paths import check_new_dir
 
-    if os.path.exists(out):
-        raise FileExistsError(f"output {os.path.abspath(out)} already exists; choose a new path or remove it first")
+    check_new_dir(out)
     bundle = load_hf_dir(hf_dir, mask_token_id=mask_token_id, block_size=block_size, dtype=dtype,
                          add_mask_token=add_mask_token)
     hf = read_hf_config(hf_dir)
-    extra = {"trained_block_size": bundle.trained_block_size, "eos_token_id": bundle.eos_token_id,
-             "source": bundle.source,
-             # HF-only fields kept so that export-hf can write them back
-             "hf": {"max_position_embeddings": hf.get("max_position_embeddings"), **token_ids(hf_dir, hf)}}
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path = None
-        if bundle.tokenizer is not None:  # may carry an added <|mask|>, so save the object, not the source file
-            tok_path = os.path.join(tmp, "tokenizer.json")
-            bundle.tokenizer.save(tok_path)
-        return save_params(out, bundle.config, bundle.params, tokenizer_path=tok_path, extra=extra)
+    # HF-only fields kept so that export-hf can write them back
+    # one default EOS id, the first, as documented in docs/hf.md (all of them stay in ``hf`` for export)
+    meta = CheckpointMeta(bundle.config, eos_token_ids=eos_tuple(bundle.eos_token_id), source=bundle.source,
+                          hf={"max_position_embeddings": hf.get("max_position_embeddings"), **token_ids(hf_dir, hf)})
+    # the tokenizer object may carry an added <|mask|>, so it is saved, not the source file
+    return save_params(out, meta, bundle.params, tokenizer=bundle.tokenizer)
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes=None) -> str:
+    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference, read_meta
     from tidar_jax.hf import export_hf
     from tidar_jax.hf.export import DEFAULT_MAX_SHARD_BYTES
-    from tidar_jax.loading import load_for_inference
+    from tidar_jax.output_paths import check_new_dir
 
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"output {os.path.abspath(out_dir)} already exists; choose a new path or remove it first")
+    check_new_dir(out_dir)
     bundle = load_for_inference(checkpoint)
-    hf_fields = {}
-    meta_path = os.path.join(checkpoint, "meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            hf_fields = json.load(f).get("hf") or {}
+    hf_fields = (read_meta(checkpoint).hf or {}) if checkpoint_kind(checkpoint) == "params" else {}
     eos = hf_fields.get("eos_token_id", bundle.eos_token_id)
     return export_hf(bundle.config, bundle.params, out_dir, tokenizer=bundle.tokenizer, dtype=dtype,
                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, eos_token_id=eos,
@@ -98,8 +90,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from tidar_jax.config import ConfigError
+    from tidar_jax.checkpoint import CheckpointNotFound
     from tidar_jax.hf.keys import HFFormatError
-    from tidar_jax.loading import CheckpointNotFound
+    from tidar_jax.output_paths import OutputPathError
 
     try:
         if args.command == "import-hf":
@@ -107,7 +100,7 @@ def main(argv=None) -> int:
                             args.dtype)
         else:
             out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, parse_size(args.max_shard_size))
-    except (HFFormatError, ConfigError, CheckpointNotFound, FileExistsError, FileNotFoundError) as e:
+    except (HFFormatError, ConfigError, CheckpointNotFound, OutputPathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")
     return 0

@@ -49,11 +49,13 @@ def run_demo(run_dir: str, num_prompts: int = 4, prompt_tokens: int = 48, max_ne
     import yaml
 
     from tidar_jax.decode import Decoder
-    from tidar_jax.loading import load_for_inference
+    from tidar_jax.checkpoint import load_for_inference
 
     bundle = load_for_inference(run_dir)
     decoder = Decoder.from_bundle(bundle)
-    block = bundle.trained_block_size or bundle.config.block_size
+    block = bundle.config.block_size
+    if block is None:
+        raise ValueError(f"{run_dir}: an AR-only run (it trained no drafter); the demo shows TiDAR decoding")
     with open(os.path.join(run_dir, "config.yaml")) as f:
         data_dir = yaml.safe_load(f)["data"]["dir"]
     prompts = heldout_prompts(data_dir, num_prompts, prompt_tokens)

@@ -533,6 +533,16 @@ def _resume_state(work: str, fingerprint: str) -> dict | None:
     return None
 
 
+def corpus_dir_problem(out_dir: str) -> str | None:
+    """Why an existing directory cannot be prepared into (None when it can: empty, or a readable corpus)."""
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        try:
+            load_manifest(out_dir)
+        except (DataError, OSError, ValueError):
+            return f"{MANIFEST} cannot be read (a damaged corpus dir); pass --overwrite to replace it"
+    return None
+
+
 def _existing(out_dir: str) -> dict | None:
     if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
         return None

@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from tidar_jax.data.corpus import DEFAULT_SHARD_TOKENS, DEFAULT_TOKENIZER_SAMPLE_BYTES, prepare_corpus
+from tidar_jax.data.corpus import (DEFAULT_SHARD_TOKENS, DEFAULT_TOKENIZER_SAMPLE_BYTES, corpus_dir_problem,
+                                   prepare_corpus)
 from tidar_jax.data.sources import DataError
 
 
@@ -63,6 +64,12 @@ def summary(manifest: dict, out: str) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
+    from tidar_jax.output_paths import OutputPathError, check_output_dir
+
+    try:  # before any input is read: a path that is a file, under a file, read-only, full or a damaged corpus
+        check_output_dir(args.out, existing=(lambda path: None) if args.overwrite else corpus_dir_problem)
+    except OutputPathError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         manifest = prepare_corpus(args.out, sources=args.source, tokenizer=args.tokenizer,
                                   vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction, seed=args.seed,

@@ -122,9 +122,12 @@ class Decoder:
     dtype: weight and compute dtype, applied once here (None = ``default_dtype``: bf16 on GPU/TPU, the
         checkpoint's fp32 on CPU). mesh: a ``(data, fsdp, tensor)`` mesh; params are sharded by the one rules
         table and the KV cache over batch and kv heads. eos_token_id: default EOS id(s) (an int or a list).
+    ``cfg.block_size`` is the block size the weights were trained with (None: none, an AR-only model) and the
+    default TiDAR block size; ``check_block_size`` (set for checkpoints, ``from_bundle``) refuses any other unless
+    ``allow_untrained_block_size`` is given.
     """
 
-    def __init__(self, cfg, graphdef, params, tokenizer=None, trained_block_size: int | None = None,
+    def __init__(self, cfg, graphdef, params, tokenizer=None, check_block_size: bool = False,
                  eos_token_id=None, max_cache_len: int = DEFAULT_MAX_CACHE_LEN, dtype: str | None = None,
                  mesh=None):
         dtype = default_dtype(cfg) if dtype is None else dtype
@@ -148,7 +151,7 @@ class Decoder:
         self.cfg, self.graphdef, self.params = cfg, graphdef, to_layer_major(params)
         self.dtype, self.mesh = dtype, mesh
         self.tokenizer = tokenizer
-        self.trained_block_size = trained_block_size
+        self.check_block_size = check_block_size
         self.eos_token_id = eos_token_id
         self.max_cache_len = max_cache_len
         self._compiled: dict[tuple, Any] = {}
@@ -157,8 +160,9 @@ class Decoder:
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> "Decoder":
         eos = getattr(bundle, "eos_token_ids", None) or bundle.eos_token_id
-        return cls(bundle.config, bundle.graphdef, bundle.params, bundle.tokenizer, bundle.trained_block_size,
-                   list(eos) if isinstance(eos, tuple) else eos, **kwargs)
+        kwargs.setdefault("check_block_size", True)
+        return cls(bundle.config, bundle.graphdef, bundle.params, bundle.tokenizer,
+                   eos_token_id=list(eos) if isinstance(eos, tuple) else eos, **kwargs)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "Decoder":
@@ -170,15 +174,23 @@ class Decoder:
     def options(self, mode="tidar", block_size=None, beta=1.0, slot0="verifier", temperature=0.0, top_k=0,
                 top_p=1.0, max_new_tokens=64, allow_untrained_block_size=False, head="one_pass", groups=None,
                 cache_dtype=None, cache_attention="paged", cache_page=128, full_logits=False) -> DecodeOptions:
-        """Static options. ``groups``: None (all B), an int G (counts 1..G) or a list of covered counts.
-        ``full_logits=True`` is the old name of ``head="one_pass"``."""
-        trained = self.trained_block_size
+        """Static options. ``block_size``: None = the model's trained one (``cfg.block_size``). ``groups``: None
+        (all B), an int G (counts 1..G) or a list of covered counts. ``full_logits=True`` is the old name of
+        ``head="one_pass"``."""
+        trained = self.cfg.block_size
+        if mode == "tidar" and block_size is None and trained is None:
+            raise DecodeError("block_size: this model records no trained block size (an AR-only model, or an HF "
+                              "checkpoint without TiDAR fields); decode with mode='ar' (--mode ar), or give a block "
+                              "size with allow_untrained_block_size (--block-size B --allow-untrained-block-size)")
         if block_size is None:
-            block_size = trained or self.cfg.block_size
-        if mode == "tidar" and trained and block_size != trained and not allow_untrained_block_size:
-            raise DecodeError(
-                f"block_size={block_size}: this checkpoint was trained with block size {trained}; use "
-                f"{trained} or allow another explicitly (allow_untrained_block_size / --allow-untrained-block-size)")
+            block_size = trained
+        if mode == "tidar" and self.check_block_size and block_size != trained and not allow_untrained_block_size:
+            what = f"was trained with block size {trained}; use {trained} or allow another" if trained is not None \
+                else "records no trained block size (an AR-only model); allow one"
+            raise DecodeError(f"block_size={block_size}: this checkpoint {what} explicitly (allow_untrained_block_size "
+                              "/ --allow-untrained-block-size)")
+        if mode == "ar" and block_size is None:
+            block_size = 1
         if full_logits:
             head = "one_pass"
         if isinstance(groups, (int, np.integer)) and not isinstance(groups, bool):
@@ -312,6 +324,12 @@ class Decoder:
             return None
         return [self.tokenizer.decode(t) for t in tokens]
 
+    def result(self, output: engine.GenerateOutput, opts: DecodeOptions, tokens: list[list[int]], wall_s: float,
+               compile_s: float) -> GenerateResult:
+        """What ``generate`` returns and a finished ``stream`` holds: the rows' tokens (after any stop-string
+        cut), their texts and the statistics of the run."""
+        return GenerateResult(tokens, self._decode_texts(tokens), _stats(output, opts, wall_s, compile_s, tokens))
+
     def _cut_text_stops(self, tokens, strings):
         """Apply the host-side text check of stop strings (see ``cut_at_stop_text``)."""
         if not strings or self.tokenizer is None:
@@ -338,7 +356,7 @@ class Decoder:
         out = np.asarray(output.out_NM)
         tokens = self._cut_text_stops([out[i, :n].tolist() for i, n in enumerate(np.asarray(output.n_out_N))],
                                       strings)
-        return GenerateResult(tokens, self._decode_texts(tokens), _stats(output, opts, wall_s, compile_s, tokens))
+        return self.result(output, opts, tokens, wall_s, compile_s)
 
     def stream(self, prompts, seed: int = 0, eos_token_id=_DEFAULT, stop=None, **option_kwargs) -> "DecodeStream":
         """Iterate per forward pass over the rows' newly emitted tokens (one accepted chunk per row). The step is
@@ -394,8 +412,7 @@ class DecodeStream:
             state = self.state = self._step(params, state)
         output = jax.device_get(engine.output_of(state))
         wall_s = time.perf_counter() - t0
-        self.result = GenerateResult(tokens, self.decoder._decode_texts(tokens),
-                                     _stats(output, self.opts, wall_s, self._compile_s, tokens))
+        self.result = self.decoder.result(output, self.opts, tokens, wall_s, self._compile_s)
 
 
 def generate(model, prompts, seed: int = 0, eos_token_id=_DEFAULT, stop=None, **option_kwargs) -> GenerateResult:

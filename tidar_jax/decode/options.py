@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tidar_jax.config import check_block_size
+
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
 HEADS = ("selective", "one_pass")
@@ -78,8 +80,7 @@ class DecodeOptions:
 
         if self.mode not in MODES:
             bad("mode", self.mode, "one of " + ", ".join(MODES))
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            bad("block_size", self.block_size, "an integer >= 1")
+        check_block_size(self.block_size, "block_size", DecodeError)
         if not 0.0 <= float(self.beta) <= 1.0:
             bad("beta", self.beta, "in [0, 1]")
         if self.slot0 not in SLOT0:

@@ -4,9 +4,9 @@ One key table (``tidar_jax.hf.keys.KEY_TABLE``) drives both directions; ``config
 ``tidar_jax.hf.hf_config``.
 """
 
+from tidar_jax.config import QWEN_MASK_TOKEN_ID
 from tidar_jax.hf.export import export_hf
-from tidar_jax.hf.hf_config import (DEFAULT_BLOCK_SIZE, QWEN_MASK_TOKEN_ID, hf_config_to_model_config,
-                                    model_config_to_hf_config)
+from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE, hf_config_to_model_config, model_config_to_hf_config
 from tidar_jax.hf.keys import KEY_TABLE, HFFormatError, bound_keys
 from tidar_jax.hf.load import is_hf_dir, load_hf_dir, params_from_tensors
 

@@ -2,8 +2,8 @@
 
 Tensors are gathered one at a time from (possibly sharded) arrays, converted through the key table, cast to the
 recorded dtype and written into safetensors shards of bounded size (``format: pt`` metadata) plus
-``model.safetensors.index.json`` when there is more than one shard. The directory is written to a temp dir beside
-``out_dir`` and renamed into place, so a failure leaves nothing behind.
+``model.safetensors.index.json`` when there is more than one shard. The directory is written atomically
+(``tidar_jax.checkpoint.atomic.atomic_dir``), so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tidar_jax.checkpoint.atomic import atomic_dir
 from tidar_jax.config import ModelConfig
 from tidar_jax.hf.hf_config import model_config_to_hf_config
 from tidar_jax.hf.keys import BoundKey, HFFormatError, bound_keys, get_path
@@ -82,9 +82,9 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
                                           bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise HFFormatError(f"tokenizer {tokenizer_path}: no such file")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"output {out_dir} already exists; choose a new path or remove it first")
+    from tidar_jax.output_paths import check_new_dir
+
+    out_dir = check_new_dir(out_dir)
     pure = nnx.to_pure_dict(params_state) if isinstance(params_state, nnx.State) else params_state
     keys = list(bound_keys(config))
     for k in keys:  # every parameter present with the right shape before anything is written
@@ -102,13 +102,9 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
     names = shard_file_names(len(shards))
     writer = jax.process_index() == 0
 
-    parent = os.path.dirname(out_dir)
-    if writer:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        from safetensors.numpy import save_file
+    from safetensors.numpy import save_file
 
+    with atomic_dir(out_dir, enabled=writer) as tmp:
         weight_map, total = {}, 0
         for fname, shard in zip(names, shards):
             tensors = {}
@@ -119,30 +115,31 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
             if writer:
                 save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             del tensors
-        if not writer:
-            return out_dir
-        if len(shards) > 1:
-            _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_json(os.path.join(tmp, "config.json"), hf_config)
-        generation = {"_from_model_config": False, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-        _write_json(os.path.join(tmp, "generation_config.json"), generation)
-        if tokenizer_path is not None or tokenizer is not None:
-            tok_out = os.path.join(tmp, "tokenizer.json")
-            if tokenizer is not None:
-                tokenizer.save(tok_out)
-            else:
-                shutil.copyfile(tokenizer_path, tok_out)
-            from tokenizers import Tokenizer
-            tok = Tokenizer.from_file(tok_out)
-            first_eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
-            _write_json(os.path.join(tmp, "tokenizer_config.json"),
-                        _tokenizer_config(tok, first_eos, bos_token_id, config.mask_token_id))
-        os.rename(tmp, out_dir)
-    except BaseException:
         if writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write_files(tmp, config, hf_config, len(shards), weight_map, total, tokenizer_path, tokenizer,
+                         eos_token_id, bos_token_id)
     return out_dir
+
+
+def _write_files(tmp, config, hf_config, n_shards, weight_map, total, tokenizer_path, tokenizer, eos_token_id,
+                 bos_token_id):
+    """Everything beside the shards: index, config, generation config, tokenizer."""
+    if n_shards > 1:
+        _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(tmp, "config.json"), hf_config)
+    generation = {"_from_model_config": False, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    _write_json(os.path.join(tmp, "generation_config.json"), generation)
+    if tokenizer_path is not None or tokenizer is not None:
+        tok_out = os.path.join(tmp, "tokenizer.json")
+        if tokenizer is not None:
+            tokenizer.save(tok_out)
+        else:
+            shutil.copyfile(tokenizer_path, tok_out)
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tok_out)
+        first_eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+        _write_json(os.path.join(tmp, "tokenizer_config.json"),
+                    _tokenizer_config(tok, first_eos, bos_token_id, config.mask_token_id))
 
 
 def _write_json(path: str, value):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.config import ConfigError, ModelConfig, resolve_mask_token
 from tidar_jax.hf.keys import HFFormatError
 
 # family -> (architecture class name, model_type)
@@ -16,8 +16,9 @@ ARCHITECTURES = {
 _FAMILY_BY_ARCH = {arch: fam for fam, (arch, _) in ARCHITECTURES.items()}
 _FAMILY_BY_MODEL_TYPE = {mt: fam for fam, (_, mt) in ARCHITECTURES.items()}
 
-QWEN_MASK_TOKEN_ID = 151662  # <|fim_pad|> in the Qwen2.5/Qwen3 tokenizers, what the released TiDAR code uses
-DEFAULT_BLOCK_SIZE = 16  # the paper's released models draft 16 tokens; used when config.json records none
+# the paper's released models draft 16 tokens: what TiDAR training from an HF checkpoint that records no block size
+# uses when the training config gives none (loading never assumes it: no record means no trained block size)
+DEFAULT_BLOCK_SIZE = 16
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64",
                 "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _DEFAULT_MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "llama": 2048}
@@ -65,13 +66,15 @@ def _dtype(hf: dict) -> str:
 
 
 def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None = None, block_size: int | None = None,
-                              dtype: str | None = None) -> ModelConfig:
+                              dtype: str | None = None, vocab_size: int | None = None) -> ModelConfig:
     """Our ``ModelConfig`` from a parsed HF ``config.json``.
 
-    ``mask_token_id``: explicit > the TiDAR field recorded in ``config.json`` > 151662 for a Qwen vocabulary
-    (vocab_size > 151662). Otherwise it stays unresolved (``HFFormatError``); ``tidar_jax.hf.load_hf_dir`` resolves
-    it with the tokenizer first. ``block_size``: explicit > recorded > ``DEFAULT_BLOCK_SIZE``.
-    ``dtype`` sets both compute and parameter dtype (default: the checkpoint's ``dtype``).
+    ``mask_token_id``: ``tidar_jax.config.resolve_mask_token`` (explicit > the TiDAR field recorded in
+    ``config.json`` > 151662 for a Qwen vocabulary); unresolved -> ``HFFormatError``. ``tidar_jax.hf.load_hf_dir``
+    resolves it with the tokenizer first. ``block_size`` (the trained block size): explicit > recorded > None
+    (a plain HF checkpoint is an AR model: it records none). ``vocab_size``: the model's vocabulary when it grows
+    beyond the stored one (an added [MASK] row). ``dtype`` sets both compute and parameter dtype (default: the
+    checkpoint's ``dtype``).
     """
     family = family_of(hf)
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
@@ -94,20 +97,18 @@ def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None =
     heads = int(_require(hf, "num_attention_heads"))
     head_dim = hf.get("head_dim") if family != "qwen2" else None  # Qwen2 always uses hidden // heads
     vocab = int(_require(hf, "vocab_size"))
-    if mask_token_id is None:
-        mask_token_id = hf.get("mask_token_id")
-    if mask_token_id is None and family in ("qwen2", "qwen3") and vocab > QWEN_MASK_TOKEN_ID:
-        mask_token_id = QWEN_MASK_TOKEN_ID
+    mask_token_id = resolve_mask_token(mask_token_id, hf.get("mask_token_id"), vocab_size=vocab,
+                                       qwen=family in ("qwen2", "qwen3"))
     if mask_token_id is None:
         raise HFFormatError(
             f"no mask_token_id for this {family} model (vocab_size={vocab}): pass mask_token_id=<existing token id> "
             "or add_mask_token=True to append <|mask|> to the tokenizer")
     if block_size is None:
-        block_size = hf.get("block_size") or DEFAULT_BLOCK_SIZE
+        block_size = hf.get("block_size")
     dt = _dtype(hf) if dtype is None else dtype
     try:
         return ModelConfig(
-            vocab_size=vocab,
+            vocab_size=vocab if vocab_size is None else vocab_size,
             hidden_size=hidden,
             num_layers=int(_require(hf, "num_hidden_layers")),
             num_heads=heads,
@@ -122,7 +123,7 @@ def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None =
             dtype=dt,
             param_dtype=dt,
             mask_token_id=int(mask_token_id),
-            block_size=int(block_size),
+            block_size=None if block_size is None else int(block_size),
             family=family,
         )
     except ConfigError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Callable
@@ -11,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tidar_jax.bundle import InferenceBundle
-from tidar_jax.config import ModelConfig
-from tidar_jax.hf.hf_config import QWEN_MASK_TOKEN_ID, family_of, hf_config_to_model_config
+from tidar_jax.checkpoint.bundle import InferenceBundle
+from tidar_jax.config import QWEN_MASK_TOKEN_ID, ModelConfig, resolve_mask_token
+from tidar_jax.hf.hf_config import family_of, hf_config_to_model_config
 from tidar_jax.hf.keys import KEY_TABLE, BoundKey, HFFormatError, bound_keys, set_path
 from tidar_jax.hf.safetensors_io import TensorReader, tensor_headers, weight_map
 from tidar_jax.model.functional import abstract_model
@@ -76,18 +77,17 @@ def token_ids(hf_dir: str, hf: dict) -> dict:
 def _resolve_mask_token(hf: dict, tokenizer, mask_token_id, add_mask_token: bool):
     """``(mask_token_id or None, rows_to_add)``. Policy (first that applies):
 
-    explicit argument > ``mask_token_id`` recorded in config.json > Qwen vocabulary (``<|fim_pad|>`` in the
-    tokenizer, or a Qwen architecture with vocab_size > 151662) -> 151662 > ``add_mask_token`` appends
-    ``<|mask|>`` to the tokenizer (using a free embedding row, or growing the embedding by mean-initialised rows).
+    ``tidar_jax.config.resolve_mask_token``: explicit argument > ``mask_token_id`` recorded in config.json >
+    151662 for a Qwen vocabulary (``<|fim_pad|>`` in the tokenizer, or a Qwen architecture, with vocab_size >
+    151662); then ``add_mask_token`` appends ``<|mask|>`` to the tokenizer (using a free embedding row, or growing
+    the embedding by mean-initialised rows).
     """
     vocab = int(hf.get("vocab_size") or 0)
-    if mask_token_id is not None or hf.get("mask_token_id") is not None:
-        return mask_token_id, 0
     fim_pad = tokenizer.token_to_id(QWEN_MASK_TOKEN) if tokenizer is not None else None
-    if fim_pad is not None and fim_pad == QWEN_MASK_TOKEN_ID and vocab > QWEN_MASK_TOKEN_ID:
-        return QWEN_MASK_TOKEN_ID, 0
-    if family_of(hf) in ("qwen2", "qwen3") and vocab > QWEN_MASK_TOKEN_ID:
-        return QWEN_MASK_TOKEN_ID, 0
+    qwen = fim_pad == QWEN_MASK_TOKEN_ID or family_of(hf) in ("qwen2", "qwen3")
+    resolved = resolve_mask_token(mask_token_id, hf.get("mask_token_id"), vocab_size=vocab, qwen=qwen)
+    if resolved is not None:
+        return resolved, 0
     if not add_mask_token:
         return None, 0  # hf_config_to_model_config raises the one-line error
     if tokenizer is None:
@@ -138,12 +138,13 @@ def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_si
         except Exception as e:
             raise HFFormatError(f"{tok_path}: cannot be read by the tokenizers library: {e}") from None
     mask_id, grow_rows = _resolve_mask_token(hf, tokenizer, mask_token_id, add_mask_token)
-    # when the vocab must grow, the new id is out of range for the stored vocab: validate with a placeholder
-    cfg = hf_config_to_model_config(hf, mask_token_id=0 if grow_rows else mask_id, block_size=block_size,
-                                    dtype=dtype)
+    stored_vocab = int(hf.get("vocab_size") or 0)
+    cfg = hf_config_to_model_config(hf, mask_token_id=mask_id, block_size=block_size, dtype=dtype,
+                                    vocab_size=stored_vocab + grow_rows if grow_rows else None)
     src_cfg = cfg  # the shapes stored in the files
-    if grow_rows:
-        cfg = cfg.replace(vocab_size=cfg.vocab_size + grow_rows, mask_token_id=mask_id)
+    if grow_rows:  # the stored vocabulary lacks the added rows: a view for tensor shapes only, never a model
+        src_cfg = copy.copy(cfg)
+        object.__setattr__(src_cfg, "vocab_size", stored_vocab)
 
     files = weight_map(path)
     keys = list(bound_keys(src_cfg))
@@ -157,9 +158,7 @@ def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_si
     with TensorReader(files) as reader:
         graphdef, state = params_from_tensors(cfg, reader.get, mesh, grow_vocab_rows=grow_rows, source_cfg=src_cfg)
     ids = token_ids(path, hf)
-    trained = hf.get("block_size")
     return InferenceBundle(config=cfg, graphdef=graphdef, params=state, tokenizer=tokenizer,
-                           trained_block_size=None if trained is None else int(trained),
                            eos_token_id=_first_id(ids["eos_token_id"]), eos_token_ids=_all_ids(ids["eos_token_id"]),
                            source=os.path.abspath(path))
 

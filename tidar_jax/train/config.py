@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.config import ConfigError, ModelConfig, check_architecture, resolve_mask_token
 from tidar_jax.draft_loss import POSITION_WEIGHTINGS
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -153,13 +153,35 @@ class TrainConfig:
         return from_dict(_apply_overrides(self.to_dict(), dotted))
 
     def model_config(self, mask_token_id: int | None = None) -> ModelConfig:
-        """The ``ModelConfig`` of a from-scratch model (``mask_token_id`` fills a null YAML value)."""
+        """The ``ModelConfig`` of a from-scratch model. ``mask_token_id``: the recorded id (the data manifest's),
+        used when the YAML leaves it null. An AR-only run (``train.objective: ar``) records no block size."""
         arch = dict(self.model.arch)
-        if arch.get("mask_token_id") is None:
-            if mask_token_id is None:
-                raise ConfigError("model.mask_token_id is null and no data manifest supplies one")
-            arch["mask_token_id"] = mask_token_id
+        arch["mask_token_id"] = resolve_mask_token(arch.get("mask_token_id"), mask_token_id,
+                                                   vocab_size=arch.get("vocab_size", ModelConfig.vocab_size))
+        if arch["mask_token_id"] is None:
+            raise ConfigError("model.mask_token_id is null and no data manifest supplies one")
+        arch["block_size"] = self.trained_block_size(arch.get("block_size", ModelConfig.block_size))
         return ModelConfig.from_dict(arch)
+
+    def trained_block_size(self, block_size: int | None) -> int | None:
+        """The block size this run trains with, given the one the model would otherwise have (the YAML's, or the
+        checkpoint's): None for an AR-only run, which trains no drafter."""
+        return block_size if self.train.objective == "tidar" else None
+
+
+def check_block_alignment(cfg: "TrainConfig", block_size: int | None) -> None:
+    """The TiDAR layout cuts sequences (and loss chunks) into blocks: both must be multiples of ``block_size``."""
+    if cfg.train.objective != "tidar":
+        return
+    if block_size is None:
+        source = f" and model.init_from={cfg.model.init_from!r} records none" if cfg.model.init_from else ""
+        raise ConfigError(f"model.block_size is null{source}: train.objective=tidar needs a block size; set "
+                          "model.block_size")
+    if cfg.data.seq_len % block_size:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be a multiple of model.block_size={block_size}")
+    if cfg.train.loss_chunk % block_size:
+        raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk}: must be a multiple of model.block_size="
+                          f"{block_size} (chunks align to blocks)")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -313,15 +335,8 @@ def validate(cfg: TrainConfig) -> None:
     need(not unknown, "model", unknown, f"unknown model keys; allowed: {sorted(_MODEL_FIELDS)}")
     if cfg.model.init_from is None:
         # validate the architecture now (mask_token_id may still come from the manifest)
-        probe = dict(arch)
-        if probe.get("mask_token_id") is None:
-            probe["mask_token_id"] = 0
-        ModelConfig.from_dict(probe)
-        bs = arch.get("block_size", ModelConfig.block_size)
-        if t.objective == "tidar":
-            need(d.seq_len % bs == 0, "data.seq_len", d.seq_len, f"must be a multiple of model.block_size={bs}")
-            need(t.loss_chunk % bs == 0, "train.loss_chunk", t.loss_chunk,
-                 f"must be a multiple of model.block_size={bs} (chunks align to blocks)")
+        check_architecture(arch)
+        check_block_alignment(cfg, arch.get("block_size", ModelConfig.block_size))
 
 
 def _apply_overrides(values: dict, overrides) -> dict:

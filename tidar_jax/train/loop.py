@@ -1,5 +1,9 @@
 """The training loop: data -> sharded step -> logs/eval/checkpoints, with automatic resume from the run dir.
 
+``train()`` is ``setup()`` (every check made once, then the model, the step, the state and the iterators; a run
+dir that setup created is removed again when setup fails) followed by ``run_loop()``, whose steps call small hooks
+in order: logging, evaluation, checkpointing, preemption.
+
 Resume is exact: the batch order is a pure function of (data, seed, step) and the grain iterator state is saved
 with every checkpoint, the train step has no randomness, and params/optimizer state are restored bit for bit.
 """
@@ -7,22 +11,22 @@ with every checkpoint, the train step has no randomness, and params/optimizer st
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.checkpoint import run as ck
+from tidar_jax.checkpoint.metadata import CheckpointMeta, eos_tuple
+from tidar_jax.config import ConfigError, ModelConfig, resolve_mask_token
 from tidar_jax.draft_loss import DraftLoss
-from tidar_jax.train import checkpointing as ck
-from tidar_jax.train.config import TrainConfig, dump_yaml
+from tidar_jax.train.config import TrainConfig, check_block_alignment, dump_yaml
 from tidar_jax.train.distributed import initialize, resolve_mesh_shape
 
 log = logging.getLogger("tidar_jax.train")
@@ -60,13 +64,6 @@ class RunResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def unigram_cross_entropy(data_dir: str, manifest: dict) -> float:
     """Cross-entropy (nats/token) of the held-out tokens under add-one-smoothed train-split unigram frequencies:
@@ -188,14 +185,6 @@ def data_sources(cfg: TrainConfig, data_dir: str):
     return sources
 
 
-def _arch_overrides(cfg: TrainConfig, manifest: dict) -> dict:
-    keep = ("block_size", "mask_token_id", "dtype", "param_dtype", "attention")
-    over = {k: v for k, v in cfg.model.arch.items() if k in keep and v is not None}
-    if "mask_token_id" not in over and manifest.get("mask_token_id") is not None:
-        over["mask_token_id"] = int(manifest["mask_token_id"])
-    return over
-
-
 def build_model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     """Architecture of a from-scratch run (checked against the tokenizer of the data)."""
     mcfg = cfg.model_config(mask_token_id=manifest.get("mask_token_id"))
@@ -206,23 +195,37 @@ def build_model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
 
 
 def load_init(cfg: TrainConfig, manifest: dict, mesh):
-    """``(ModelConfig, pure params)`` from ``model.init_from`` (HF dir or params checkpoint), sharded on ``mesh``."""
+    """``(ModelConfig, pure params)`` from ``model.init_from`` (HF dir or params checkpoint), sharded on ``mesh``.
+
+    The YAML's TiDAR fields, dtypes and attention kernel override the checkpoint's; the [MASK] id is the YAML's,
+    else the data manifest's, else the checkpoint's; a TiDAR run from a checkpoint that records no block size (a
+    plain HF model) drafts ``DEFAULT_BLOCK_SIZE`` (16, the paper's) unless the YAML gives one."""
     from flax import nnx
 
-    from tidar_jax.loading import checkpoint_kind, load_for_inference
+    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference
+    from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.train.step import param_shardings
 
     checkpoint_kind(cfg.model.init_from)  # one clear error for a path that is no checkpoint
     bundle = load_for_inference(cfg.model.init_from, mesh=mesh)  # loads straight into the target shardings
-    over = _arch_overrides(cfg, manifest)
+    keep = ("block_size", "mask_token_id", "dtype", "param_dtype", "attention")
+    over = {k: v for k, v in cfg.model.arch.items() if k in keep and v is not None}
     # a preset may spell out the architecture (for train.py --plan); it must be the checkpoint's
     differ = {k: (v, getattr(bundle.config, k)) for k, v in cfg.model.arch.items()
-              if k not in over and v is not None and getattr(bundle.config, k) != v}
+              if k not in over and k != "mask_token_id" and v is not None and getattr(bundle.config, k) != v}
     if differ:
         k, (want, got) = sorted(differ.items())[0]
         raise ConfigError(f"model.{k}={want!r} in the config but model.init_from={cfg.model.init_from!r} has "
                           f"{k}={got!r}; remove the key or make it match the checkpoint")
+    recorded = manifest.get("mask_token_id")
+    over["mask_token_id"] = resolve_mask_token(over.get("mask_token_id"),
+                                               bundle.config.mask_token_id if recorded is None else recorded,
+                                               vocab_size=bundle.config.vocab_size)
+    block_size = over.get("block_size", bundle.config.block_size)
+    if block_size is None and cfg.train.objective == "tidar":
+        block_size = DEFAULT_BLOCK_SIZE
+    over["block_size"] = cfg.trained_block_size(block_size)
     mcfg = bundle.config.replace(**over)
     if mcfg.vocab_size < int(manifest["vocab_size"]):
         raise ConfigError(f"model.init_from={cfg.model.init_from!r} has vocab {mcfg.vocab_size}, smaller than the "
@@ -235,36 +238,42 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# Setup
 # ----------------------------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResult:
-    """Train (or resume) the run in ``run_dir``; returns a summary.  Raises ``TrainingDiverged`` / ``Preempted``."""
-    initialize(cfg.distributed)
-    from flax import nnx
+@dataclasses.dataclass
+class Run:
+    """Everything ``setup`` prepared; ``state`` and ``tokens_seen`` advance as the loop runs."""
 
-    from tidar_jax.data import eval_examples, make_train_iterator
-    from tidar_jax.model.functional import abstract_model, create_sharded
-    from tidar_jax.sharding import make_mesh
-    from tidar_jax.train.step import abstract_train_state, init_train_state, make_step_fns
-    from tidar_jax.train.tensorboard import ScalarWriter
+    cfg: TrainConfig
+    run_dir: str
+    main: bool  # process 0: writes the run files, logs, evaluates the unigram bar and runs the decode probe
+    show: bool
+    data_dir: str
+    manifest: dict
+    mesh: Any
+    mesh_shape: tuple
+    mcfg: ModelConfig
+    graphdef: Any
+    fns: Any
+    data_iter: Any
+    ckpts: ck.RunCheckpoints
+    state: Any
+    start: int
+    resumed: bool
+    tokens_seen: int
+    evals: list
+    unigram: float | None
+    writer: Any
+    t_start: float
 
-    t_start = time.perf_counter()
-    run_dir = os.path.abspath(run_dir)
-    main = jax.process_index() == 0
-    show = show_progress and main
-    os.makedirs(run_dir, exist_ok=True)
-    packing_mode = resolve_packing(cfg, run_dir)
-    if cfg.data.packing is None and packing_mode == "windows":
-        cfg = cfg.replace(**{"data.packing": "windows"})  # an old run dir: recorded in its config.yaml from now on
-    if cfg.data.sources:  # a mixture: the first source supplies the tokenizer and the eval split
-        data_dir, manifest = prepare_data(cfg.replace(**{"data.dir": cfg.data.sources[0]["dir"],
-                                                         "data.prepare": False}))
-    else:
-        data_dir, manifest = prepare_data(cfg)
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.global_batch * self.cfg.data.seq_len
 
-    mesh_shape = resolve_mesh_shape(cfg.mesh, jax.device_count())
-    mesh = make_mesh(*mesh_shape)
+
+def check_mesh(cfg: TrainConfig, mesh_shape) -> None:
+    """The batch splits evenly over the data-parallel devices, the gradient accumulation and the processes."""
     dp = mesh_shape[0] * mesh_shape[1]
     if cfg.data.global_batch % (dp * cfg.optim.grad_accum):
         raise ConfigError(f"data.global_batch={cfg.data.global_batch}: must be divisible by mesh data*fsdp={dp} "
@@ -276,37 +285,70 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
         raise ConfigError(f"data.global_batch={cfg.data.global_batch}: must be divisible by the process count "
                           f"{jax.process_count()}")
 
+
+def setup(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> Run:
+    """Every check once (output location, data, mesh, model, block alignment), then the model, the step, the run
+    files, the iterators and the state (restored from the newest checkpoint, or initialised). A run dir that did
+    not exist before is removed again when anything here fails, so a bad config or bad data leaves nothing."""
+    from tidar_jax.output_paths import check_output_dir
+
+    initialize(cfg.distributed)
+    t_start = time.perf_counter()
+    run_dir = check_output_dir(run_dir, existing=ck.run_dir_problem)
+    created = not os.path.exists(run_dir)
+    try:
+        return _setup(cfg, run_dir, show_progress, t_start)
+    except BaseException:
+        if created and jax.process_index() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _setup(cfg: TrainConfig, run_dir: str, show_progress: bool, t_start: float) -> Run:
+    from flax import nnx
+
+    from tidar_jax.data import eval_examples, make_train_iterator
+    from tidar_jax.model.functional import abstract_model, create_sharded
+    from tidar_jax.sharding import make_mesh
+    from tidar_jax.train.step import abstract_train_state, init_train_state, make_step_fns
+    from tidar_jax.train.tensorboard import ScalarWriter
+
+    main = jax.process_index() == 0
+    show = show_progress and main
+    packing_mode = resolve_packing(cfg, run_dir)
+    if cfg.data.packing is None and packing_mode == "windows":
+        cfg = cfg.replace(**{"data.packing": "windows"})  # an old run dir: recorded in its config.yaml from now on
+    if cfg.data.sources:  # a mixture: the first source supplies the tokenizer and the eval split
+        data_dir, manifest = prepare_data(cfg.replace(**{"data.dir": cfg.data.sources[0]["dir"],
+                                                         "data.prepare": False}))
+    else:
+        data_dir, manifest = prepare_data(cfg)
+
+    mesh_shape = resolve_mesh_shape(cfg.mesh, jax.device_count())
+    check_mesh(cfg, mesh_shape)
+    mesh = make_mesh(*mesh_shape)
     init_params = None
     if cfg.model.init_from:
         mcfg, init_params = load_init(cfg, manifest, mesh)
     else:
         mcfg = build_model_config(cfg, manifest)
-    if cfg.train.objective == "tidar" and cfg.data.seq_len % mcfg.block_size:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be a multiple of model.block_size="
-                          f"{mcfg.block_size}")
+    check_block_alignment(cfg, mcfg.block_size)
 
     graphdef, abstract = abstract_model(mcfg, remat=cfg.model.remat)
-    total = cfg.train.steps
-    if cfg.train.objective == "tidar" and cfg.train.loss_chunk % mcfg.block_size:
-        raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk}: must be a multiple of model.block_size="
-                          f"{mcfg.block_size} (chunks align to blocks)")
-    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, total, cfg.train.objective, cfg.train.alpha,
-                        DraftLoss.from_train(cfg.train), cfg.train.loss_chunk, cfg.mesh.strict,
+    fns = make_step_fns(graphdef, mcfg, abstract, mesh, cfg.optim, cfg.train.steps, cfg.train.objective,
+                        cfg.train.alpha, DraftLoss.from_train(cfg.train), cfg.train.loss_chunk, cfg.mesh.strict,
                         (cfg.data.global_batch, cfg.data.seq_len))
 
+    os.makedirs(run_dir, exist_ok=True)
     if main:  # run-dir files next to the checkpoints (the resolved config is also in every checkpoint's meta)
-        _write_atomic(os.path.join(run_dir, ck.RUN_CONFIG), dump_yaml(cfg))
-        _write_atomic(os.path.join(run_dir, ck.MODEL_CONFIG), json.dumps(mcfg.to_dict(), indent=2))
-        _write_atomic(os.path.join(run_dir, ck.DATA_MANIFEST), json.dumps(
+        ck.write_run_files(
+            run_dir, CheckpointMeta(mcfg, eos_token_ids=eos_tuple(manifest.get("eos_token_id"))), dump_yaml(cfg),
             {k: manifest.get(k) for k in ("fingerprint", "vocab_size", "eos_token_id", "mask_token_id", "dtype",
-                                          "splits")} | {"data_dir": data_dir}, indent=2))
-        tok_src = os.path.join(data_dir, "tokenizer.json")
-        if os.path.isfile(tok_src):
-            shutil.copyfile(tok_src, os.path.join(run_dir, ck.TOKENIZER))
+                                          "splits")} | {"data_dir": data_dir},
+            os.path.join(data_dir, "tokenizer.json"))
 
     # documents start on block boundaries, so a TiDAR mask block never holds two documents
-    packing = {"packing": packing_mode,
-               "block_size": mcfg.block_size if cfg.train.objective == "tidar" else 1}
+    packing = {"packing": packing_mode, "block_size": mcfg.block_size or 1}
     data_iter = make_train_iterator(data_sources(cfg, data_dir), cfg.data.seq_len, cfg.data.global_batch,
                                     cfg.train.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count(), prefetch=cfg.data.prefetch,
@@ -325,118 +367,195 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
             init_params = nnx.to_pure_dict(params)
         state = init_train_state(fns.tx, init_params, fns.state_shardings)
         del init_params
-    resumed = restored is not None
 
     evals = eval_examples(data_dir, cfg.data.seq_len, cfg.data.eval_batch_size, cfg.data.eval_batches,
                           **packing) if cfg.data.eval_batches else []
     unigram = unigram_cross_entropy(data_dir, manifest) if main else None
     writer = ScalarWriter(os.path.join(run_dir, "tb"), enabled=main and cfg.logging.tensorboard)
-    if main and show:
+    if show:
         print(f"model {mcfg.num_params / 1e6:.2f}M params ({mcfg.family}, d={mcfg.hidden_size}, "
               f"L={mcfg.num_layers}, V={mcfg.vocab_size}, B={mcfg.block_size}); mesh (data,fsdp,tensor)={mesh_shape} "
               f"on {jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es); "
-              f"objective={cfg.train.objective}; steps {start}->{total}; batch {cfg.data.global_batch}x"
+              f"objective={cfg.train.objective}; steps {start}->{cfg.train.steps}; batch {cfg.data.global_batch}x"
               f"{cfg.data.seq_len}", flush=True)
+    return Run(cfg, run_dir, main, show, data_dir, manifest, mesh, mesh_shape, mcfg, graphdef, fns, data_iter, ckpts,
+               state, start, restored is not None, tokens_seen, evals, unigram, writer, t_start)
 
-    def run_eval(step: int) -> dict:
-        if not evals:
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop and its hooks
+# ----------------------------------------------------------------------------------------------------------------
+
+class Evaluation:
+    """Held-out metrics every ``logging.eval_every`` steps (and once at the end)."""
+
+    def __init__(self, run: Run, progress: _Progress):
+        self.run, self.progress = run, progress
+        self.last: dict = {}
+
+    def evaluate(self, step: int) -> dict:
+        run = self.run
+        if not run.evals:
             return {}
         sums: dict[str, float] = {}
-        for batch in evals:
-            arrs = [jax.make_array_from_callback(b.shape, fns.batch_sharding, lambda idx, b=b: b[idx])
+        for batch in run.evals:
+            arrs = [jax.make_array_from_callback(b.shape, run.fns.batch_sharding, lambda idx, b=b: b[idx])
                     for b in (batch["tokens"], batch.get("segment_ids")) if b is not None]
-            for k, v in jax.device_get(fns.eval_step(state["params"], *arrs)).items():
+            for k, v in jax.device_get(run.fns.eval_step(run.state["params"], *arrs)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        out = {k: v / len(evals) for k, v in sums.items()}
-        writer.write(step, {f"eval/{k}": v for k, v in out.items()}
-                     | ({"eval/unigram_entropy": unigram} if unigram is not None else {}))
+        out = {k: v / len(run.evals) for k, v in sums.items()}
+        run.writer.write(step, {f"eval/{k}": v for k, v in out.items()}
+                         | ({"eval/unigram_entropy": run.unigram} if run.unigram is not None else {}))
+        self.last = out
         return out
 
-    def save(step: int, force: bool = False):
-        meta = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
-                "mesh": list(mesh_shape), "process_count": jax.process_count()}
-        ckpts.save(step, state, meta, data_iter, force=force)
+    def after_step(self, step: int, metrics: dict, dt: float) -> None:
+        every = self.run.cfg.logging.eval_every
+        if every and step % every == 0 and step < self.run.cfg.train.steps:
+            out = self.evaluate(step)
+            self.progress.message(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in out.items()))
 
-    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+
+class Logging:
+    """Mean train metrics and throughput over each ``logging.every`` window: TensorBoard and the progress line."""
+
+    def __init__(self, run: Run, progress: _Progress):
+        self.run, self.progress = run, progress
+        self.window: dict[str, float] = {}
+        self.window_steps, self.window_time = 0, 0.0
+        self.last: dict = {}
+
+    def after_step(self, step: int, metrics: dict, dt: float) -> None:
+        run, total = self.run, self.run.cfg.train.steps
+        self.progress.step()
+        if step > run.start + 1 or run.start == total - 1:  # the first step of a process includes compilation
+            self.window_time += dt
+            self.window_steps += 1
+        for k, v in metrics.items():
+            if k != "finite":
+                self.window[k] = self.window.get(k, 0.0) + float(v)
+        self.window["_n"] = self.window.get("_n", 0.0) + 1
+        if step % run.cfg.logging.every and step != total:
+            return
+        n = self.window.pop("_n")
+        last = self.last = {k: v / n for k, v in self.window.items() if not k.endswith("_tokens")}
+        step_time = self.window_time / self.window_steps if self.window_steps else dt
+        tok_s = run.tokens_per_step / step_time
+        scalars = {f"train/{k}": v for k, v in last.items()}
+        scalars.update({"perf/step_time_s": step_time, "perf/tokens_per_s": tok_s,
+                        "train/tokens_seen": run.tokens_seen})
+        run.writer.write(step, scalars)
+        line = (f"step {step}/{total} loss {last['loss']:.4f}"
+                + (f" ar {last['ar_loss']:.4f}" if "ar_loss" in last else "")
+                + (f" diff {last['diff_loss']:.4f}" if "diff_loss" in last else "")
+                + f" lr {last['lr']:.2e} gnorm {last['grad_norm']:.3f}"
+                + f" {tok_s:,.0f} tok/s {step_time * 1e3:.0f} ms/step")
+        self.progress.message(line, {"loss": f"{last['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"})
+        self.window, self.window_steps, self.window_time = {}, 0, 0.0
+
+
+class Checkpointing:
+    """A checkpoint every ``checkpoint.every`` steps and of the final step."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def save(self, step: int, force: bool = False) -> None:
+        run = self.run
+        meta = {"step": step, "tokens_seen": run.tokens_seen, "config": run.cfg.to_dict(),
+                "model_config": run.mcfg.to_dict(), "mesh": list(run.mesh_shape),
+                "process_count": jax.process_count()}
+        run.ckpts.save(step, run.state, meta, run.data_iter, force=force)
+
+    def after_step(self, step: int, metrics: dict, dt: float) -> None:
+        if step % self.run.cfg.checkpoint.every == 0 and step < self.run.cfg.train.steps:
+            self.save(step)
+
+    def finish(self, step: int) -> None:
+        if step not in self.run.ckpts.steps() and step > self.run.start:
+            self.save(step, force=True)
+        self.run.ckpts.wait()
+
+
+class StepSleep:
+    """Preemption drills and the kill -9 resume test: ``TIDAR_TRAIN_STEP_SLEEP`` seconds after every step."""
+
+    def after_step(self, step: int, metrics: dict, dt: float) -> None:
+        if _STEP_SLEEP:
+            time.sleep(_STEP_SLEEP)
+
+
+class Preemption:
+    """SIGTERM/SIGINT between steps: checkpoint the last completed step, then raise ``Preempted``."""
+
+    def __init__(self, checkpointing: Checkpointing, flag: _SignalFlag):
+        self.checkpointing, self.flag = checkpointing, flag
+
+    def after_step(self, step: int, metrics: dict, dt: float) -> None:
+        if self.flag.signum is None:
+            return
+        self.checkpointing.save(step, force=True)
+        ckpts = self.checkpointing.run.ckpts
+        ckpts.wait()
+        name = signal.Signals(self.flag.signum).name
+        raise Preempted(f"{name} received: saved a checkpoint at step {step} in {ckpts.directory}; "
+                        "re-run the same command to resume", self.flag.signum)
+
+
+def run_loop(run: Run, hooks, checkpointing: Checkpointing) -> tuple[int, list]:
+    """Steps from ``run.start`` to ``train.steps``; after each, every hook's ``after_step`` in order.
+    Returns ``(final step, [(step, loss), ...])``. Raises ``TrainingDiverged`` on a non-finite loss."""
+    cfg, fns = run.cfg, run.fns
+    losses, step = [], run.start
+    while step < cfg.train.steps:
+        local = next(run.data_iter)
+        t0 = time.perf_counter()
+        batch = [jax.make_array_from_process_local_data(fns.batch_sharding, local[k],
+                                                        (cfg.data.global_batch, cfg.data.seq_len))
+                 for k in ("tokens", "segment_ids") if k in local]
+        run.state, metrics = fns.train_step(run.state, *batch)
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        if not bool(metrics["finite"]):
+            run.ckpts.wait()
+            good = run.ckpts.steps()
+            where = f"step {good[-1]} in {run.ckpts.directory}" if good else "none was written"
+            raise TrainingDiverged(
+                f"non-finite loss at step {step + 1} (loss={float(metrics['loss'])}, grad_norm="
+                f"{float(metrics['grad_norm'])}); stopping. The update was not applied. Last good "
+                f"checkpoint: {where}. Lower optim.lr or check the data.")
+        step += 1
+        run.tokens_seen += run.tokens_per_step
+        losses.append((step, float(metrics["loss"])))
+        for hook in hooks:
+            hook.after_step(step, metrics, dt)
+    checkpointing.finish(step)
+    return step, losses
+
+
+def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResult:
+    """Train (or resume) the run in ``run_dir``; returns a summary.  Raises ``TrainingDiverged`` / ``Preempted``."""
+    run = setup(cfg, run_dir, show_progress)
+    cfg = run.cfg
     progress = _Progress(cfg.logging.progress if cfg.logging.progress is not None else sys.stdout.isatty(),
-                         start, total, show)
-    window: dict[str, float] = {}
-    window_steps, window_time = 0, 0.0
-    last_train, last_eval, losses = {}, {}, []
-    step = start
+                         run.start, cfg.train.steps, run.show)
+    logging_hook, evaluation, checkpointing = Logging(run, progress), Evaluation(run, progress), Checkpointing(run)
     try:
-        with _SignalFlag() as stop:
-            while step < total:
-                local = next(data_iter)
-                t0 = time.perf_counter()
-                batch = [jax.make_array_from_process_local_data(fns.batch_sharding, local[k],
-                                                                (cfg.data.global_batch, cfg.data.seq_len))
-                         for k in ("tokens", "segment_ids") if k in local]
-                state, metrics = fns.train_step(state, *batch)
-                metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                if not bool(metrics["finite"]):
-                    ckpts.wait()
-                    good = ckpts.steps()
-                    where = f"step {good[-1]} in {ckpts.directory}" if good else "none was written"
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {step + 1} (loss={float(metrics['loss'])}, grad_norm="
-                        f"{float(metrics['grad_norm'])}); stopping. The update was not applied. Last good "
-                        f"checkpoint: {where}. Lower optim.lr or check the data.")
-                step += 1
-                tokens_seen += tokens_per_step
-                losses.append((step, float(metrics["loss"])))
-                progress.step()
-                if step > start + 1 or start == total - 1:  # the first step of a process includes compilation
-                    window_time += dt
-                    window_steps += 1
-                for k, v in metrics.items():
-                    if k != "finite":
-                        window[k] = window.get(k, 0.0) + float(v)
-                window["_n"] = window.get("_n", 0.0) + 1
-                if step % cfg.logging.every == 0 or step == total:
-                    n = window.pop("_n")
-                    last_train = {k: v / n for k, v in window.items() if not k.endswith("_tokens")}
-                    step_time = window_time / window_steps if window_steps else dt
-                    scalars = {f"train/{k}": v for k, v in last_train.items()}
-                    scalars.update({"perf/step_time_s": step_time, "perf/tokens_per_s": tokens_per_step / step_time,
-                                    "train/tokens_seen": tokens_seen})
-                    writer.write(step, scalars)
-                    line = (f"step {step}/{total} loss {last_train['loss']:.4f}"
-                            + (f" ar {last_train['ar_loss']:.4f}" if "ar_loss" in last_train else "")
-                            + (f" diff {last_train['diff_loss']:.4f}" if "diff_loss" in last_train else "")
-                            + f" lr {last_train['lr']:.2e} gnorm {last_train['grad_norm']:.3f}"
-                            + f" {tokens_per_step / step_time:,.0f} tok/s {step_time * 1e3:.0f} ms/step")
-                    progress.message(line, {"loss": f"{last_train['loss']:.3f}",
-                                            "tok/s": f"{tokens_per_step / step_time:,.0f}"})
-                    window, window_steps, window_time = {}, 0, 0.0
-                if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < total:
-                    last_eval = run_eval(step)
-                    progress.message(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-                if step % cfg.checkpoint.every == 0 and step < total:
-                    save(step)
-                if _STEP_SLEEP:
-                    time.sleep(_STEP_SLEEP)
-                if stop.signum is not None:
-                    save(step, force=True)
-                    ckpts.wait()
-                    name = signal.Signals(stop.signum).name
-                    raise Preempted(f"{name} received: saved a checkpoint at step {step} in {ckpts.directory}; "
-                                    "re-run the same command to resume", stop.signum)
-            if step not in ckpts.steps() and step > start:
-                save(step, force=True)
-            ckpts.wait()
+        with _SignalFlag() as flag:
+            step, losses = run_loop(run, [logging_hook, evaluation, checkpointing, StepSleep(),
+                                          Preemption(checkpointing, flag)], checkpointing)
     finally:
         progress.close()
-        writer.flush()
-    last_eval = run_eval(step)
-    probe = decode_probe(cfg, mcfg, graphdef, fns.template, state["params"], evals, manifest) if main else None
+        run.writer.flush()
+    last_eval = evaluation.evaluate(step)
+    probe = decode_probe(cfg, run.mcfg, run.graphdef, run.fns.template, run.state["params"], run.evals,
+                         run.manifest) if run.main else None
     if probe:
-        writer.write(step, {"eval/probe_tokens_per_nfe": probe["tokens_per_nfe"]})
-    writer.close()
-    ckpts.close()
-    return RunResult(run_dir, start, step, resumed, time.perf_counter() - t_start, last_train, last_eval, unigram,
-                     losses, probe)
+        run.writer.write(step, {"eval/probe_tokens_per_nfe": probe["tokens_per_nfe"]})
+    run.writer.close()
+    run.ckpts.close()
+    return RunResult(run.run_dir, run.start, step, run.resumed, time.perf_counter() - run.t_start, logging_hook.last,
+                     last_eval, run.unigram, losses, probe)
 
 
 def decode_probe(cfg: TrainConfig, mcfg: ModelConfig, graphdef, template, params, evals, manifest) -> dict | None:
@@ -456,7 +575,7 @@ def decode_probe(cfg: TrainConfig, mcfg: ModelConfig, graphdef, template, params
         rows = list(tokens)
     local = jax.device_put(jax.device_get(params))  # decode runs on one device
     model = to_model(graphdef, template, local)
-    decoder = Decoder.from_model(model, trained_block_size=mcfg.block_size, eos_token_id=None)
+    decoder = Decoder.from_model(model, check_block_size=True, eos_token_id=None)
     result = decoder.generate([list(map(int, r)) for r in rows], mode="tidar",
                               max_new_tokens=cfg.logging.decode_probe_tokens)
     return {"tokens_per_nfe": float(result.stats["tokens_per_nfe"]), "prompts": int(len(rows)),

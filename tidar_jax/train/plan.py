@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tidar_jax.config import ConfigError, ModelConfig
-from tidar_jax.train.config import TrainConfig
+from tidar_jax.train.config import TrainConfig, check_block_alignment
 
 GIB = 1024 ** 3
 
@@ -32,6 +32,7 @@ def plan_model_config(cfg: TrainConfig) -> ModelConfig:
     if cfg.model.init_from and missing:
         raise ConfigError(f"--plan needs the architecture in the preset's model section (missing {missing}); "
                           f"model.init_from={cfg.model.init_from!r} is not read")
+    arch["block_size"] = cfg.trained_block_size(arch.get("block_size", ModelConfig.block_size))
     return ModelConfig.from_dict(arch)
 
 
@@ -157,9 +158,7 @@ def compile_train_step(cfg: TrainConfig, num_devices: int | None = None):
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
     mcfg = plan_model_config(cfg)
-    if cfg.train.objective == "tidar" and cfg.data.seq_len % mcfg.block_size:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be a multiple of model.block_size="
-                          f"{mcfg.block_size}")
+    check_block_alignment(cfg, mcfg.block_size)
     mesh_shape = resolve_mesh_shape(cfg.mesh, len(devices))
     dp = mesh_shape[0] * mesh_shape[1]
     if cfg.data.global_batch % (dp * cfg.optim.grad_accum):

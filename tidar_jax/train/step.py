@@ -160,7 +160,7 @@ def make_eval_fn(graphdef, template, cfg: ModelConfig):
         logits_ar, _ = model(tokens_NS, pos, mask)
         _, ar_m = ar_loss(logits_ar, tokens_NS, loss_mask, segment_ids_NS)
         out = {"ar_loss": ar_m["ar_loss"], "ar_acc": ar_m["ar_acc"]}
-        if tokens_NS.shape[1] % cfg.block_size == 0:
+        if cfg.block_size is not None:  # a TiDAR model (an AR-only one has no diffusion half to evaluate)
             tokens_N2S, pos2, mask2 = tidar_inputs(tokens_NS, cfg, segment_ids_NS)
             logits, _ = model(tokens_N2S, pos2, mask2)
             _, tm = tidar_loss(logits, tokens_NS, loss_mask, segment_ids_NS)

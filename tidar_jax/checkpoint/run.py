@@ -4,26 +4,28 @@ Layout: ``RUN/checkpoints/<step>/{state,meta,data}`` where ``state`` is the trai
 optimizer state, step), ``meta`` a JSON dict (step, tokens seen, resolved config) and ``data`` the grain iterator
 state of every process.  orbax writes a step into a temp dir and renames it when complete, so a save interrupted by
 kill -9 never shows up as a step; a step that exists but cannot be read (corrupt files) is skipped with a warning
-and the one before it is used.
+and the one before it is used.  Beside ``checkpoints/`` the run dir holds the checkpoint record
+(``model_config.json`` + ``meta.json``, ``tidar_jax.checkpoint.metadata``), the resolved training config
+(``config.yaml``), the data manifest summary and the tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
 
-import jax
 import orbax.checkpoint as ocp
 
-from tidar_jax.bundle import InferenceBundle
+from tidar_jax.checkpoint.atomic import copy_file, write_json, write_text
+from tidar_jax.checkpoint.bundle import InferenceBundle
+from tidar_jax.checkpoint.metadata import MODEL_CONFIG, CheckpointMeta, read_meta, write_meta
+from tidar_jax.checkpoint.params import restore_target, state_from_pure
 from tidar_jax.config import ModelConfig
 
-log = logging.getLogger("tidar_jax.train")
+log = logging.getLogger("tidar_jax.checkpoint")
 
 CHECKPOINTS = "checkpoints"
-MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
 RUN_CONFIG = "config.yaml"
 DATA_MANIFEST = "data_manifest.json"
@@ -91,11 +93,45 @@ class RunCheckpoints:
         self.manager.close()
 
 
+def write_run_files(run_dir: str, meta: CheckpointMeta, run_config_yaml: str, data_manifest: dict,
+                    tokenizer_path: str | None) -> None:
+    """The files beside ``checkpoints/`` (each replaced atomically): the checkpoint record, the resolved training
+    config, the data manifest summary and the tokenizer."""
+    write_meta(run_dir, meta)
+    write_text(os.path.join(run_dir, RUN_CONFIG), run_config_yaml)
+    write_json(os.path.join(run_dir, DATA_MANIFEST), data_manifest)
+    if tokenizer_path and os.path.isfile(tokenizer_path):
+        copy_file(tokenizer_path, os.path.join(run_dir, TOKENIZER))
+
+
+def run_dir_problem(path: str) -> str | None:
+    """Why an existing directory cannot be a run dir to resume (None when it can: empty, unrelated or a run)."""
+    import json
+
+    import yaml
+
+    checkpoints = os.path.join(path, CHECKPOINTS)
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        return f"{CHECKPOINTS} is not a directory (a damaged run dir)"
+    for name, parse in ((RUN_CONFIG, yaml.safe_load), (MODEL_CONFIG, json.load)):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            continue
+        try:
+            with open(file) as f:
+                value = parse(f)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            return f"{name} cannot be read ({type(e).__name__}; a damaged run dir)"
+        if not isinstance(value, dict):
+            return f"{name} is not a mapping (a damaged run dir)"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inference loading (params only)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _run_and_steps(path: str) -> tuple[str, list[str]]:
+def run_and_steps(path: str) -> tuple[str, list[str]]:
     """(run_dir, candidate step dirs newest first) for a run dir or one ``checkpoints/<step>`` dir."""
     path = os.path.abspath(path)
     base = os.path.basename(os.path.normpath(path))
@@ -110,18 +146,8 @@ def _run_and_steps(path: str) -> tuple[str, list[str]]:
     return path, [os.path.join(ckpt_dir, str(s)) for s in steps]
 
 
-def read_model_config(run_dir: str) -> ModelConfig:
-    path = os.path.join(run_dir, MODEL_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir}: no {MODEL_CONFIG} (not a training run dir)")
-    with open(path) as f:
-        return ModelConfig.from_dict(json.load(f))
-
-
-def restore_params(step_dir: str, cfg: ModelConfig, mesh=None):
+def restore_step_params(step_dir: str, cfg: ModelConfig, mesh=None):
     """``(graphdef, nnx.State)``: only the params of a train-state checkpoint (no optimizer state is read)."""
-    from tidar_jax.params_io import restore_target, state_from_pure
-
     from tidar_jax.layer_layout import holds_unrolled_layers, plain_tree, stack_unrolled, unrolled_target
 
     graphdef, abstract, target = restore_target(cfg, mesh)
@@ -138,37 +164,27 @@ def restore_params(step_dir: str, cfg: ModelConfig, mesh=None):
     return graphdef, state_from_pure(abstract, params)
 
 
-def load_inference(run_or_checkpoint_dir: str, mesh=None) -> InferenceBundle:
+def load_run(run_or_checkpoint_dir: str, mesh=None) -> InferenceBundle:
     """The newest readable checkpoint's params of a run dir (or one ``checkpoints/<step>`` dir) as a bundle."""
-    run_dir, step_dirs = _run_and_steps(run_or_checkpoint_dir)
-    cfg = read_model_config(run_dir)
+    run_dir, step_dirs = run_and_steps(run_or_checkpoint_dir)
+    if not os.path.isfile(os.path.join(run_dir, MODEL_CONFIG)):
+        raise FileNotFoundError(f"{run_dir}: no {MODEL_CONFIG} (not a training run dir)")
+    meta = read_meta(run_dir)
     errors = []
     for step_dir in step_dirs:
         try:
-            graphdef, params = restore_params(step_dir, cfg, mesh)
+            graphdef, params = restore_step_params(step_dir, meta.config, mesh)
         except Exception as e:
             errors.append(f"{step_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             warnings.warn(f"checkpoint {step_dir} cannot be restored ({errors[-1]}); trying the previous one",
                           CheckpointFallbackWarning, stacklevel=2)
             continue
-        tokenizer, eos = None, None
+        tokenizer = None
         tok_path = os.path.join(run_dir, TOKENIZER)
         if os.path.isfile(tok_path):
             from tokenizers import Tokenizer
             tokenizer = Tokenizer.from_file(tok_path)
-        manifest_path = os.path.join(run_dir, DATA_MANIFEST)
-        if os.path.isfile(manifest_path):
-            with open(manifest_path) as f:
-                eos = json.load(f).get("eos_token_id")
-        trained_block_size = cfg.block_size
-        config_path = os.path.join(run_dir, RUN_CONFIG)
-        if os.path.isfile(config_path):
-            import yaml
-
-            with open(config_path) as f:
-                objective = ((yaml.safe_load(f) or {}).get("train") or {}).get("objective", "tidar")
-            trained_block_size = cfg.block_size if objective == "tidar" else None  # an AR-only model drafts nothing
-        return InferenceBundle(config=cfg, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                               trained_block_size=trained_block_size, eos_token_id=eos, source=step_dir,
+        return InferenceBundle(config=meta.config, graphdef=graphdef, params=params, tokenizer=tokenizer,
+                               eos_token_id=meta.eos_token_id, eos_token_ids=meta.eos_token_ids, source=step_dir,
                                step=int(os.path.basename(step_dir)))
     raise FileNotFoundError(f"{run_or_checkpoint_dir}: no checkpoint could be restored: {'; '.join(errors)}")

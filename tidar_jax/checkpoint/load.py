@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tidar_jax.bundle import InferenceBundle
+from tidar_jax.checkpoint.bundle import InferenceBundle
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -13,7 +13,9 @@ class CheckpointNotFound(FileNotFoundError):
 
 def checkpoint_kind(path: str) -> str:
     """'hf' | 'params' | 'run'; raises ``CheckpointNotFound`` with a one-line reason otherwise."""
-    from tidar_jax.params_io import is_params_dir
+    from tidar_jax.checkpoint.metadata import MODEL_CONFIG
+    from tidar_jax.checkpoint.params import is_params_dir
+    from tidar_jax.checkpoint.run import CHECKPOINTS
 
     if not os.path.exists(path):
         raise CheckpointNotFound(f"checkpoint {path!r} does not exist")
@@ -23,7 +25,7 @@ def checkpoint_kind(path: str) -> str:
         return "hf"
     if is_params_dir(path):
         return "params"
-    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "model_config.json")) \
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)) or os.path.isfile(os.path.join(path, MODEL_CONFIG)) \
             or os.path.basename(os.path.normpath(path)).isdigit():
         return "run"
     raise CheckpointNotFound(
@@ -37,7 +39,7 @@ def load_for_inference(path: str, mesh=None, **hf_kwargs) -> InferenceBundle:
         from tidar_jax.hf import load_hf_dir
         return load_hf_dir(path, mesh=mesh, **hf_kwargs)
     if kind == "params":
-        from tidar_jax.params_io import load_bundle
-        return load_bundle(path, mesh=mesh)
-    from tidar_jax.train.checkpointing import load_inference
-    return load_inference(path, mesh=mesh)
+        from tidar_jax.checkpoint.params import load_params_bundle
+        return load_params_bundle(path, mesh=mesh)
+    from tidar_jax.checkpoint.run import load_run
+    return load_run(path, mesh=mesh)
