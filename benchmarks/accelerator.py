@@ -680,7 +680,7 @@ def engine_layouts() -> bool:
 def _engine_forward(graphdef, block, groups, params, cache, tokens_NQ, positions_NQ, length_N, rows_NR):
     """The decode engine's step forward with its attention layout, built inside the program as the engine does."""
     model = _merge(graphdef, params)
-    layout = masks.decode_attention_layout(length_N, block, cache.k_LBCKD.shape[2], groups=groups)
+    layout = masks.decode_attention_layout(length_N, block, cache.k_LNCKD.shape[2], groups=groups)
     hidden_NQD, _ = model.hidden(tokens_NQ, positions_NQ, layout, cache)
     return model.logits(jnp.take_along_axis(hidden_NQD, rows_NR[:, :, None], axis=1))
 

@@ -66,7 +66,7 @@ def test_scanned_equals_unrolled_logits_kv_and_grads(policy):
 
         def scanned(st):
             logits, kv = merge(graphdef, st)(tokens, pos, mask)
-            return jnp.sum(jnp.tanh(logits) * weights_V), (logits, kv.k_LBTKD, kv.v_LBTKD)
+            return jnp.sum(jnp.tanh(logits) * weights_V), (logits, kv.k_LNTKD, kv.v_LNTKD)
 
         def reference(st):
             logits, k, v = unrolled_forward(merge(graphdef, st), tokens, pos, mask)

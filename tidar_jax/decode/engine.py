@@ -106,10 +106,10 @@ def constrain_cache(cache: KVCache, mesh) -> KVCache:
         return cache
     from tidar_jax.sharding import logical_sharding
 
-    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LBCKD.shape, mesh)
-    len_sharding = logical_sharding(("batch",), cache.length_B.shape, mesh)
+    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LNCKD.shape, mesh)
+    len_sharding = logical_sharding(("batch",), cache.length_N.shape, mesh)
     wsc = jax.lax.with_sharding_constraint
-    return KVCache(wsc(cache.k_LBCKD, kv_sharding), wsc(cache.v_LBCKD, kv_sharding), wsc(cache.length_B, len_sharding))
+    return KVCache(wsc(cache.k_LNCKD, kv_sharding), wsc(cache.v_LNCKD, kv_sharding), wsc(cache.length_N, len_sharding))
 
 
 def output_len(opts: DecodeOptions) -> int:
@@ -232,11 +232,11 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n, b = drafts_NB.shape
     counts = opts.group_counts
     n_groups = len(counts)
-    length_N = cache.length_B
+    length_N = cache.length_N
     active_N = ~state.done_N
     tokens_NQ = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
                                 axis=1)
-    mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2],
+    mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LNCKD.shape[2],
                                              counts=None if opts.groups is None else counts,
                                              cache_page=_cache_page(opts))
     positions_NQ = mask_NQS.positions()
@@ -307,9 +307,9 @@ def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_le
 def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     cache, token_N1 = state.cache, state.pending_NB
     n = token_N1.shape[0]
-    length_N = cache.length_B
+    length_N = cache.length_N
     active_N = ~state.done_N
-    mask_N1S = masks.ar_step_layout(length_N, cache.k_LBCKD.shape[2], _cache_page(opts))
+    mask_N1S = masks.ar_step_layout(length_N, cache.k_LNCKD.shape[2], _cache_page(opts))
     hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1D)[:, 0]
     key, sub = jax.random.split(state.key)
