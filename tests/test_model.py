@@ -116,9 +116,9 @@ def test_decode_layout_draft_rows_equal_causal_forward(B, kernel):
         k = cache.k_LNCKD.at[:, :, :L].set(kv.k_LNTKD[:, :, :L]).at[:, :, L:].set(123.0)
         v = cache.v_LNCKD.at[:, :, :L].set(kv.v_LNTKD[:, :, :L]).at[:, :, L:].set(-55.0)
         cache = KVCache(k, v, jnp.array([L]))
-        group_Q, slot_Q = masks.decode_layout(B)
+        group_T, slot_T = masks.decode_layout(B)
         drafts = seq[:, L:]
-        step = jnp.where(group_Q[None] == 0, drafts[:, slot_Q % B], cfg.mask_token_id)
+        step = jnp.where(group_T[None] == 0, drafts[:, slot_T % B], cfg.mask_token_id)
         step_mask = (masks.decode_mask(jnp.array([L]), B, C) if kernel == "reference"
                      else masks.decode_attention_layout(jnp.array([L]), B, C))
         logits, step_kv = apply(graphdef, state, step, masks.decode_positions(jnp.array([L]), B), step_mask, cache)
