@@ -9,13 +9,13 @@ import pytest
 from tidar_jax.chunked_loss import chunked_ar_loss, chunked_tidar_loss
 from tidar_jax.objective import ar_loss, tidar_loss
 
-N, S, D, V = 2, 8, 6, 11
+N, S, E, V = 2, 8, 6, 11
 
 
 def _case():
     rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.normal(size=(N, 2 * S, D)))
-    w_EV = jnp.asarray(rng.normal(size=(D, V)))
+    hidden = jnp.asarray(rng.normal(size=(N, 2 * S, E)))
+    w_EV = jnp.asarray(rng.normal(size=(E, V)))
     tokens = jnp.asarray(rng.integers(0, V, (N, S)))
     loss_mask = jnp.asarray(rng.random((N, S)) > 0.25)
     segment_ids = jnp.asarray(np.sort(rng.integers(0, 3, (N, S)), axis=1))
