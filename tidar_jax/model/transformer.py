@@ -2,6 +2,47 @@
 
 One model, one LM head: whether a position yields AR or diffusion logits depends only on its input token
 (clean or [MASK]) and on the attention mask given by the caller (see ``tidar_jax.masks``).
+
+Shape letters
+-------------
+Array names end in one capital letter per axis (``logits_NTV`` is ``[N, T, V]``); this table is the one place the
+letters are defined, and every name in ``tidar_jax/``, ``benchmarks/`` and ``tests/`` uses them with these
+meanings only. A digit is a literal size (``token_N1``, ``spans_Z2``) and ``2S`` is the doubled training sequence
+(``tokens_N2S``: S clean tokens, then S [MASK] tokens). Lowercase letters inside a suffix are per-kernel tile
+indices (``s_NKRqk`` in the blockwise kernel).
+
+====  =========================================================================================================
+A     accepted-count bins 0..B of a decode step (``accept_hist_A``, size B+1)
+B     TiDAR block size: drafts per step, slots of one block or of one decode mask group (``drafts_NB``)
+C     KV-cache slots (``k_LNCKD``)
+D     attention head dim (``q_NTHD``; also RoPE tables ``cos_NTD``)
+E     model (embedding) width, logical axis ``"embed"`` (``x_NTE``, ``hidden_NTE``, LM head ``w_EV``)
+F     rotary frequencies, head_dim / 2 (``freqs_NTF``)
+G     mask groups of a decode step (``group_argmax_NGB``, ``counts_G``)
+H     query heads
+I     EOS-id slots (``Stops.eos_I``)
+J     a block's draft positions after the first, B-1 of them (``u_accept_NJ``; draft-chain metric ``v_NOJ``)
+K     key/value heads
+L     layers (``KVCache.k_LNCKD``)
+M     decode output buffer length (``out_NM``)
+N     batch rows: sequences of a batch, decode rows (``length_N``)
+O     blocks of a training sequence, S / B (draft-chain metric ``v_NOJ``)
+P     prompt positions, padded prompt (``prompt_NP``)
+Q     stop sequences (``Stops.stop_QW``, ``stop_len_Q``)
+R     query heads per key/value head, GQA repeats: H = K·R (``q_NTKRD``, ``m_NKRT``)
+S     key positions of attention / training sequence length (``mask_NTS``, ``tokens_NS``)
+T     query tokens of one forward, the current tokens (``tokens_NT``; a decode step's B(B+1) tokens)
+U     micro-batches of gradient accumulation (``micro_UNS``)
+V     vocabulary
+W     stop-window tokens (``Stops.stop_QW``)
+X     rows a helper works on, whatever they came from: merged leading axes in the sampling helpers
+      (``probs_XV``), the positions the LM head reads (``idx_NX``)
+Y     slots of one cache page, paged attention (``k_NYKD``)
+Z     documents of a token stream (``spans_Z2``, packing)
+====  =========================================================================================================
+
+Not array names, kept as they are because they are JSON keys or printed labels of benchmark results:
+``params_M`` (millions of parameters), ``Q=`` / ``fwd_Q1`` (query tokens per forward) and ``step_B1``.
 """
 
 from __future__ import annotations
@@ -24,7 +65,8 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class KVCache(NamedTuple):
-    """Committed keys/values, ``[layers, batch, cache_size, kv_heads, head_dim]``, plus per-row lengths."""
+    """Committed keys/values, ``[L, N, C, K, D]`` (layers, batch rows, cache slots, kv heads, head dim), plus the
+    per-row lengths ``[N]``."""
 
     k_LNCKD: jax.Array
     v_LNCKD: jax.Array
@@ -38,7 +80,7 @@ class KVCache(NamedTuple):
 
 
 class StepKV(NamedTuple):
-    """Keys/values of the current tokens of one forward, ``[layers, batch, tokens, kv_heads, head_dim]``."""
+    """Keys/values of the current tokens of one forward, ``[L, N, T, K, D]``."""
 
     k_LNTKD: jax.Array
     v_LNTKD: jax.Array
