@@ -1,7 +1,7 @@
 """One attention interface over interchangeable kernels.
 
 ``attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel)``: ``layout`` is a ``tidar_jax.masks`` layout object (or a dense
-boolean ``[B|1, T, S]`` mask, which always runs the ``reference`` kernel); ``kernel`` is a ``model.attention``
+boolean ``[N|1, T, S]`` mask, which always runs the ``reference`` kernel); ``kernel`` is a ``model.attention``
 value. Each kernel is a function ``(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`` registered by name and derives
 what it needs (dense mask, tile schedule, per-tile mask) from the layout.
 

@@ -51,7 +51,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(positions_NT, head_dim: int, theta: float, dtype):
-    """cos/sin ``[B, T, head_dim]`` for explicit per-token positions (TiDAR repeats position ids)."""
+    """cos/sin ``[N, T, D]`` (D = head_dim) for explicit per-token positions (TiDAR repeats position ids)."""
     compute = jnp.promote_types(dtype, jnp.float32)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=compute) / head_dim))
     freqs_NTF = positions_NT.astype(compute)[..., None] * inv_freq
