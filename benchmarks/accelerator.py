@@ -654,10 +654,10 @@ def decode_params(params):
     return to_layer_major(params)
 
 
-def _forward(graphdef, params, cache, tokens_NQ, positions_NQ, mask_NQS, rows_NR):
+def _forward(graphdef, params, cache, tokens_NT, positions_NT, mask_NTS, rows_NX):
     model = _merge(graphdef, params)
-    hidden_NQD, _ = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
-    return model.logits(jnp.take_along_axis(hidden_NQD, rows_NR[:, :, None], axis=1))
+    hidden_NTE, _ = model.hidden(tokens_NT, positions_NT, mask_NTS, cache)
+    return model.logits(jnp.take_along_axis(hidden_NTE, rows_NX[:, :, None], axis=1))
 
 
 def resolved_kernel(setting: str | None) -> str:
@@ -677,12 +677,12 @@ def engine_layouts() -> bool:
     return hasattr(masks, "decode_attention_layout")
 
 
-def _engine_forward(graphdef, block, groups, params, cache, tokens_NQ, positions_NQ, length_N, rows_NR):
+def _engine_forward(graphdef, block, groups, params, cache, tokens_NT, positions_NT, length_N, rows_NX):
     """The decode engine's step forward with its attention layout, built inside the program as the engine does."""
     model = _merge(graphdef, params)
-    layout = masks.decode_attention_layout(length_N, block, cache.k_LBCKD.shape[2], groups=groups)
-    hidden_NQD, _ = model.hidden(tokens_NQ, positions_NQ, layout, cache)
-    return model.logits(jnp.take_along_axis(hidden_NQD, rows_NR[:, :, None], axis=1))
+    layout = masks.decode_attention_layout(length_N, block, cache.k_LNCKD.shape[2], groups=groups)
+    hidden_NTE, _ = model.hidden(tokens_NT, positions_NT, layout, cache)
+    return model.logits(jnp.take_along_axis(hidden_NTE, rows_NX[:, :, None], axis=1))
 
 
 def get_random_model(ctx, name: str):

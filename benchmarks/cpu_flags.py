@@ -98,7 +98,7 @@ def worker(args):
     def plain_forward(params, cache, tokens_1Q, length_1):
         """A plain causal forward of Q tokens over the cache (the decode engine's cache path), logits at every row."""
         model = layer_major.merge(graphdef, params)
-        layout = masks.decode_attention_layout(length_1, tokens_1Q.shape[1], cache.k_LBCKD.shape[2], groups=False,
+        layout = masks.decode_attention_layout(length_1, tokens_1Q.shape[1], cache.k_LNCKD.shape[2], groups=False,
                                                cache_page=128)
         hidden_1QD, _ = model.hidden(tokens_1Q, layout.positions(), layout, cache)
         return model.logits(hidden_1QD)

@@ -65,10 +65,10 @@ def random_cache(cfg, context: int, seed: int) -> KVCache:
                    jnp.full((1,), context, jnp.int32))
 
 
-def _forward(graphdef, params, cache, tokens_1Q, positions_1Q, mask_1QS, rows_1R):
+def _forward(graphdef, params, cache, tokens_1T, positions_1T, mask_1TS, rows_1X):
     model = layer_major.merge(graphdef, params)  # stacked params or the decoder's per-layer buffers
-    hidden_1QD, _ = model.hidden(tokens_1Q, positions_1Q, mask_1QS, cache)
-    return model.logits(jnp.take_along_axis(hidden_1QD, rows_1R[:, :, None], axis=1))
+    hidden_1TE, _ = model.hidden(tokens_1T, positions_1T, mask_1TS, cache)
+    return model.logits(jnp.take_along_axis(hidden_1TE, rows_1X[:, :, None], axis=1))
 
 
 def plain_inputs(cfg, context: int, q: int, rng):

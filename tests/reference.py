@@ -25,7 +25,7 @@ def training_mask_ref(S, B, segments=None):
 
 
 def decode_mask_ref(L, B, C):
-    """[Q][C+Q] bools: keys are cache slots 0..C-1 then the step tokens (drafts, then groups 1..B)."""
+    """[T][C+T] bools: keys are cache slots 0..C-1 then the step tokens (drafts, then groups 1..B)."""
     Q = B * (B + 1)
     out = [[False] * (C + Q) for _ in range(Q)]
     positions = []
@@ -58,7 +58,7 @@ def prefill_mask_ref(L, P, B):
 
 
 def decode_step_mask_groups_ref(B, counts):
-    """[Q][Q] bools among a pruned step's tokens: drafts 0..B-1, then one group of B masks per covered count k
+    """[T][T] bools among a pruned step's tokens: drafts 0..B-1, then one group of B masks per covered count k
     (slot t at position L+k+t) that sees drafts 0..k-1 and its own group."""
     rows = [("d", 0, t) for t in range(B)] + [("g", k, t) for k in counts for t in range(B)]
     out = []

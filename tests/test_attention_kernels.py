@@ -319,12 +319,12 @@ def test_splash_mask_and_segments_reproduce_the_layout(layout):
     """Splash's static computable mask AND its segment ids equal the layout's own dense mask on the real rows
     (exactly, per row), padded keys are never allowed, and every padded query row is allowed something."""
     t_pad, s_pad = layout.q_len + 5, layout.k_len + 3
-    got_RTS = _splash_dense(layout, t_pad, s_pad)
-    want_RTS = np.broadcast_to(np.asarray(layout.block()), (got_RTS.shape[0], layout.q_len, layout.k_len))
-    np.testing.assert_array_equal(got_RTS[:, :layout.q_len, :layout.k_len], want_RTS)
-    assert not got_RTS[:, :, layout.k_len:].any()
-    assert got_RTS[:, layout.q_len:].any(axis=-1).all()
-    assert got_RTS.any(axis=-1).all()  # no empty row anywhere (splash's softmax would be 0/0)
+    got_NTS = _splash_dense(layout, t_pad, s_pad)
+    want_NTS = np.broadcast_to(np.asarray(layout.block()), (got_NTS.shape[0], layout.q_len, layout.k_len))
+    np.testing.assert_array_equal(got_NTS[:, :layout.q_len, :layout.k_len], want_NTS)
+    assert not got_NTS[:, :, layout.k_len:].any()
+    assert got_NTS[:, layout.q_len:].any(axis=-1).all()
+    assert got_NTS.any(axis=-1).all()  # no empty row anywhere (splash's softmax would be 0/0)
 
 
 def test_splash_prefill_falls_back_to_blockwise():

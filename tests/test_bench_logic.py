@@ -123,7 +123,7 @@ def test_plain_forward_over_cache_equals_full_causal_forward():
             return logits, kv
 
         full, kv = reference(params, jnp.asarray(seq), jnp.asarray(pos))
-        cache = KVCache(kv.k_LBTKD, kv.v_LBTKD, jnp.array([ctx], jnp.int32))
+        cache = KVCache(kv.k_LNTKD, kv.v_LNTKD, jnp.array([ctx], jnp.int32))
         tokens, positions, mask, rows = fs.plain_inputs(cfg, ctx, q, rng)
         tokens = seq[:, ctx:]  # the same continuation as the full forward
         out = jax.jit(fs._forward, static_argnums=0)(graphdef, params, cache, jnp.asarray(tokens),

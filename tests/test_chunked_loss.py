@@ -9,27 +9,27 @@ import pytest
 from tidar_jax.chunked_loss import chunked_ar_loss, chunked_tidar_loss
 from tidar_jax.objective import ar_loss, tidar_loss
 
-N, S, D, V = 2, 8, 6, 11
+N, S, E, V = 2, 8, 6, 11
 
 
 def _case():
     rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.normal(size=(N, 2 * S, D)))
-    w_DV = jnp.asarray(rng.normal(size=(D, V)))
+    hidden = jnp.asarray(rng.normal(size=(N, 2 * S, E)))
+    w_EV = jnp.asarray(rng.normal(size=(E, V)))
     tokens = jnp.asarray(rng.integers(0, V, (N, S)))
     loss_mask = jnp.asarray(rng.random((N, S)) > 0.25)
     segment_ids = jnp.asarray(np.sort(rng.integers(0, 3, (N, S)), axis=1))
-    return hidden, w_DV, tokens, loss_mask, segment_ids
+    return hidden, w_EV, tokens, loss_mask, segment_ids
 
 
-def _head(w_DV):
-    return lambda h: jnp.einsum("btd,dv->btv", h, w_DV)
+def _head(w_EV):
+    return lambda h: jnp.einsum("nte,ev->ntv", h, w_EV)
 
 
 @pytest.mark.parametrize("objective", ["tidar", "ar"])
 def test_chunked_equals_dense_values_metrics_and_grads(objective):
     with jax.enable_x64(True):
-        hidden, w_DV, tokens, loss_mask, segment_ids = _case()
+        hidden, w_EV, tokens, loss_mask, segment_ids = _case()
         if objective == "ar":
             hidden = hidden[:, :S]
 
@@ -53,7 +53,7 @@ def test_chunked_equals_dense_values_metrics_and_grads(objective):
                 out.append((ref, got))
             return out
 
-        for ((loss_r, m_r), g_r), got in all_cases(hidden, w_DV):
+        for ((loss_r, m_r), g_r), got in all_cases(hidden, w_EV):
             assert float(m_r[f"{'ar' if objective == 'ar' else 'diff'}_tokens"]) > 0
             for (loss_c, m_c), g_c in got:
                 np.testing.assert_allclose(float(loss_c), float(loss_r), rtol=1e-12)
@@ -65,6 +65,6 @@ def test_chunked_equals_dense_values_metrics_and_grads(objective):
 
 
 def test_chunk_must_divide_length():
-    hidden, w_DV, tokens, _, _ = _case()
+    hidden, w_EV, tokens, _, _ = _case()
     with pytest.raises(ValueError, match="loss chunk 3 must be a positive divisor of the length 8"):
-        chunked_tidar_loss(_head(w_DV), hidden, tokens, chunk=3)
+        chunked_tidar_loss(_head(w_EV), hidden, tokens, chunk=3)

@@ -119,31 +119,31 @@ def _check_packed_equals_alone():
     params_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     loss_fn = make_loss_fn(graphdef, params_template, CFG)
 
-    # every document alone, in one batch: length U (the longest unit); the padding after a document (up to its
-    # block multiple and on to U) is hidden from its real tokens by the reference mask (numpy, from the unpacked
+    # every document alone, in one batch: S = u_max (the longest unit); the padding after a document (up to its
+    # block multiple and on to u_max) is hidden from its real tokens by the reference mask (numpy, from the unpacked
     # training mask)
     u_max = max(units)
     base = np.asarray(training_mask(u_max, b))
-    alone_N2U, mask_N2U2U = [], []
+    alone_N2S, mask_N2S2S = [], []
     for doc, u in zip(docs, units):
         real = len(doc) + 1  # the document and its eos
         alone = np.concatenate([doc, [EOS] * (u_max - len(doc))]).astype(np.int32)
-        alone_N2U.append(np.concatenate([alone, np.full(u_max, CFG.mask_token_id, np.int32)]))
+        alone_N2S.append(np.concatenate([alone, np.full(u_max, CFG.mask_token_id, np.int32)]))
         is_real_T = np.concatenate([np.arange(u_max) < real] * 2)
         allow = base & (is_real_T[None, :] | ~is_real_T[:, None])
-        mask_N2U2U.append(allow | np.eye(2 * u_max, dtype=bool))  # pad queries keep one key (outputs unused)
+        mask_N2S2S.append(allow | np.eye(2 * u_max, dtype=bool))  # pad queries keep one key (outputs unused)
     pos = np.tile(np.concatenate([np.arange(u_max), np.arange(u_max)]).astype(np.int32), (len(docs), 1))
 
     @jax.jit  # one compile for everything
-    def run(pure, tokens_1S, segs_1S, alone_N2U, pos_N2U, mask_N2U2U):
+    def run(pure, tokens_1S, segs_1S, alone_N2S, pos_N2S, mask_N2S2S):
         from tidar_jax.train.step import tidar_inputs, to_model
         model = to_model(graphdef, params_template, pure)
         tok2, pos2, mask2 = tidar_inputs(tokens_1S, CFG, segs_1S)
         packed = model(tok2, pos2, mask2)[0]
-        return packed, loss_fn(pure, tokens_1S, segs_1S), model(alone_N2U, pos_N2U, mask_N2U2U)[0]
+        return packed, loss_fn(pure, tokens_1S, segs_1S), model(alone_N2S, pos_N2S, mask_N2S2S)[0]
 
-    packed, (loss, metrics), alone_logits = run(pure, tokens_1S, segs_1S, jnp.asarray(np.stack(alone_N2U)),
-                                                       jnp.asarray(pos), jnp.asarray(np.stack(mask_N2U2U)))
+    packed, (loss, metrics), alone_logits = run(pure, tokens_1S, segs_1S, jnp.asarray(np.stack(alone_N2S)),
+                                                       jnp.asarray(pos), jnp.asarray(np.stack(mask_N2S2S)))
     packed_logits, alone_logits = np.asarray(packed)[0], np.asarray(alone_logits)
 
     ar_sum = diff_sum = 0.0

@@ -35,12 +35,12 @@ def data_dir(tmp_path_factory):
     return _write_data_dir(tmp_path_factory.mktemp("d") / "data", N_WINDOWS * S + 5)
 
 
-def _window_ids(tokens_BS):
+def _window_ids(tokens_NS):
     """Window index of every row, after checking each row is exactly that window's tokens."""
-    tokens_BS = np.asarray(tokens_BS)
-    ids = tokens_BS[:, 0] // S
+    tokens_NS = np.asarray(tokens_NS)
+    ids = tokens_NS[:, 0] // S
     expected = ids[:, None] * S + np.arange(S)[None, :]
-    assert np.array_equal(tokens_BS, expected), "row is not a whole, aligned window"
+    assert np.array_equal(tokens_NS, expected), "row is not a whole, aligned window"
     return ids.tolist()
 
 
@@ -182,9 +182,9 @@ def test_pipeline_on_a_real_prepared_corpus(tmp_path):
     tokens = np.concatenate([np.fromfile(tmp_path / "data" / s["file"], dtype=m["dtype"])
                              for s in m["splits"]["train"]["shards"]]).astype(np.int32)
     windows = {tuple(tokens[i * 16:(i + 1) * 16]) for i in range(len(tokens) // 16)}
-    for tokens_BS in _take(it, 5):
-        assert all(tuple(row) in windows for row in tokens_BS)
-        assert tokens_BS.max() < m["vocab_size"]
+    for tokens_NS in _take(it, 5):
+        assert all(tuple(row) in windows for row in tokens_NS)
+        assert tokens_NS.max() < m["vocab_size"]
     assert eval_batches(tmp_path / "data", seq_len=16, batch_size=2, max_batches=1)[0].shape == (2, 16)
 
 

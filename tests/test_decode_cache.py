@@ -35,7 +35,7 @@ def plain_kv(dec, rows):
         return model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[1]
 
     kv = jax.device_get(fwd(dec.params, toks))
-    return [(kv.k_LBTKD[:, i], kv.v_LBTKD[:, i]) for i in range(len(rows))]
+    return [(kv.k_LNTKD[:, i], kv.v_LNTKD[:, i]) for i in range(len(rows))]
 
 
 @pytest.mark.parametrize("mode,block", [("tidar", 4), pytest.param("ar", 1, marks=pytest.mark.slow)])
@@ -49,7 +49,7 @@ def test_committed_kv_equals_plain_causal_forward(mode, block):
         for row, toks in enumerate(chunk):
             emitted[row] += toks
         state = jax.device_get(stream.state)
-        snapshots.append((np.asarray(state.cache.length_B), state.cache.k_LBCKD, state.cache.v_LBCKD,
+        snapshots.append((np.asarray(state.cache.length_N), state.cache.k_LNCKD, state.cache.v_LNCKD,
                           np.asarray(state.done_N), [len(e) for e in emitted]))
     # causal attention: the K/V of a prefix do not depend on later tokens, so one forward per row over
     # prompt + everything emitted is the reference for every snapshot

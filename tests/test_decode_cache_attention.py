@@ -27,8 +27,8 @@ def _x64():
 def test_cached_attention_equals_dense(cache_size, page, lengths):
     block, counts = 2, (1, 2)
     step = masks.decode_attention_layout(jnp.asarray(lengths), block, cache_size, counts=counts)
-    local_QQ = jnp.asarray(step.local_mask())
-    t = local_QQ.shape[0]
+    local_TT = jnp.asarray(step.local_mask())
+    t = local_TT.shape[0]
     n, h, kv, d = len(lengths), 4, 2, 8
     ks = jax.random.split(jax.random.key(cache_size + page), 5)
     q = jax.random.normal(ks[0], (n, t, h, d), jnp.float64)
@@ -39,12 +39,12 @@ def test_cached_attention_equals_dense(cache_size, page, lengths):
     garbage = 1e4
     ck = jnp.where(live_NC[..., None, None], jax.random.normal(ks[3], (n, cache_size, kv, d), jnp.float64), garbage)
     cv = jnp.where(live_NC[..., None, None], jax.random.normal(ks[4], (n, cache_size, kv, d), jnp.float64), garbage)
-    local_NQQ = jnp.broadcast_to(local_QQ[None], (n, t, t))
+    local_NTT = jnp.broadcast_to(local_TT[None], (n, t, t))
     # the kernel reads pages of layer 1 straight out of the whole [L, N, C, K, D] cache; layer 0 is garbage
     ck_LNCKD = jnp.stack([jnp.full_like(ck, -garbage), ck])
     cv_LNCKD = jnp.stack([jnp.full_like(cv, -garbage), cv])
     got = jax.jit(cached_attention, static_argnames="page")(q, k, v, ck_LNCKD, cv_LNCKD, jnp.int32(1), length_N,
-                                                             local_NQQ, page=page)
+                                                             local_NTT, page=page)
     mask = step.block()
     # reference: dense attention over the concatenation, with the garbage zeroed (0 * 1e4 weights are exact)
     ref = dense_attention(q, jnp.concatenate([jnp.where(live_NC[..., None, None], ck, 0), k], axis=1),

@@ -75,7 +75,7 @@ def test_cache_dtype_option_and_defaults():
     dec = _bf16()
     stream = dec.stream(PROMPTS[:1], mode="tidar", block_size=4, max_new_tokens=6, cache_dtype="float32")
     for _ in stream:
-        assert stream.state.cache.k_LBCKD.dtype == jnp.float32
+        assert stream.state.cache.k_LNCKD.dtype == jnp.float32
     assert len(stream.result.tokens[0]) == 6
     cfg = trained_tiny("float32").cfg
     assert default_dtype(cfg, "gpu") == default_dtype(cfg, "tpu") == "bfloat16"

@@ -90,7 +90,7 @@ def test_pruned_groups_cache_equals_causal_forward():
         for row, toks in enumerate(chunk):
             emitted[row] += toks
         state = jax.device_get(stream.state)  # read before resuming: the next step donates this state
-        snapshots.append((np.asarray(state.cache.length_B), state.cache.k_LBCKD, state.cache.v_LBCKD,
+        snapshots.append((np.asarray(state.cache.length_N), state.cache.k_LNCKD, state.cache.v_LNCKD,
                           [len(e) for e in emitted]))
     refs = plain_kv(dec, [p + e for p, e in zip(prompts, emitted)])
     for lengths, k, v, n_emitted in snapshots:

@@ -49,7 +49,7 @@ def test_sharded_stream_cache_layout():
     stream = dec.stream(PROMPTS, mode="tidar", block_size=4, max_new_tokens=MAX_NEW)
     specs = []
     for _ in stream:
-        specs.append(stream.state.cache.k_LBCKD.sharding.spec)
+        specs.append(stream.state.cache.k_LNCKD.sharding.spec)
     assert all(tuple(s)[:4] == (None, ("data", "fsdp"), None, "tensor") for s in specs), specs
     embed = dec.params.rest["embed"]
     embed = embed.get_value() if hasattr(embed, "get_value") else embed

@@ -133,8 +133,8 @@ def test_decode_step_over_cache_matches(layout_pair):
     # our side: causal prefix, commit its K/V into cache slots 0..L-1, then the step against [cache | step]
     _, kv = apply(graphdef, state, jnp.asarray(prefix), jnp.arange(prefix_len)[None], causal_mask(1, prefix_len))
     cache = KVCache.empty(cfg, 1, cache_size)
-    cache = KVCache(cache.k_LBCKD.at[:, :, :prefix_len].set(kv.k_LBTKD),
-                    cache.v_LBCKD.at[:, :, :prefix_len].set(kv.v_LBTKD), jnp.array([prefix_len], jnp.int32))
+    cache = KVCache(cache.k_LNCKD.at[:, :, :prefix_len].set(kv.k_LNTKD),
+                    cache.v_LNCKD.at[:, :, :prefix_len].set(kv.v_LNTKD), jnp.array([prefix_len], jnp.int32))
     lens = np.array([prefix_len])
     got, _ = apply(graphdef, state, jnp.asarray(step), masks.decode_positions(lens, b),
                    masks.decode_mask(lens, b, cache_size), cache)

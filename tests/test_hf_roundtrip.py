@@ -213,12 +213,12 @@ def test_cli_import_then_export(tmp_path):
     assert all(np.array_equal(original[k], exported[k]) for k in original) and sorted(original) == sorted(exported)
 
 
-def _our_greedy(bundle, prompt_NT, steps):
+def _our_greedy(bundle, prompt_NP, steps):
     """Plain greedy decoding by full recompute (independent of any KV cache logic). The buffer has its final
     length from the start (one shape, so ops compile once); causal attention makes the unfilled tail invisible."""
-    n, p = np.shape(prompt_NT)
+    n, p = np.shape(prompt_NP)
     tokens = np.zeros((n, p + steps), np.int64)
-    tokens[:, :p] = prompt_NT
+    tokens[:, :p] = prompt_NP
     for cur in range(p, p + steps):
         logits = our_logits(bundle.config, bundle.params, tokens, graphdef=bundle.graphdef)
         tokens[:, cur] = logits[:, cur - 1].argmax(-1)

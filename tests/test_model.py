@@ -113,17 +113,17 @@ def test_decode_layout_draft_rows_equal_causal_forward(B, kernel):
         full, kv = apply(graphdef, state, seq, jnp.arange(L + B)[None], causal_mask(1, L + B))
         # build a cache holding the prefix's K/V (slots >= L hold garbage that must be invisible)
         cache = KVCache.empty(cfg, 1, C, jnp.float64)
-        k = cache.k_LBCKD.at[:, :, :L].set(kv.k_LBTKD[:, :, :L]).at[:, :, L:].set(123.0)
-        v = cache.v_LBCKD.at[:, :, :L].set(kv.v_LBTKD[:, :, :L]).at[:, :, L:].set(-55.0)
+        k = cache.k_LNCKD.at[:, :, :L].set(kv.k_LNTKD[:, :, :L]).at[:, :, L:].set(123.0)
+        v = cache.v_LNCKD.at[:, :, :L].set(kv.v_LNTKD[:, :, :L]).at[:, :, L:].set(-55.0)
         cache = KVCache(k, v, jnp.array([L]))
-        group_Q, slot_Q = masks.decode_layout(B)
+        group_T, slot_T = masks.decode_layout(B)
         drafts = seq[:, L:]
-        step = jnp.where(group_Q[None] == 0, drafts[:, slot_Q % B], cfg.mask_token_id)
+        step = jnp.where(group_T[None] == 0, drafts[:, slot_T % B], cfg.mask_token_id)
         step_mask = (masks.decode_mask(jnp.array([L]), B, C) if kernel == "reference"
                      else masks.decode_attention_layout(jnp.array([L]), B, C))
         logits, step_kv = apply(graphdef, state, step, masks.decode_positions(jnp.array([L]), B), step_mask, cache)
         np.testing.assert_allclose(np.asarray(logits[:, :B]), np.asarray(full[:, L:]), rtol=0, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(step_kv.k_LBTKD[:, :, :B]), np.asarray(kv.k_LBTKD[:, :, L:]),
+        np.testing.assert_allclose(np.asarray(step_kv.k_LNTKD[:, :, :B]), np.asarray(kv.k_LNTKD[:, :, L:]),
                                    rtol=0, atol=1e-12)
         # group j equals a forward over prefix + drafts[:j] + B masks, with the same (bidirectional) group mask
         for j in range(1, B + 1):

@@ -27,17 +27,17 @@ def _cfg(**kw):
     return ModelConfig(**base)
 
 
-def unrolled_forward(model, tokens_BT, positions_BT, mask_BTS):
+def unrolled_forward(model, tokens_NT, positions_NT, mask_NTS):
     """Independent reference: a plain Python loop over per-layer slices of the stacked parameters."""
     cfg = model.cfg
     dt = jnp.dtype(cfg.dtype)
-    x = jnp.take(model.embed[...], tokens_BT, axis=0).astype(dt)
-    cos, sin = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, dt)
+    x = jnp.take(model.embed[...], tokens_NT, axis=0).astype(dt)
+    cos, sin = rope_tables(positions_NT, cfg.head_dim, cfg.rope_theta, dt)
     layer_graphdef, stacked = nnx.split(model.layers)
     ks, vs = [], []
     for i in range(cfg.num_layers):
         layer = nnx.merge(layer_graphdef, jax.tree.map(lambda p: p[i], stacked))
-        x, k, v = layer(x, cos, sin, mask_BTS)
+        x, k, v = layer(x, cos, sin, mask_NTS)
         ks.append(k)
         vs.append(v)
     return model.logits(model.final_norm(x)), jnp.stack(ks), jnp.stack(vs)
@@ -66,7 +66,7 @@ def test_scanned_equals_unrolled_logits_kv_and_grads(policy):
 
         def scanned(st):
             logits, kv = merge(graphdef, st)(tokens, pos, mask)
-            return jnp.sum(jnp.tanh(logits) * weights_V), (logits, kv.k_LBTKD, kv.v_LBTKD)
+            return jnp.sum(jnp.tanh(logits) * weights_V), (logits, kv.k_LNTKD, kv.v_LNTKD)
 
         def reference(st):
             logits, k, v = unrolled_forward(merge(graphdef, st), tokens, pos, mask)

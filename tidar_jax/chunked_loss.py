@@ -52,7 +52,7 @@ def _ce_and_correct(logits_fn, hidden_NcD, labels_Nc):
 
 
 def position_stats(logits_fn: Callable, sources: dict, labels_NS, chunk: int):
-    """Per-position ``{name}_ce`` and ``{name}_correct`` ``[N, S]`` for each ``sources[name]`` ``[N, S, D]``.
+    """Per-position ``{name}_ce`` and ``{name}_correct`` ``[N, S]`` for each ``sources[name]`` ``[N, S, E]``.
 
     ``logits_fn(hidden_NcD) -> logits_NcV`` (the LM head). Row p of every source predicts ``labels_NS[:, p]``.
     The positions are processed ``chunk`` at a time by ``lax.scan`` with a rematerialised body.
@@ -78,7 +78,7 @@ def position_stats(logits_fn: Callable, sources: dict, labels_NS, chunk: int):
     return {k: _position_major(v) for k, v in stats.items()}
 
 
-def tidar_position_stats(logits_fn, hidden_N2SD, tokens_NS, loss_mask_NS=None, segment_ids_NS=None,
+def tidar_position_stats(logits_fn, hidden_N2SE, tokens_NS, loss_mask_NS=None, segment_ids_NS=None,
                          chunk: int = 0):
     """Per-target-position statistics of the TiDAR objective over the doubled sequence ``[clean S | mask S]``.
 
@@ -86,23 +86,23 @@ def tidar_position_stats(logits_fn, hidden_N2SD, tokens_NS, loss_mask_NS=None, s
     the target position).
     """
     s = tokens_NS.shape[1]
-    if hidden_N2SD.shape[1] != 2 * s:
-        raise ValueError(f"hidden length {hidden_N2SD.shape[1]} != 2 * tokens length {2 * s}")
-    clean_NSD, mask_NSD = hidden_N2SD[:, :s], hidden_N2SD[:, s:]
+    if hidden_N2SE.shape[1] != 2 * s:
+        raise ValueError(f"hidden length {hidden_N2SE.shape[1]} != 2 * tokens length {2 * s}")
+    clean_NSE, mask_NSE = hidden_N2SE[:, :s], hidden_N2SE[:, s:]
     # target p reads clean row p-1; position 0 (no AR target, weight 0) reads row 0 so its logits stay finite
-    ar_source_NSD = jnp.concatenate([clean_NSD[:, :1], clean_NSD[:, :-1]], axis=1)
-    stats = position_stats(logits_fn, {"ar": ar_source_NSD, "diff": mask_NSD}, tokens_NS, chunk or s)
+    ar_source_NSE = jnp.concatenate([clean_NSE[:, :1], clean_NSE[:, :-1]], axis=1)
+    stats = position_stats(logits_fn, {"ar": ar_source_NSE, "diff": mask_NSE}, tokens_NS, chunk or s)
     _, diff_weight = diffusion_targets(tokens_NS, loss_mask_NS)
     stats["ar_weight"] = ar_target_weights(tokens_NS, loss_mask_NS, segment_ids_NS)
     stats["diff_weight"] = diff_weight
     return stats
 
 
-def ar_position_stats(logits_fn, hidden_NSD, tokens_NS, loss_mask_NS=None, segment_ids_NS=None, chunk: int = 0):
+def ar_position_stats(logits_fn, hidden_NSE, tokens_NS, loss_mask_NS=None, segment_ids_NS=None, chunk: int = 0):
     """Per-target-position statistics of the plain causal-LM loss: ``ar_ce, ar_correct, ar_weight``."""
     s = tokens_NS.shape[1]
-    source_NSD = jnp.concatenate([hidden_NSD[:, :1], hidden_NSD[:, :-1]], axis=1)
-    stats = position_stats(logits_fn, {"ar": source_NSD}, tokens_NS, chunk or s)
+    source_NSE = jnp.concatenate([hidden_NSE[:, :1], hidden_NSE[:, :-1]], axis=1)
+    stats = position_stats(logits_fn, {"ar": source_NSE}, tokens_NS, chunk or s)
     stats["ar_weight"] = ar_target_weights(tokens_NS, loss_mask_NS, segment_ids_NS)
     return stats
 
@@ -130,11 +130,11 @@ def combine_ar(stats: dict):
     return loss, {"loss": loss, "ar_loss": loss, "ar_acc": acc, "ar_tokens": count}
 
 
-def chunked_tidar_loss(logits_fn, hidden_N2SD, tokens_NS, loss_mask_NS=None, segment_ids_NS=None,
+def chunked_tidar_loss(logits_fn, hidden_N2SE, tokens_NS, loss_mask_NS=None, segment_ids_NS=None,
                        alpha: float = 1.0, chunk: int = 0):
-    return combine_tidar(tidar_position_stats(logits_fn, hidden_N2SD, tokens_NS, loss_mask_NS, segment_ids_NS,
+    return combine_tidar(tidar_position_stats(logits_fn, hidden_N2SE, tokens_NS, loss_mask_NS, segment_ids_NS,
                                               chunk), alpha)
 
 
-def chunked_ar_loss(logits_fn, hidden_NSD, tokens_NS, loss_mask_NS=None, segment_ids_NS=None, chunk: int = 0):
-    return combine_ar(ar_position_stats(logits_fn, hidden_NSD, tokens_NS, loss_mask_NS, segment_ids_NS, chunk))
+def chunked_ar_loss(logits_fn, hidden_NSE, tokens_NS, loss_mask_NS=None, segment_ids_NS=None, chunk: int = 0):
+    return combine_ar(ar_position_stats(logits_fn, hidden_NSE, tokens_NS, loss_mask_NS, segment_ids_NS, chunk))

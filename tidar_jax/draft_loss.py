@@ -129,12 +129,12 @@ def block_sums(diff_ce_NS, diff_w_NS, stats: dict, teacher_w_NS, block_size: int
         sums["kl_den"] = jnp.sum(both_NS * slot_NS)
     if "logq_NT" in stats:
         # slots 1..B-1 of each block; a slot without a valid target ends the chain (R = 0 from there on)
-        v_NKJ = both_NS.reshape(n, s // b, b)[..., 1:]
-        logq_NKJ = jnp.where(v_NKJ > 0, stats["logq_NT"].reshape(n, s // b, b)[..., 1:], 0.0)
-        reach_NKJ = jnp.cumprod(v_NKJ, axis=-1)
-        prefix_NKJ = reach_NKJ * jnp.exp(jnp.cumsum(logq_NKJ, axis=-1))
-        sums["chain_num"] = jnp.sum(prefix_NKJ)
-        sums["chain_den"] = jnp.sum(reach_NKJ)
+        v_NOJ = both_NS.reshape(n, s // b, b)[..., 1:]
+        logq_NOJ = jnp.where(v_NOJ > 0, stats["logq_NT"].reshape(n, s // b, b)[..., 1:], 0.0)
+        reach_NOJ = jnp.cumprod(v_NOJ, axis=-1)
+        prefix_NOJ = reach_NOJ * jnp.exp(jnp.cumsum(logq_NOJ, axis=-1))
+        sums["chain_num"] = jnp.sum(prefix_NOJ)
+        sums["chain_den"] = jnp.sum(reach_NOJ)
     return sums
 
 

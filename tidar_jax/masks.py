@@ -329,15 +329,15 @@ class DecodeLayout(_Layout):
         return ("DecodeLayout", self.block_size, self.cache_size, self.group_counts)
 
     def local_mask(self):
-        """Static numpy ``[Q, Q]`` among the step's own tokens (the part of the mask that no row's length changes)."""
+        """Static numpy ``[T, T]`` among the step's own tokens (the part of the mask that no row's length changes)."""
         own = dataclasses.replace(self, cache_len_N=np.zeros((1,), np.int32))
         return own.block(np.arange(self.q_len), self.cache_size + np.arange(self.q_len))[0]
 
     def positions(self):
-        """Positions ``[N, Q]``: draft i -> L+i; slot t of group k -> L+k+t."""
-        count_Q, slot_Q = self._step_info(np.arange(self.q_len), np)
+        """Positions ``[N, T]``: draft i -> L+i; slot t of group k -> L+k+t."""
+        count_T, slot_T = self._step_info(np.arange(self.q_len), np)
         cache_len_N = jnp.asarray(self.cache_len_N, dtype=jnp.int32).reshape(-1)
-        return (cache_len_N[:, None] + jnp.asarray(count_Q + slot_Q, jnp.int32)[None, :]).astype(jnp.int32)
+        return (cache_len_N[:, None] + jnp.asarray(count_T + slot_T, jnp.int32)[None, :]).astype(jnp.int32)
 
 
 def is_layout(mask) -> bool:
@@ -404,17 +404,17 @@ def training_mask(seq_len: int, block_size: int, segment_ids_NS=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def decode_layout(block_size: int):
-    """Static per-token structure of a decode step: ``(group_Q, slot_Q)``; group 0 is the draft row."""
+    """Static per-token structure of a decode step: ``(group_T, slot_T)``; group 0 is the draft row."""
     q_len = block_size * (block_size + 1)
-    idx_Q = jnp.arange(q_len)
-    return idx_Q // block_size, idx_Q % block_size
+    idx_T = jnp.arange(q_len)
+    return idx_T // block_size, idx_T % block_size
 
 
 def decode_positions(cache_len_N, block_size: int):
     """Positions ``[N, B(B+1)]``: draft i -> L+i; group j slot t -> L+j+t."""
-    group_Q, slot_Q = decode_layout(block_size)
+    group_T, slot_T = decode_layout(block_size)
     cache_len_N = jnp.asarray(cache_len_N, dtype=jnp.int32).reshape(-1)
-    return (cache_len_N[:, None] + (group_Q + slot_Q)[None, :]).astype(jnp.int32)
+    return (cache_len_N[:, None] + (group_T + slot_T)[None, :]).astype(jnp.int32)
 
 
 def decode_attention_layout(cache_len_N, block_size: int, cache_size: int, groups: bool = True,
@@ -436,13 +436,13 @@ def ar_step_layout(cache_len_N, cache_size: int, cache_page: int = 0) -> DecodeL
 
 
 def decode_step_mask(block_size: int):
-    """Boolean ``[Q, Q]`` mask among the B(B+1) step tokens (independent of the cache)."""
+    """Boolean ``[T, T]`` mask among the B(B+1) step tokens (independent of the cache)."""
     layout = DecodeLayout(np.zeros((1,), np.int32), block_size, 0)
     return jnp.asarray(layout.block()[0])
 
 
 def decode_mask(cache_len_N, block_size: int, cache_size: int):
-    """Boolean ``[N, Q, C+Q]`` decode-step mask over keys ``[cache slots 0..C-1 | step tokens]``.
+    """Boolean ``[N, T, C+T]`` decode-step mask over keys ``[cache slots 0..C-1 | step tokens]``.
 
     Every step token sees the committed prefix (cache slots < L of its row); drafts are causal among drafts;
     group j sees drafts 0..j-1 and its own group bidirectionally; nothing else.

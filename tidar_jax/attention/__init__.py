@@ -1,8 +1,8 @@
 """One attention interface over interchangeable kernels.
 
-``attend(q_BTHD, k_BSKD, v_BSKD, layout, kernel)``: ``layout`` is a ``tidar_jax.masks`` layout object (or a dense
-boolean ``[B|1, T, S]`` mask, which always runs the ``reference`` kernel); ``kernel`` is a ``model.attention``
-value. Each kernel is a function ``(q_BTHD, k_BSKD, v_BSKD, layout) -> out_BTHD`` registered by name and derives
+``attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel)``: ``layout`` is a ``tidar_jax.masks`` layout object (or a dense
+boolean ``[N|1, T, S]`` mask, which always runs the ``reference`` kernel); ``kernel`` is a ``model.attention``
+value. Each kernel is a function ``(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`` registered by name and derives
 what it needs (dense mask, tile schedule, per-tile mask) from the layout.
 
 ``auto`` resolves per backend to the first usable kernel of ``AUTO_PREFERENCE``. A kernel that needs particular
@@ -31,7 +31,7 @@ AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("blockwise",), "cpu":
 
 
 def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
-    """Make ``fn(q_BTHD, k_BSKD, v_BSKD, layout) -> out_BTHD`` available as ``model.attention=name``;
+    """Make ``fn(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`` available as ``model.attention=name``;
     ``unavailable(backend)`` returns why it cannot run on that backend (None when it can)."""
     if name not in ATTENTION_KERNELS or name == "auto":
         raise ValueError(f"kernel name {name!r}: must be one of {', '.join(ATTENTION_KERNELS[1:])}")
@@ -72,26 +72,26 @@ def _reason(name: str, kind: str) -> str | None:
     return None if check is None else check(kind)
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, layout, kernel: str = "auto"):
-    """Masked GQA attention ``[B, T, H, D]`` of ``q`` over ``k, v [B, S, K, D]`` with the chosen kernel."""
+def attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel: str = "auto"):
+    """Masked GQA attention ``[N, T, H, D]`` of ``q`` over ``k, v [N, S, K, D]`` with the chosen kernel."""
     if not is_layout(layout):  # a dense boolean mask: only the reference kernel reads one
-        return reference.attend(q_BTHD, k_BSKD, v_BSKD, layout)
-    return KERNELS[resolve(kernel)](q_BTHD, k_BSKD, v_BSKD, layout)
+        return reference.attend(q_NTHD, k_NSKD, v_NSKD, layout)
+    return KERNELS[resolve(kernel)](q_NTHD, k_NSKD, v_NSKD, layout)
 
 
-def attend_with_cache(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, layout, kernel: str = "auto"):
-    """Attention of a cached forward (a decode step): keys are layer ``layer`` of the whole ``[L, B, C, K, D]``
-    cache followed by the current tokens' ``k, v [B, T, K, D]``. A ``DecodeLayout`` with ``cache_page > 0`` reads
+def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, kernel: str = "auto"):
+    """Attention of a cached forward (a decode step): keys are layer ``layer`` of the whole ``[L, N, C, K, D]``
+    cache followed by the current tokens' ``k, v [N, T, K, D]``. A ``DecodeLayout`` with ``cache_page > 0`` reads
     the cache in place up to the live length (``paged``); otherwise the layer's cache and the current keys are
     concatenated and attended with ``kernel`` (or the reference kernel for a dense boolean mask)."""
     if isinstance(layout, DecodeLayout) and layout.cache_page:
-        return paged.attend(q_BTHD, k_BTKD, v_BTKD, cache_k_LBCKD, cache_v_LBCKD, layer, layout)
-    dt = k_BTKD.dtype
-    keys = jnp.concatenate([jax.lax.dynamic_index_in_dim(cache_k_LBCKD, layer, 0, keepdims=False).astype(dt),
-                            k_BTKD], axis=1)
-    values = jnp.concatenate([jax.lax.dynamic_index_in_dim(cache_v_LBCKD, layer, 0, keepdims=False).astype(dt),
-                              v_BTKD], axis=1)
-    return attend(q_BTHD, keys, values, layout, kernel)
+        return paged.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout)
+    dt = k_NTKD.dtype
+    keys = jnp.concatenate([jax.lax.dynamic_index_in_dim(cache_k_LNCKD, layer, 0, keepdims=False).astype(dt),
+                            k_NTKD], axis=1)
+    values = jnp.concatenate([jax.lax.dynamic_index_in_dim(cache_v_LNCKD, layer, 0, keepdims=False).astype(dt),
+                              v_NTKD], axis=1)
+    return attend(q_NTHD, keys, values, layout, kernel)
 
 
 __all__ = ["AUTO_PREFERENCE", "KERNELS", "UNAVAILABLE", "attend", "attend_with_cache", "register", "resolve"]

@@ -8,7 +8,7 @@ pairs evaluate the layout's rule on the tile's indices (``layout.block``), so no
 Forward: online softmax with per-q-tile running max / sum / accumulator (float32 at least) carried through the
 scan and updated in place. Backward (``jax.custom_vjp``, FlashAttention-2 style): recomputes each visited tile's
 probabilities from the saved log-sum-exp, so memory is O(T x tile) rather than O(T x S).
-GQA: queries are grouped ``[K, G]`` against ``K`` key/value heads. Lengths that are not a multiple of the tile
+GQA: queries are grouped ``[K, R]`` against ``K`` key/value heads. Lengths that are not a multiple of the tile
 are padded internally (padded keys are never allowed; padded queries are dropped).
 """
 
@@ -34,7 +34,7 @@ def _put(x, i, value):
 
 
 def _q_tiles(x_NTHD, nq, tq, kv):
-    """``[N, T, H, D]`` -> ``[nq, N, tq, K, G, D]`` (zero-padded)."""
+    """``[N, T, H, D]`` -> ``[nq, N, tq, K, R, D]`` (zero-padded)."""
     n, t, h, d = x_NTHD.shape
     x = jnp.pad(x_NTHD, ((0, 0), (0, nq * tq - t), (0, 0), (0, 0)))
     return x.reshape(n, nq, tq, kv, h // kv, d).transpose(1, 0, 2, 3, 4, 5)
@@ -58,22 +58,22 @@ def _untile_k(x_KNtKD, s):
 
 
 def _tile_allowed(layout, sched: TileSchedule, qi, ki):
-    """Boolean ``[R, 1, 1, tq, tk]`` for one tile pair (broadcasts over ``[N, K, G, tq, tk]`` scores)."""
+    """Boolean ``[N, 1, 1, tq, tk]`` (N or 1) for one tile pair (broadcasts over ``[N, K, R, tq, tk]`` scores)."""
     q_idx = qi * sched.tile_q + jnp.arange(sched.tile_q)
     k_idx = ki * sched.tile_k + jnp.arange(sched.tile_k)
     return layout.block(q_idx, k_idx)[:, None, None]
 
 
-def _scan_pairs(body, carry, pairs_P2: np.ndarray, masked: bool):
-    if len(pairs_P2) == 0:
+def _scan_pairs(body, carry, tile_pairs: np.ndarray, masked: bool):
+    if len(tile_pairs) == 0:
         return carry
-    pairs = jnp.asarray(pairs_P2)
+    pairs = jnp.asarray(tile_pairs)
     carry, _ = lax.scan(lambda c, p: (body(c, p[0], p[1], masked), None), carry, pairs)
     return carry
 
 
 def _forward(q_NTHD, k_NSKD, v_NSKD, layout, sched: TileSchedule):
-    """``(out_NTHD, lse [nq, N, K, G, tq])``."""
+    """``(out_NTHD, lse [nq, N, K, R, tq])``."""
     n, t, h, d = q_NTHD.shape
     s, kv = k_NSKD.shape[1], k_NSKD.shape[2]
     g = h // kv
@@ -85,18 +85,18 @@ def _forward(q_NTHD, k_NSKD, v_NSKD, layout, sched: TileSchedule):
 
     def body(carry, qi, ki, masked):
         m_all, l_all, acc_all = carry
-        s_NKGqk = jnp.einsum("nqkgd,nskd->nkgqs", _take(q_t, qi), _take(k_t, ki), preferred_element_type=cd) * scale
+        s_NKRqk = jnp.einsum("nqkrd,nskd->nkrqs", _take(q_t, qi), _take(k_t, ki), preferred_element_type=cd) * scale
         if masked:
             allowed = _tile_allowed(layout, sched, qi, ki)
-            s_NKGqk = jnp.where(allowed, s_NKGqk, neg)
+            s_NKRqk = jnp.where(allowed, s_NKRqk, neg)
         m_old, l_old, acc_old = _take(m_all, qi), _take(l_all, qi), _take(acc_all, qi)
-        m_new = jnp.maximum(m_old, s_NKGqk.max(axis=-1))
-        p = jnp.exp(s_NKGqk - m_new[..., None])
+        m_new = jnp.maximum(m_old, s_NKRqk.max(axis=-1))
+        p = jnp.exp(s_NKRqk - m_new[..., None])
         if masked:  # a row with nothing allowed yet has m_new == neg; its masked entries must not count as 1
             p = jnp.where(allowed, p, 0.0)
         corr = jnp.exp(m_old - m_new)
         l_new = l_old * corr + p.sum(axis=-1)
-        pv = jnp.einsum("nkgqs,nskd->nkgqd", p.astype(v_NSKD.dtype), _take(v_t, ki), preferred_element_type=cd)
+        pv = jnp.einsum("nkrqs,nskd->nkrqd", p.astype(v_NSKD.dtype), _take(v_t, ki), preferred_element_type=cd)
         acc_new = acc_old * corr[..., None] + pv
         return _put(m_all, qi, m_new), _put(l_all, qi, l_new), _put(acc_all, qi, acc_new)
 
@@ -105,7 +105,7 @@ def _forward(q_NTHD, k_NSKD, v_NSKD, layout, sched: TileSchedule):
     carry = _scan_pairs(body, carry, sched.full_pairs, masked=False)
     m, l, acc = _scan_pairs(body, carry, sched.partial_pairs, masked=True)
     seen = l > 0  # padded query rows see nothing
-    out = acc / jnp.where(seen, l, 1.0)[..., None]  # [nq, N, K, G, tq, D]
+    out = acc / jnp.where(seen, l, 1.0)[..., None]  # [nq, N, K, R, tq, D]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -neg)  # exp(s - (-neg)) == 0 for unseen rows
     out_NTHD = _untile_q(out.transpose(0, 1, 4, 2, 3, 5), t).astype(q_NTHD.dtype)
     return out_NTHD, lse
@@ -120,21 +120,21 @@ def _backward(q_NTHD, k_NSKD, v_NSKD, out_NTHD, lse, dout_NTHD, layout, sched: T
     q_t, k_t, v_t = _q_tiles(q_NTHD, nq, tq, kv), _k_tiles(k_NSKD, nk, tk), _k_tiles(v_NSKD, nk, tk)
     do_t = _q_tiles(dout_NTHD.astype(q_NTHD.dtype), nq, tq, kv)
     # delta_i = sum_d dO_id O_id: the softmax-Jacobian term, one per query row
-    delta = jnp.sum(_q_tiles(out_NTHD, nq, tq, kv).astype(cd) * do_t.astype(cd), axis=-1)  # [nq, N, tq, K, G]
-    delta = delta.transpose(0, 1, 3, 4, 2)  # [nq, N, K, G, tq]
+    delta = jnp.sum(_q_tiles(out_NTHD, nq, tq, kv).astype(cd) * do_t.astype(cd), axis=-1)  # [nq, N, tq, K, R]
+    delta = delta.transpose(0, 1, 3, 4, 2)  # [nq, N, K, R, tq]
 
     def body(carry, qi, ki, masked):
         dq_all, dk_all, dv_all = carry
         q_i, k_j, v_j, do_i = _take(q_t, qi), _take(k_t, ki), _take(v_t, ki), _take(do_t, qi)
-        s_NKGqk = jnp.einsum("nqkgd,nskd->nkgqs", q_i, k_j, preferred_element_type=cd) * scale
-        p = jnp.exp(s_NKGqk - _take(lse, qi)[..., None])
+        s_NKRqk = jnp.einsum("nqkrd,nskd->nkrqs", q_i, k_j, preferred_element_type=cd) * scale
+        p = jnp.exp(s_NKRqk - _take(lse, qi)[..., None])
         if masked:
             p = jnp.where(_tile_allowed(layout, sched, qi, ki), p, 0.0)
-        dv = jnp.einsum("nkgqs,nqkgd->nskd", p.astype(do_i.dtype), do_i, preferred_element_type=cd)
-        dp = jnp.einsum("nqkgd,nskd->nkgqs", do_i, v_j, preferred_element_type=cd)
+        dv = jnp.einsum("nkrqs,nqkrd->nskd", p.astype(do_i.dtype), do_i, preferred_element_type=cd)
+        dp = jnp.einsum("nqkrd,nskd->nkrqs", do_i, v_j, preferred_element_type=cd)
         ds = p * (dp - _take(delta, qi)[..., None]) * scale
-        dq = jnp.einsum("nkgqs,nskd->nqkgd", ds.astype(k_j.dtype), k_j, preferred_element_type=cd)
-        dk = jnp.einsum("nkgqs,nqkgd->nskd", ds.astype(q_i.dtype), q_i, preferred_element_type=cd)
+        dq = jnp.einsum("nkrqs,nskd->nqkrd", ds.astype(k_j.dtype), k_j, preferred_element_type=cd)
+        dk = jnp.einsum("nkrqs,nqkrd->nskd", ds.astype(q_i.dtype), q_i, preferred_element_type=cd)
         return (_put(dq_all, qi, _take(dq_all, qi) + dq), _put(dk_all, ki, _take(dk_all, ki) + dk),
                 _put(dv_all, ki, _take(dv_all, ki) + dv))
 

@@ -1,7 +1,7 @@
 """GPU attention through ``jax.nn.dot_product_attention(implementation="cudnn")`` with the layout as a bias.
 
 cuDNN's fused attention knows causal / padding / sliding-window masks only, so TiDAR's mask goes in as a dense
-additive bias ``[R, 1, T, S]`` (0 where allowed, a large negative where not), broadcast over heads and, for a
+additive bias ``[N, 1, T, S]`` (0 where allowed, a large negative where not), broadcast over heads and, for a
 static layout, over the batch. The compute is dense (no tile skipping: about 4x the ideal FLOPs on the training
 layout), but fused, so no ``[T, S]`` fp32 scores are written per head; only the one bias per sequence (or one in
 all for static layouts) exists. The API does GQA itself (query heads a multiple of kv heads). cuDNN needs
@@ -25,12 +25,12 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def layout_bias(layout, dtype):
-    """Additive bias ``[R, 1, T, S]`` (R = 1 for a static layout, else per row): 0 allowed, very negative not.
+    """Additive bias ``[N, 1, T, S]`` (leading axis 1 for a static layout, else per row): 0 allowed, very negative not.
 
     -0.7 x the dtype's max, not -inf, so a score plus the bias never overflows and a masked entry's exp is 0."""
-    allowed_RTS = jnp.asarray(layout.block())
+    allowed_NTS = jnp.asarray(layout.block())
     neg = jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
-    return jnp.where(allowed_RTS, jnp.zeros((), dtype), neg)[:, None]
+    return jnp.where(allowed_NTS, jnp.zeros((), dtype), neg)[:, None]
 
 
 def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, implementation: str = "cudnn"):

@@ -21,8 +21,8 @@ class TileSchedule:
     tile_k: int
     num_q_tiles: int
     num_k_tiles: int
-    full_pairs: np.ndarray  # [P, 2] (q tile, k tile), ordered by q tile then k tile
-    partial_pairs: np.ndarray  # [P, 2]
+    full_pairs: np.ndarray  # [pairs, 2] (q tile, k tile), ordered by q tile then k tile
+    partial_pairs: np.ndarray  # [pairs, 2]
 
     @property
     def visited_fraction(self) -> float:

@@ -18,20 +18,20 @@ import numpy as np
 from tidar_jax.data.shards import TokenStream
 
 
-def unit_starts(lengths_D: np.ndarray, block_size: int) -> np.ndarray:
+def unit_starts(lengths_Z: np.ndarray, block_size: int) -> np.ndarray:
     """int64 ``[D+1]``: where each document's unit starts in the packed stream (last entry: the stream length)."""
-    units_D = -(-(np.asarray(lengths_D, np.int64) + 1) // block_size) * block_size
-    return np.concatenate([np.zeros(1, np.int64), np.cumsum(units_D)])
+    units_Z = -(-(np.asarray(lengths_Z, np.int64) + 1) // block_size) * block_size
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(units_Z)])
 
 
 class PackedDocuments:
     """Random-access source of packed windows ``{"tokens": int32 [S], "segment_ids": int32 [S]}``."""
 
-    def __init__(self, stream: TokenStream, spans_D2: np.ndarray, seq_len: int, block_size: int, eos_id: int):
+    def __init__(self, stream: TokenStream, spans_Z2: np.ndarray, seq_len: int, block_size: int, eos_id: int):
         self.stream, self.seq_len, self.block_size, self.eos_id = stream, seq_len, block_size, eos_id
-        self.offsets_D = np.ascontiguousarray(spans_D2[:, 0])
-        self.lengths_D = np.ascontiguousarray(spans_D2[:, 1])
-        self.starts = unit_starts(self.lengths_D, block_size)
+        self.offsets_Z = np.ascontiguousarray(spans_Z2[:, 0])
+        self.lengths_Z = np.ascontiguousarray(spans_Z2[:, 1])
+        self.starts = unit_starts(self.lengths_Z, block_size)
         self.num_tokens = int(self.starts[-1])
 
     def __len__(self) -> int:
@@ -46,9 +46,9 @@ class PackedDocuments:
         segments = np.zeros(self.seq_len, dtype=np.int32)
         d = int(np.searchsorted(self.starts, lo, side="right")) - 1
         segment = 0
-        while d < len(self.lengths_D) and self.starts[d] < hi:
+        while d < len(self.lengths_Z) and self.starts[d] < hi:
             unit_lo = int(self.starts[d])
-            length = int(self.lengths_D[d])
+            length = int(self.lengths_Z[d])
             u0 = max(lo, unit_lo) - unit_lo  # first unit position inside this window
             u1 = min(hi - unit_lo, length + 1)  # one past the last real position (tokens + eos) inside it
             if u1 > u0:
@@ -56,7 +56,7 @@ class PackedDocuments:
                 at = unit_lo + u0 - lo
                 real = min(u1, length) - u0  # document tokens in this piece (the eos, if here, is already eos_id)
                 if real > 0:
-                    start = int(self.offsets_D[d]) + u0
+                    start = int(self.offsets_Z[d]) + u0
                     tokens[at:at + real] = self.stream.read(start, start + real)
                 segments[at:at + u1 - u0] = segment
             d += 1

@@ -105,8 +105,8 @@ def shuffle_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"tidar-shuffle:{seed}".encode()).digest()[:4], "big")
 
 
-def _as_example(tokens_BS) -> dict:
-    return tokens_BS if isinstance(tokens_BS, dict) else {"tokens": tokens_BS}
+def _as_example(tokens_NS) -> dict:
+    return tokens_NS if isinstance(tokens_NS, dict) else {"tokens": tokens_NS}
 
 
 def mixture_seed(seed: int, index: int) -> int:

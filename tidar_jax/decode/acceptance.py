@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf
 
 
-def _count_accepted(ok_NM):
+def _count_accepted(ok_NJ):
     """1 + length of the leading run of True (the cumulative product)."""
-    return 1 + jnp.sum(jnp.cumprod(ok_NM.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+    return 1 + jnp.sum(jnp.cumprod(ok_NJ.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
 
 
 def _at(x_NB, k_N):
@@ -31,17 +31,17 @@ def greedy_accept(drafts_NB, verifier_NBV):
     return k_N, _at(v_NB, k_N - 1)
 
 
-def sampled_accept(drafts_NB, probs_NBV, u_accept_NM, u_token_N):
+def sampled_accept(drafts_NB, probs_NBV, u_accept_NJ, u_token_N):
     """Exact speculative sampling for point-mass drafts.
 
     Draft i (i >= 1) is accepted with probability p_i(d_i) (``u < p``), scanning left to right. At the first
     rejection, position L+k is sampled from p with the rejected draft's mass removed (the residual
     max(p - q, 0) for q = delta(d)); after B acceptances the bonus position is sampled from p itself.
-    ``u_accept_NM`` has B-1 uniforms per row, ``u_token_N`` one.
+    ``u_accept_NJ`` has J = B-1 uniforms per row, ``u_token_N`` one.
     """
     b = drafts_NB.shape[1]
-    p_draft_NM = jnp.take_along_axis(probs_NBV[:, :-1], drafts_NB[:, 1:, None], axis=-1)[..., 0]
-    k_N = _count_accepted(u_accept_NM < p_draft_NM)
+    p_draft_NJ = jnp.take_along_axis(probs_NBV[:, :-1], drafts_NB[:, 1:, None], axis=-1)[..., 0]
+    k_N = _count_accepted(u_accept_NJ < p_draft_NJ)
     p_NV = jnp.take_along_axis(probs_NBV, (k_N - 1)[:, None, None], axis=1)[:, 0]
     rejected_N = k_N < b
     rejected_draft_N = _at(drafts_NB, jnp.minimum(k_N, b - 1))

@@ -96,7 +96,7 @@ def _stats(state: engine.GenerateOutput, opts: DecodeOptions, wall_s: float, com
            tokens: list[list[int]]) -> dict[str, Any]:
     new_tokens = [len(t) for t in tokens]  # after the host-side stop-string cut (if any)
     nfe_rows = [int(x) for x in np.asarray(state.nfe_N)]
-    hist = [int(x) for x in np.asarray(state.accept_hist_K)]
+    hist = [int(x) for x in np.asarray(state.accept_hist_A)]
     steps_total = sum(hist)
     total = sum(new_tokens)
     return {
@@ -251,15 +251,15 @@ class Decoder:
         """Runtime stop arrays (fixed capacities, so their values never recompile) and the host-side strings."""
         eos = self.eos_ids(eos_token_id)
         seqs, strings = self.stop_sequences(stop)
-        eos_E = np.full((_capacity(len(eos), EOS_CAPACITY),), -1, np.int32)
-        eos_E[:len(eos)] = eos
+        eos_I = np.full((_capacity(len(eos), EOS_CAPACITY),), -1, np.int32)
+        eos_I[:len(eos)] = eos
         window = _capacity(max((len(q) for q in seqs), default=0), STOP_WINDOW)
-        stop_SW = np.full((_capacity(len(seqs), STOP_CAPACITY), window), -1, np.int32)
-        stop_len_S = np.zeros((stop_SW.shape[0],), np.int32)
+        stop_QW = np.full((_capacity(len(seqs), STOP_CAPACITY), window), -1, np.int32)
+        stop_len_Q = np.zeros((stop_QW.shape[0],), np.int32)
         for i, q in enumerate(seqs):
-            stop_SW[i, window - len(q):] = q
-            stop_len_S[i] = len(q)
-        return engine.Stops(jnp.asarray(eos_E), jnp.asarray(stop_SW), jnp.asarray(stop_len_S)), strings
+            stop_QW[i, window - len(q):] = q
+            stop_len_Q[i] = len(q)
+        return engine.Stops(jnp.asarray(eos_I), jnp.asarray(stop_QW), jnp.asarray(stop_len_Q)), strings
 
     def encode(self, prompts) -> list[list[int]]:
         """Token-id rows from a string, a list of strings, a list of ids or a list of id lists."""

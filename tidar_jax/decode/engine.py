@@ -35,13 +35,13 @@ from tidar_jax.model import KVCache, layer_major
 class Stops(NamedTuple):
     """Runtime stop criteria (runtime values: changing them does not recompile, only their capacity does).
 
-    eos_E: EOS ids, padded with -1 (never a token). stop_SW: stop token sequences right-aligned in a window of W
-    tokens, left-padded with -1 (a wildcard); stop_len_S: each sequence's length (0 = unused slot).
+    eos_I: EOS ids, padded with -1 (never a token). stop_QW: Q stop token sequences right-aligned in a window of
+    W tokens, left-padded with -1 (a wildcard); stop_len_Q: each sequence's length (0 = unused slot).
     """
 
-    eos_E: jax.Array
-    stop_SW: jax.Array
-    stop_len_S: jax.Array
+    eos_I: jax.Array
+    stop_QW: jax.Array
+    stop_len_Q: jax.Array
 
 
 class DecodeState(NamedTuple):
@@ -52,7 +52,7 @@ class DecodeState(NamedTuple):
     done_N: jax.Array
     key: jax.Array
     nfe_N: jax.Array  # forwards while the row was active (prefill included)
-    accept_hist_K: jax.Array  # [B+1]: how many active row-steps accepted k drafts
+    accept_hist_A: jax.Array  # [A] = [B+1]: how many active row-steps accepted k drafts
     steps: jax.Array  # decode steps run (NFE = steps + 1)
     stops: Stops
 
@@ -63,12 +63,12 @@ class GenerateOutput(NamedTuple):
     out_NM: jax.Array
     n_out_N: jax.Array
     nfe_N: jax.Array
-    accept_hist_K: jax.Array
+    accept_hist_A: jax.Array
     steps: jax.Array
 
 
 def output_of(state: DecodeState) -> GenerateOutput:
-    return GenerateOutput(state.out_NM, state.n_out_N, state.nfe_N, state.accept_hist_K, state.steps)
+    return GenerateOutput(state.out_NM, state.n_out_N, state.nfe_N, state.accept_hist_A, state.steps)
 
 
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
@@ -98,7 +98,7 @@ def constrain_state(state: DecodeState, mesh) -> DecodeState:
     return state._replace(
         cache=constrain_cache(state.cache, mesh), pending_NB=rows(state.pending_NB), out_NM=rows(state.out_NM),
         n_out_N=rows(state.n_out_N), done_N=rows(state.done_N), nfe_N=rows(state.nfe_N), key=rep(state.key),
-        accept_hist_K=rep(state.accept_hist_K), steps=rep(state.steps), stops=jax.tree.map(rep, state.stops))
+        accept_hist_A=rep(state.accept_hist_A), steps=rep(state.steps), stops=jax.tree.map(rep, state.stops))
 
 
 def constrain_cache(cache: KVCache, mesh) -> KVCache:
@@ -106,10 +106,10 @@ def constrain_cache(cache: KVCache, mesh) -> KVCache:
         return cache
     from tidar_jax.sharding import logical_sharding
 
-    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LBCKD.shape, mesh)
-    len_sharding = logical_sharding(("batch",), cache.length_B.shape, mesh)
+    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LNCKD.shape, mesh)
+    len_sharding = logical_sharding(("batch",), cache.length_N.shape, mesh)
     wsc = jax.lax.with_sharding_constraint
-    return KVCache(wsc(cache.k_LBCKD, kv_sharding), wsc(cache.v_LBCKD, kv_sharding), wsc(cache.length_B, len_sharding))
+    return KVCache(wsc(cache.k_LNCKD, kv_sharding), wsc(cache.v_LNCKD, kv_sharding), wsc(cache.length_N, len_sharding))
 
 
 def output_len(opts: DecodeOptions) -> int:
@@ -130,16 +130,16 @@ def _next_token(logits_NV, opts: DecodeOptions, u_N):
 
 def _stop_hits(out_NM, n_out_N, count_N, t: int, stops: Stops):
     """``[N, T]``: does the output ending at emitted token j (j < count) end with one of the stop sequences?"""
-    w = stops.stop_SW.shape[1]
+    w = stops.stop_QW.shape[1]
     m = out_NM.shape[1]
     j_T = jnp.arange(t)
     idx_NTW = n_out_N[:, None, None] + j_T[None, :, None] - (w - 1) + jnp.arange(w)[None, None, :]
     # before the first generated token: -2 matches no token and no wildcard-free position
     win_NTW = jnp.where(idx_NTW >= 0, jnp.take_along_axis(out_NM[:, None, :], jnp.clip(idx_NTW, 0, m - 1),
                                                           axis=2), -2)
-    eq_NTSW = (stops.stop_SW[None, None] == -1) | (win_NTW[:, :, None, :] == stops.stop_SW[None, None])
-    match_NTS = jnp.all(eq_NTSW, axis=-1) & (stops.stop_len_S > 0)[None, None]
-    return jnp.any(match_NTS, axis=-1)
+    eq_NTQW = (stops.stop_QW[None, None] == -1) | (win_NTW[:, :, None, :] == stops.stop_QW[None, None])
+    match_NTQ = jnp.all(eq_NTQW, axis=-1) & (stops.stop_len_Q > 0)[None, None]
+    return jnp.any(match_NTQ, axis=-1)
 
 
 def emit(state: DecodeState, chunk_NT, count_N, opts: DecodeOptions):
@@ -153,8 +153,8 @@ def emit(state: DecodeState, chunk_NT, count_N, opts: DecodeOptions):
     cols_NT = jnp.where(valid_NT, state.n_out_N[:, None] + j_T[None], m)
     # write the whole chunk first (positions past a stop are beyond n_out, i.e. meaningless), then cut
     out_NM = state.out_NM.at[jnp.arange(n)[:, None], cols_NT].set(chunk_NT, mode="drop")
-    hit_NT = jnp.any(chunk_NT[:, :, None] == state.stops.eos_E[None, None], axis=-1)
-    if state.stops.stop_SW.shape[0]:
+    hit_NT = jnp.any(chunk_NT[:, :, None] == state.stops.eos_I[None, None], axis=-1)
+    if state.stops.stop_QW.shape[0]:
         hit_NT = hit_NT | _stop_hits(out_NM, state.n_out_N, count_N, t, state.stops)
     hit_NT = hit_NT & valid_NT
     stop_hit_N = jnp.any(hit_NT, axis=1)
@@ -169,7 +169,7 @@ def _initial_state(cache, pending_NB, key, stops: Stops, opts: DecodeOptions) ->
     return DecodeState(
         cache=cache, pending_NB=pending_NB, out_NM=jnp.zeros((n, output_len(opts)), jnp.int32),
         n_out_N=jnp.zeros((n,), jnp.int32), done_N=jnp.zeros((n,), bool), key=key,
-        nfe_N=jnp.ones((n,), jnp.int32), accept_hist_K=jnp.zeros((opts.draft_len + 1,), jnp.int32),
+        nfe_N=jnp.ones((n,), jnp.int32), accept_hist_A=jnp.zeros((opts.draft_len + 1,), jnp.int32),
         steps=jnp.zeros((), jnp.int32), stops=stops)
 
 
@@ -178,8 +178,8 @@ def _cache_page(opts: DecodeOptions) -> int:
     return opts.cache_page if opts.cache_attention == "paged" else 0
 
 
-def _gather_rows(x_NTD, idx_NS):
-    return jnp.take_along_axis(x_NTD, idx_NS[:, :, None], axis=1)
+def _gather_rows(x_NTE, idx_NX):
+    return jnp.take_along_axis(x_NTE, idx_NX[:, :, None], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,14 +195,14 @@ def tidar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt
     tokens_NT = jnp.concatenate([prompt_NP, jnp.full((n, b), cfg.mask_token_id, prompt_NP.dtype)], axis=1)
     positions_NT = masks.prefill_positions(prompt_len_N, p, b)
     layout = masks.prefill_layout(prompt_len_N, p, b)
-    hidden_NTD, step_kv = model.hidden(tokens_NT, positions_NT, layout)
+    hidden_NTE, step_kv = model.hidden(tokens_NT, positions_NT, layout)
     cache = kvops.prefill_cache(empty_cache(cfg, opts, n, cache_size, mesh), step_kv, prompt_len_N, p)
-    diff_NBV = model.logits(hidden_NTD[:, p:])
+    diff_NBV = model.logits(hidden_NTE[:, p:])
     drafts_NB = greedy_token(diff_NBV)
     key, sub = jax.random.split(key)
     if opts.slot0 == "verifier" or not opts.greedy:
-        last_N1D = _gather_rows(hidden_NTD, (prompt_len_N - 1)[:, None])
-        verifier_NV = model.logits(last_N1D)[:, 0]
+        last_N1E = _gather_rows(hidden_NTE, (prompt_len_N - 1)[:, None])
+        verifier_NV = model.logits(last_N1E)[:, 0]
         if opts.beta != 1.0:
             verifier_NV = opts.beta * verifier_NV + (1.0 - opts.beta) * diff_NBV[:, 0]
         d0_N = _next_token(verifier_NV, opts, jax.random.uniform(sub, (n,), verifier_NV.dtype))
@@ -218,9 +218,9 @@ def _verify(opts: DecodeOptions, drafts_NB, verifier_NBV, key):
         accepted_N, token_N = greedy_accept(drafts_NB, verifier_NBV)
     else:
         probs_NBV = verifier_probs(verifier_NBV, opts.temperature, opts.top_k, opts.top_p)
-        u_acc_NM = jax.random.uniform(k_acc, (n, b - 1), probs_NBV.dtype)
+        u_acc_NJ = jax.random.uniform(k_acc, (n, b - 1), probs_NBV.dtype)
         u_tok_N = jax.random.uniform(k_tok, (n,), probs_NBV.dtype)
-        accepted_N, token_N = sampled_accept(drafts_NB, probs_NBV, u_acc_NM, u_tok_N)
+        accepted_N, token_N = sampled_accept(drafts_NB, probs_NBV, u_acc_NJ, u_tok_N)
     return key, accepted_N, token_N
 
 
@@ -232,15 +232,15 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n, b = drafts_NB.shape
     counts = opts.group_counts
     n_groups = len(counts)
-    length_N = cache.length_B
+    length_N = cache.length_N
     active_N = ~state.done_N
-    tokens_NQ = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
+    tokens_NT = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
                                 axis=1)
-    mask_NQS = masks.decode_attention_layout(length_N, b, cache.k_LBCKD.shape[2],
+    mask_NTS = masks.decode_attention_layout(length_N, b, cache.k_LNCKD.shape[2],
                                              counts=None if opts.groups is None else counts,
                                              cache_page=_cache_page(opts))
-    positions_NQ = mask_NQS.positions()
-    hidden_NQD, step_kv = model.hidden(tokens_NQ, positions_NQ, mask_NQS, cache)
+    positions_NT = mask_NTS.positions()
+    hidden_NTE, step_kv = model.hidden(tokens_NT, positions_NT, mask_NTS, cache)
 
     # Group slot-0 rows that mix into the verifier when beta < 1: verifier i (position L+i+1) mixes with group
     # k = i+1's slot 0 when that count is covered (uncovered: AR alone).
@@ -248,14 +248,14 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     mix_ok_B = jnp.asarray([(i + 1) in counts for i in range(b)])
     draft_idx_NB = jnp.broadcast_to(jnp.arange(b)[None], (n, b))
     if opts.head == "one_pass":  # one pass over every row: head weights read once, B + G*B rows computed
-        all_NQV = model.logits(hidden_NQD)
-        verifier_NBV = all_NQV[:, :b]
-        diff0_NBV = all_NQV[:, jnp.asarray(mix_rows_B)] if opts.beta != 1.0 else None
-        group_argmax_NGB = greedy_token(all_NQV[:, b:]).reshape(n, n_groups, b)
+        all_NTV = model.logits(hidden_NTE)
+        verifier_NBV = all_NTV[:, :b]
+        diff0_NBV = all_NTV[:, jnp.asarray(mix_rows_B)] if opts.beta != 1.0 else None
+        group_argmax_NGB = greedy_token(all_NTV[:, b:]).reshape(n, n_groups, b)
         group_argmax = lambda g_N: jnp.take_along_axis(  # noqa: E731
             group_argmax_NGB, jnp.maximum(g_N - 1, 0)[:, None, None], axis=1)[:, 0]
     else:  # selective: dependent passes, only the rows that are needed
-        head = lambda idx_NS: model.logits(_gather_rows(hidden_NQD, idx_NS))  # noqa: E731
+        head = lambda idx_NX: model.logits(_gather_rows(hidden_NTE, idx_NX))  # noqa: E731
         verifier_NBV = head(draft_idx_NB)  # AR logits at draft i predict position L+i+1
         diff0_NBV = head(jnp.broadcast_to(jnp.asarray(mix_rows_B)[None], (n, b))) if opts.beta != 1.0 else None
         group_argmax = lambda g_N: greedy_token(  # noqa: E731
@@ -277,11 +277,11 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     j_B = jnp.arange(b)[None]
     shifted_NB = jnp.concatenate([drafts_NB[:, 1:], drafts_NB[:, :1]], axis=1)
     chunk_NB = jnp.where(j_B < (accepted_N - 1)[:, None], shifted_NB, next_NB[:, :1])
-    hist_K = state.accept_hist_K + jnp.sum(
+    hist_A = state.accept_hist_A + jnp.sum(
         jax.nn.one_hot(accepted_N, b + 1, dtype=jnp.int32) * active_N[:, None], axis=0, dtype=jnp.int32)
     state = state._replace(
         cache=cache, pending_NB=jnp.where(active_N[:, None], next_NB, drafts_NB), key=key,
-        nfe_N=state.nfe_N + active_N.astype(jnp.int32), accept_hist_K=hist_K, steps=state.steps + 1)
+        nfe_N=state.nfe_N + active_N.astype(jnp.int32), accept_hist_A=hist_A, steps=state.steps + 1)
     return emit(state, chunk_NB, accepted_N, opts)
 
 
@@ -295,9 +295,9 @@ def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_le
     n, p = prompt_NP.shape
     positions_NP = masks.prefill_positions(prompt_len_N, p, 0)
     layout = masks.prefill_layout(prompt_len_N, p, 0)
-    hidden_NPD, step_kv = model.hidden(prompt_NP, positions_NP, layout)
+    hidden_NPE, step_kv = model.hidden(prompt_NP, positions_NP, layout)
     cache = kvops.prefill_cache(empty_cache(cfg, opts, n, cache_size, mesh), step_kv, prompt_len_N, p)
-    logits_NV = model.logits(_gather_rows(hidden_NPD, (prompt_len_N - 1)[:, None]))[:, 0]
+    logits_NV = model.logits(_gather_rows(hidden_NPE, (prompt_len_N - 1)[:, None]))[:, 0]
     key, sub = jax.random.split(key)
     token_N = _next_token(logits_NV, opts, jax.random.uniform(sub, (n,), logits_NV.dtype))
     state = _initial_state(cache, token_N[:, None], key, stops, opts)
@@ -307,11 +307,11 @@ def ar_prefill(model, opts: DecodeOptions, cache_size: int, prompt_NP, prompt_le
 def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     cache, token_N1 = state.cache, state.pending_NB
     n = token_N1.shape[0]
-    length_N = cache.length_B
+    length_N = cache.length_N
     active_N = ~state.done_N
-    mask_N1S = masks.ar_step_layout(length_N, cache.k_LBCKD.shape[2], _cache_page(opts))
-    hidden_N1D, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
-    logits_NV = model.logits(hidden_N1D)[:, 0]
+    mask_N1S = masks.ar_step_layout(length_N, cache.k_LNCKD.shape[2], _cache_page(opts))
+    hidden_N1E, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
+    logits_NV = model.logits(hidden_N1E)[:, 0]
     key, sub = jax.random.split(state.key)
     next_N = _next_token(logits_NV, opts, jax.random.uniform(sub, (n,), logits_NV.dtype))
     cache = kvops.advance(kvops.write_tokens(cache, step_kv, 1, length_N), active_N)
@@ -319,7 +319,7 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     state = state._replace(
         cache=cache, pending_NB=jnp.where(active_N[:, None], next_N[:, None], token_N1), key=key,
         nfe_N=state.nfe_N + active_N.astype(jnp.int32),
-        accept_hist_K=state.accept_hist_K.at[1].add(jnp.sum(active_N, dtype=jnp.int32)), steps=state.steps + 1)
+        accept_hist_A=state.accept_hist_A.at[1].add(jnp.sum(active_N, dtype=jnp.int32)), steps=state.steps + 1)
     return emit(state, next_N[:, None], ones_N, opts)
 
 

@@ -22,17 +22,17 @@ def write_slots(cache_LNCKD, new_LNTKD, start_N):
 
 def write_tokens(cache: KVCache, step_kv: StepKV, count: int, start_N) -> KVCache:
     """Write the K/V of current tokens ``0..count-1`` at slots ``start_N..`` (lengths unchanged)."""
-    k = write_slots(cache.k_LBCKD, step_kv.k_LBTKD[:, :, :count], start_N)
-    v = write_slots(cache.v_LBCKD, step_kv.v_LBTKD[:, :, :count], start_N)
-    return KVCache(k, v, cache.length_B)
+    k = write_slots(cache.k_LNCKD, step_kv.k_LNTKD[:, :, :count], start_N)
+    v = write_slots(cache.v_LNCKD, step_kv.v_LNTKD[:, :, :count], start_N)
+    return KVCache(k, v, cache.length_N)
 
 
 def prefill_cache(empty: KVCache, step_kv: StepKV, prompt_len_N, padded_len: int) -> KVCache:
     """Cache holding the prompt K/V at slots 0..P-1; only the first ``prompt_len`` of each row are visible."""
     zeros_N = jnp.zeros_like(prompt_len_N)
     cache = write_tokens(empty, step_kv, padded_len, zeros_N)
-    return KVCache(cache.k_LBCKD, cache.v_LBCKD, prompt_len_N.astype(jnp.int32))
+    return KVCache(cache.k_LNCKD, cache.v_LNCKD, prompt_len_N.astype(jnp.int32))
 
 
 def advance(cache: KVCache, accepted_N) -> KVCache:
-    return KVCache(cache.k_LBCKD, cache.v_LBCKD, cache.length_B + accepted_N.astype(jnp.int32))
+    return KVCache(cache.k_LNCKD, cache.v_LNCKD, cache.length_N + accepted_N.astype(jnp.int32))

@@ -20,9 +20,9 @@ def merge(graphdef, state) -> Transformer:
     return nnx.merge(graphdef, state)
 
 
-def apply(graphdef, state, tokens_BT, positions_BT, mask_BTS, cache=None):
-    """Pure forward: ``(logits_BTV, StepKV)``."""
-    return merge(graphdef, state)(tokens_BT, positions_BT, mask_BTS, cache)
+def apply(graphdef, state, tokens_NT, positions_NT, mask_NTS, cache=None):
+    """Pure forward: ``(logits_NTV, StepKV)``."""
+    return merge(graphdef, state)(tokens_NT, positions_NT, mask_NTS, cache)
 
 
 def abstract_model(cfg: ModelConfig, remat: bool = False):

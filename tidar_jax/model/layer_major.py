@@ -71,15 +71,15 @@ class LayerMajorModel:
     def cfg(self):
         return self.model.cfg
 
-    def hidden(self, tokens_BT, positions_BT, mask_BTS, cache=None):
-        return self.model.hidden(tokens_BT, positions_BT, mask_BTS, cache, layer_states=self.layers)
+    def hidden(self, tokens_NT, positions_NT, mask_NTS, cache=None):
+        return self.model.hidden(tokens_NT, positions_NT, mask_NTS, cache, layer_states=self.layers)
 
-    def logits(self, hidden_BTD):
-        return self.model.logits(hidden_BTD)
+    def logits(self, hidden_NTE):
+        return self.model.logits(hidden_NTE)
 
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, cache=None):
-        hidden_BTD, step_kv = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
-        return self.logits(hidden_BTD), step_kv
+    def __call__(self, tokens_NT, positions_NT, mask_NTS, cache=None):
+        hidden_NTE, step_kv = self.hidden(tokens_NT, positions_NT, mask_NTS, cache)
+        return self.logits(hidden_NTE), step_kv
 
 
 def merge(graphdef, params):

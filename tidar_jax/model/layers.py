@@ -50,31 +50,31 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
-def rope_tables(positions_BT, head_dim: int, theta: float, dtype):
-    """cos/sin ``[B, T, head_dim]`` for explicit per-token positions (TiDAR repeats position ids)."""
+def rope_tables(positions_NT, head_dim: int, theta: float, dtype):
+    """cos/sin ``[N, T, D]`` (D = head_dim) for explicit per-token positions (TiDAR repeats position ids)."""
     compute = jnp.promote_types(dtype, jnp.float32)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=compute) / head_dim))
-    freqs_BTF = positions_BT.astype(compute)[..., None] * inv_freq
-    emb_BTD = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
-    return jnp.cos(emb_BTD), jnp.sin(emb_BTD)
+    freqs_NTF = positions_NT.astype(compute)[..., None] * inv_freq
+    emb_NTD = jnp.concatenate([freqs_NTF, freqs_NTF], axis=-1)
+    return jnp.cos(emb_NTD), jnp.sin(emb_NTD)
 
 
-def apply_rope(x_BTHD, cos_BTD, sin_BTD):
+def apply_rope(x_NTHD, cos_NTD, sin_NTD):
     """Rotate-half ("NeoX") rotary embedding, the HF Qwen/Llama convention."""
-    half = x_BTHD.shape[-1] // 2
-    x1, x2 = x_BTHD[..., :half], x_BTHD[..., half:]
+    half = x_NTHD.shape[-1] // 2
+    x1, x2 = x_NTHD[..., :half], x_NTHD[..., half:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_BTD[:, :, None, :], sin_BTD[:, :, None, :]
-    out = x_BTHD.astype(cos.dtype) * cos + rotated.astype(cos.dtype) * sin
-    return out.astype(x_BTHD.dtype)
+    cos, sin = cos_NTD[:, :, None, :], sin_NTD[:, :, None, :]
+    out = x_NTHD.astype(cos.dtype) * cos + rotated.astype(cos.dtype) * sin
+    return out.astype(x_NTHD.dtype)
 
 
 class LayerCache(NamedTuple):
-    """The whole KV cache ``[L, B, C, K, D]`` and the index of the layer being computed. Passed whole (not sliced
+    """The whole KV cache ``[L, N, C, K, D]`` and the index of the layer being computed. Passed whole (not sliced
     per layer by the layer scan) so that decode attention can read pages of it in place."""
 
-    k_LBCKD: jax.Array
-    v_LBCKD: jax.Array
+    k_LNCKD: jax.Array
+    v_LNCKD: jax.Array
     layer: jax.Array
 
 
@@ -96,30 +96,30 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
 
-    def __call__(self, x_BTD, cos_BTD, sin_BTD, mask_BTS, cache: "LayerCache | None" = None):
-        """Returns (out_BTD, k_BTKD, v_BTKD); the current K/V (after RoPE) are returned, never cached here.
+    def __call__(self, x_NTE, cos_NTD, sin_NTD, mask_NTS, cache: "LayerCache | None" = None):
+        """Returns (out_NTE, k_NTKD, v_NTKD); the current K/V (after RoPE) are returned, never cached here.
 
-        ``mask_BTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
+        ``mask_NTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
         mask over keys ``[cache | current]`` (attended with the reference kernel); with a cache, see
         ``tidar_jax.attention.attend_with_cache``."""
-        dt = x_BTD.dtype
+        dt = x_NTE.dtype
         # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
-        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)), "q_proj")
-        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.k_proj[...].astype(dt)), "k_proj")
-        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.v_proj[...].astype(dt)), "v_proj")
+        q = checkpoint_name(jnp.einsum("nte,ehd->nthd", x_NTE, self.q_proj[...].astype(dt)), "q_proj")
+        k = checkpoint_name(jnp.einsum("nte,ehd->nthd", x_NTE, self.k_proj[...].astype(dt)), "k_proj")
+        v = checkpoint_name(jnp.einsum("nte,ehd->nthd", x_NTE, self.v_proj[...].astype(dt)), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
+        q, k = apply_rope(q, cos_NTD, sin_NTD), apply_rope(k, cos_NTD, sin_NTD)
         if cache is None:
-            attn_BTHD = attention.attend(q, k, v, mask_BTS, self.cfg.attention)
+            attn_NTHD = attention.attend(q, k, v, mask_NTS, self.cfg.attention)
         else:
-            attn_BTHD = attention.attend_with_cache(q, k, v, cache.k_LBCKD, cache.v_LBCKD, cache.layer, mask_BTS,
+            attn_NTHD = attention.attend_with_cache(q, k, v, cache.k_LNCKD, cache.v_LNCKD, cache.layer, mask_NTS,
                                                     self.cfg.attention)
-        out = checkpoint_name(jnp.einsum("bthk,hkd->btd", attn_BTHD, self.o_proj[...].astype(dt)), "o_proj")
+        out = checkpoint_name(jnp.einsum("nthd,hde->nte", attn_NTHD, self.o_proj[...].astype(dt)), "o_proj")
         return out, k, v
 
 
@@ -134,8 +134,8 @@ class MLP(nnx.Module):
         self.up_proj = param(rngs, init, (d, f), ("embed", "mlp"), pd)
         self.down_proj = param(rngs, init, (f, d), ("mlp", "embed"), pd)
 
-    def __call__(self, x_BTD):
-        dt = x_BTD.dtype
-        gate = x_BTD @ self.gate_proj[...].astype(dt)
-        up = x_BTD @ self.up_proj[...].astype(dt)
+    def __call__(self, x_NTE):
+        dt = x_NTE.dtype
+        gate = x_NTE @ self.gate_proj[...].astype(dt)
+        up = x_NTE @ self.up_proj[...].astype(dt)
         return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)

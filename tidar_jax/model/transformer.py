@@ -2,6 +2,47 @@
 
 One model, one LM head: whether a position yields AR or diffusion logits depends only on its input token
 (clean or [MASK]) and on the attention mask given by the caller (see ``tidar_jax.masks``).
+
+Shape letters
+-------------
+Array names end in one capital letter per axis (``logits_NTV`` is ``[N, T, V]``); this table is the one place the
+letters are defined, and every name in ``tidar_jax/``, ``benchmarks/`` and ``tests/`` uses them with these
+meanings only. A digit is a literal size (``token_N1``, ``spans_Z2``) and ``2S`` is the doubled training sequence
+(``tokens_N2S``: S clean tokens, then S [MASK] tokens). Lowercase letters inside a suffix are per-kernel tile
+indices (``s_NKRqk`` in the blockwise kernel).
+
+====  =========================================================================================================
+A     accepted-count bins 0..B of a decode step (``accept_hist_A``, size B+1)
+B     TiDAR block size: drafts per step, slots of one block or of one decode mask group (``drafts_NB``)
+C     KV-cache slots (``k_LNCKD``)
+D     attention head dim (``q_NTHD``; also RoPE tables ``cos_NTD``)
+E     model (embedding) width, logical axis ``"embed"`` (``x_NTE``, ``hidden_NTE``, LM head ``w_EV``)
+F     rotary frequencies, head_dim / 2 (``freqs_NTF``)
+G     mask groups of a decode step (``group_argmax_NGB``, ``counts_G``)
+H     query heads
+I     EOS-id slots (``Stops.eos_I``)
+J     a block's draft positions after the first, B-1 of them (``u_accept_NJ``; draft-chain metric ``v_NOJ``)
+K     key/value heads
+L     layers (``KVCache.k_LNCKD``)
+M     decode output buffer length (``out_NM``)
+N     batch rows: sequences of a batch, decode rows (``length_N``)
+O     blocks of a training sequence, S / B (draft-chain metric ``v_NOJ``)
+P     prompt positions, padded prompt (``prompt_NP``)
+Q     stop sequences (``Stops.stop_QW``, ``stop_len_Q``)
+R     query heads per key/value head, GQA repeats: H = K·R (``q_NTKRD``, ``m_NKRT``)
+S     key positions of attention / training sequence length (``mask_NTS``, ``tokens_NS``)
+T     query tokens of one forward, the current tokens (``tokens_NT``; a decode step's B(B+1) tokens)
+U     micro-batches of gradient accumulation (``micro_UNS``)
+V     vocabulary
+W     stop-window tokens (``Stops.stop_QW``)
+X     rows a helper works on, whatever they came from: merged leading axes in the sampling helpers
+      (``probs_XV``), the positions the LM head reads (``idx_NX``)
+Y     slots of one cache page, paged attention (``k_NYKD``)
+Z     documents of a token stream (``spans_Z2``, packing)
+====  =========================================================================================================
+
+Not array names, kept as they are because they are JSON keys or printed labels of benchmark results:
+``params_M`` (millions of parameters), ``Q=`` / ``fwd_Q1`` (query tokens per forward) and ``step_B1``.
 """
 
 from __future__ import annotations
@@ -24,11 +65,12 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class KVCache(NamedTuple):
-    """Committed keys/values, ``[layers, batch, cache_size, kv_heads, head_dim]``, plus per-row lengths."""
+    """Committed keys/values, ``[L, N, C, K, D]`` (layers, batch rows, cache slots, kv heads, head dim), plus the
+    per-row lengths ``[N]``."""
 
-    k_LBCKD: jax.Array
-    v_LBCKD: jax.Array
-    length_B: jax.Array  # number of committed (visible) slots per row
+    k_LNCKD: jax.Array
+    v_LNCKD: jax.Array
+    length_N: jax.Array  # number of committed (visible) slots per row
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, cache_size: int, dtype=None) -> "KVCache":
@@ -38,10 +80,10 @@ class KVCache(NamedTuple):
 
 
 class StepKV(NamedTuple):
-    """Keys/values of the current tokens of one forward, ``[layers, batch, tokens, kv_heads, head_dim]``."""
+    """Keys/values of the current tokens of one forward, ``[L, N, T, K, D]``."""
 
-    k_LBTKD: jax.Array
-    v_LBTKD: jax.Array
+    k_LNTKD: jax.Array
+    v_LNTKD: jax.Array
 
 
 class DecoderLayer(nnx.Module):
@@ -52,11 +94,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, cache: LayerCache | None = None):
-        attn_out, k, v = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, cache)
-        x_BTD = x_BTD + attn_out
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return x_BTD, k, v
+    def __call__(self, x_NTE, cos, sin, mask_NTS, cache: LayerCache | None = None):
+        attn_out, k, v = self.attn(self.attn_norm(x_NTE), cos, sin, mask_NTS, cache)
+        x_NTE = x_NTE + attn_out
+        x_NTE = x_NTE + self.mlp(self.mlp_norm(x_NTE))
+        return x_NTE, k, v
 
 
 def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -89,10 +131,10 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, _normal(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
-    def hidden(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None, layer_states=None):
-        """Final-normed hidden states ``[B, T, D]`` and the current tokens' K/V (``StepKV``).
+    def hidden(self, tokens_NT, positions_NT, mask_NTS, cache: KVCache | None = None, layer_states=None):
+        """Final-normed hidden states ``[N, T, E]`` and the current tokens' K/V (``StepKV``).
 
-        ``mask_BTS`` is a ``tidar_jax.masks`` layout or a dense boolean mask over keys ``[cache slots 0..C-1 |
+        ``mask_NTS`` is a ``tidar_jax.masks`` layout or a dense boolean mask over keys ``[cache slots 0..C-1 |
         current tokens]`` (just the current tokens when ``cache`` is None); it is passed through, unchanged, to every
         scanned layer. The cache is read, never written: committing K/V is the caller's decision.
         ``layer_states``: one state per layer (``tidar_jax.model.layer_major``) to run instead of the stacked
@@ -100,50 +142,50 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
-        cos, sin = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, dt)
+        x_NTE = jnp.take(self.embed[...], tokens_NT, axis=0).astype(dt)
+        cos, sin = rope_tables(positions_NT, cfg.head_dim, cfg.rope_theta, dt)
         layer_graphdef, layer_state = nnx.split(self.layers)
 
-        def one_layer(x_BTD, xs):
+        def one_layer(x_NTE, xs):
             # the mask (possibly an opaque layout object), cos, sin and the whole cache are closed over: the same
             # for every layer (the cache is indexed by layer inside attention, never sliced out by the scan)
             state, layer_index = xs
             layer = nnx.merge(layer_graphdef, state)
-            layer_cache = None if cache is None else LayerCache(cache.k_LBCKD, cache.v_LBCKD, layer_index)
-            x_BTD = constrain(x_BTD, ACTIVATION_AXES, "layer input activations")
-            x_BTD, k_BTKD, v_BTKD = layer(x_BTD, cos, sin, mask_BTS, layer_cache)
-            return x_BTD, (k_BTKD, v_BTKD)
+            layer_cache = None if cache is None else LayerCache(cache.k_LNCKD, cache.v_LNCKD, layer_index)
+            x_NTE = constrain(x_NTE, ACTIVATION_AXES, "layer input activations")
+            x_NTE, k_NTKD, v_NTKD = layer(x_NTE, cos, sin, mask_NTS, layer_cache)
+            return x_NTE, (k_NTKD, v_NTKD)
 
         if layer_states is not None:
             kv = []
             for i, state in enumerate(layer_states):
-                x_BTD, kv_i = one_layer(x_BTD, (state, jnp.int32(i)))
+                x_NTE, kv_i = one_layer(x_NTE, (state, jnp.int32(i)))
                 kv.append(kv_i)
-            k_LBTKD, v_LBTKD = (jnp.stack(a) for a in zip(*kv))
+            k_LNTKD, v_LNTKD = (jnp.stack(a) for a in zip(*kv))
         else:
             layer_index_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            x_BTD, (k_LBTKD, v_LBTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_BTD,
+            x_NTE, (k_LNTKD, v_LNTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_NTE,
                                                      (layer_state, layer_index_L), unroll=scan_unroll())
-        x_BTD = constrain(x_BTD, ACTIVATION_AXES, "final activations")
-        return self.final_norm(x_BTD), StepKV(k_LBTKD, v_LBTKD)
+        x_NTE = constrain(x_NTE, ACTIVATION_AXES, "final activations")
+        return self.final_norm(x_NTE), StepKV(k_LNTKD, v_LNTKD)
 
-    def logits(self, hidden_BTD):
+    def logits(self, hidden_NTE):
         """LM-head logits (float32 or wider) for the given hidden states; call it only where logits are needed."""
-        dt = hidden_BTD.dtype
+        dt = hidden_NTE.dtype
         if self.cfg.tie_embeddings:
-            w_DV = self.embed[...].astype(dt).T
+            w_EV = self.embed[...].astype(dt).T
         else:
-            w_DV = self.lm_head[...].astype(dt)
+            w_EV = self.lm_head[...].astype(dt)
         out = jnp.promote_types(dt, jnp.float32)
-        return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV, preferred_element_type=out)
+        return jnp.einsum("nte,ev->ntv", hidden_NTE, w_EV, preferred_element_type=out)
 
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
-        hidden_BTD, step_kv = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
-        return self.logits(hidden_BTD), step_kv
+    def __call__(self, tokens_NT, positions_NT, mask_NTS, cache: KVCache | None = None):
+        hidden_NTE, step_kv = self.hidden(tokens_NT, positions_NT, mask_NTS, cache)
+        return self.logits(hidden_NTE), step_kv
 
 
 def causal_mask(batch: int, length: int):
-    """Plain causal boolean mask ``[B, T, T]``."""
+    """Plain causal boolean mask ``[N, T, T]``."""
     return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool))[None], (batch, length, length))
 
 

@@ -269,10 +269,10 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh, segment_ids_
 
     def micro(x_NS):
         # rows j*accum + a form micro-batch a, so every micro-batch keeps the batch sharding of the full batch
-        x_ANS = jnp.swapaxes(x_NS.reshape(n // accum, accum, s), 0, 1)
-        return jax.lax.with_sharding_constraint(x_ANS, micro_sh)
+        x_UNS = jnp.swapaxes(x_NS.reshape(n // accum, accum, s), 0, 1)
+        return jax.lax.with_sharding_constraint(x_UNS, micro_sh)
 
-    micro_ANS = (micro(tokens_NS), None if segment_ids_NS is None else micro(segment_ids_NS))
+    micro_UNS = (micro(tokens_NS), None if segment_ids_NS is None else micro(segment_ids_NS))
 
     def body(carry, micro_batch):
         g_acc, m_acc = carry
@@ -282,9 +282,9 @@ def _accumulate(loss_fn, params, tokens_NS, accum: int, mesh: Mesh, segment_ids_
         return (g_acc, m_acc), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-    _, abstract_m = jax.eval_shape(loss_fn, params, *jax.tree.map(lambda x: x[0], micro_ANS))
+    _, abstract_m = jax.eval_shape(loss_fn, params, *jax.tree.map(lambda x: x[0], micro_UNS))
     zeros_m = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), abstract_m)
-    (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro_ANS)
+    (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro_UNS)
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), g_sum, params)
     metrics = {k: (v if k.endswith("_tokens") else v / accum) for k, v in m_sum.items()}
     return metrics["loss"], metrics, grads
