@@ -34,6 +34,7 @@ def is_png(path):
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # 13 s; its logic is covered by tests/test_bench_logic.py
 def test_free_slots_tiny(tmp_path):
     proc = run("free_slots.py", "--tiny", "--contexts", "8,16", "--out", tmp_path)
     assert "RANDOM-INIT" in proc.stderr + proc.stdout
@@ -53,6 +54,7 @@ def test_free_slots_tiny(tmp_path):
     assert is_png(tmp_path / "free_slots.png")
 
 
+@pytest.mark.slow  # 15 s; greedy parity with transformers is covered by tests/test_hf_roundtrip.py
 def test_vs_transformers_tiny_greedy_outputs_agree(tmp_path):
     run("vs_transformers.py", "--tiny", "--out", tmp_path)
     res = json.loads((tmp_path / "vs_transformers.json").read_text())

@@ -62,7 +62,7 @@ def test_paged_decode_is_lossless():
     assert td.tokens == ar.tokens
 
 
-@pytest.mark.parametrize("counts,kernel", [((1, 3), "blockwise"), (None, "reference")])
+@pytest.mark.parametrize("counts,kernel", [((1, 3), "blockwise"), pytest.param(None, "reference", marks=pytest.mark.slow)])
 def test_attend_with_cache_paged_equals_concatenated(counts, kernel):
     """The attention interface's two cached paths agree: reading the cache in pages (``cache_page > 0``) and
     concatenating layer ``layer`` of the cache with the current keys (attended by ``kernel``)."""

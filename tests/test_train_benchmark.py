@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 17 s; the step itself is covered by tests/test_train_step.py
 def test_train_step_benchmark_smoke(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--rounds", "2", "--out", str(tmp_path),
            "model.vocab_size=128", "model.hidden_size=32", "model.num_layers=1", "model.mlp_size=64",
