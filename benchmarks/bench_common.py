@@ -129,6 +129,19 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
+class DonatedStepper:
+    """A zero-argument candidate that calls a decode step compiled with its state donated and feeds the new state
+    back, as the decode loop does (a non-donated call would copy the whole allocated cache for the K/V write and
+    time that instead)."""
+
+    def __init__(self, step_fn, params, state):
+        self.step_fn, self.params, self.state = step_fn, params, state
+
+    def __call__(self):
+        self.state = self.step_fn(self.params, self.state)
+        return self.state.n_out_N
+
+
 def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
                 sync: Callable[[Any], Any] = _block, stop: Callable[[], bool] | None = None) -> dict[str, list[float]]:
     """Seconds per call for each candidate, measured round-robin: every round calls each candidate once (in a

@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from tidar_jax.decode import engine  # noqa: E402
 from tidar_jax.decode.options import DecodeOptions  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax.model import KVCache, layer_major  # noqa: E402
 
 
 def ar_state(cfg, live: int, allocated: int, opts):
@@ -47,25 +47,15 @@ def main(argv=None):
     cli.require_positive(args, ("live", "rounds", "page"))
     bundle = bc.random_bundle(args.preset)
     cfg = bundle.config
+    params = layer_major.to_layer_major(bundle.params)  # the layout the decoder runs
     cands = {}
-
-    class Stepper:
-        """Calls the step with its state donated and feeds the new state back, as the decode loop does (a
-        non-donated call would copy the whole allocated cache for the K/V write and time that instead)."""
-
-        def __init__(self, fn, state):
-            self.fn, self.state = fn, state
-
-        def __call__(self):
-            self.state = self.fn(bundle.params, self.state)
-            return self.state.n_out_N
 
     for attention in ("paged", "dense"):
         opts = DecodeOptions(mode="ar", block_size=1, max_new_tokens=1024, cache_attention=attention,
                              cache_page=args.page).validate()
         fn = jax.jit(partial(engine.step, bundle.graphdef, opts), donate_argnums=(1,))
         for label, allocated in (("live+128", args.live + 128), ("8x live", 8 * args.live)):
-            cands[f"{attention}/{label}"] = Stepper(fn, ar_state(cfg, args.live, allocated, opts))
+            cands[f"{attention}/{label}"] = bc.DonatedStepper(fn, params, ar_state(cfg, args.live, allocated, opts))
     times = bc.interleaved(cands, rounds=args.rounds, warmup=2)
     ms = {k: bc.stats(v)["min"] * 1e3 for k, v in times.items()}
     ratios = {a: ms[f"{a}/8x live"] / ms[f"{a}/live+128"] for a in ("paged", "dense")}

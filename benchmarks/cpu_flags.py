@@ -58,6 +58,7 @@ def worker(args):
     import numpy as np
     from functools import partial
 
+    from benchmarks import bench_common as bc
     from benchmarks import free_slots as fs
 
     from tidar_jax import masks
@@ -79,21 +80,11 @@ def worker(args):
     context = args.context
     cands = {}
 
-    class Stepper:
-        """The engine's jitted step with its state donated and fed back, as in the decode loop."""
-
-        def __init__(self, fn, state):
-            self.fn, self.state = fn, state
-
-        def __call__(self):
-            self.state = self.fn(params, self.state)
-            return self.state.n_out_N
-
     for name, (block, counts, head) in STEPS.items():
         opts = DecodeOptions(mode="ar" if block == 1 else "tidar", block_size=block, max_new_tokens=1 << 20,
                              groups=counts, head=head).validate()
         fn = jax.jit(partial(engine.step, graphdef, opts), donate_argnums=(1,))
-        cands[name] = Stepper(fn, fs.engine_state(cfg, context, block, opts, 0))
+        cands[name] = bc.DonatedStepper(fn, params, fs.engine_state(cfg, context, block, opts, 0))
 
     def plain_forward(params, cache, tokens_1Q, length_1):
         """A plain causal forward of Q tokens over the cache (the decode engine's cache path), logits at every row."""

@@ -5,13 +5,11 @@ drafts and mask tokens never leak in. Also: streaming yields the same tokens as 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 
-from test_decode_support import pattern_prompts, trained_decoder
-from tidar_jax.model import causal_mask, layer_major
+from test_decode_support import pattern_prompts, plain_forward, trained_decoder
 
 MAX_NEW = 24  # same program signature as the lossless tests, so the generate programs are shared
 
@@ -25,16 +23,7 @@ def _x64():
 def plain_kv(dec, rows):
     """K/V of one plain causal forward (no cache) over each row, right-padded into one jitted batch; causal
     attention makes each row's K/V independent of the padding after it."""
-    t = max(len(r) for r in rows)
-    toks = jnp.asarray([r + [0] * (t - len(r)) for r in rows], jnp.int32)
-
-    @jax.jit
-    def fwd(params, toks):
-        n = toks.shape[0]
-        model = layer_major.merge(dec.graphdef, params)
-        return model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[1]
-
-    kv = jax.device_get(fwd(dec.params, toks))
+    kv = plain_forward(dec, rows)[1]
     return [(kv.k_LNTKD[:, i], kv.v_LNTKD[:, i]) for i in range(len(rows))]
 
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 
-from test_decode_support import pattern_prompts, trained_decoder, trained_tiny
+from test_decode_support import pattern_prompts, plain_forward, trained_decoder, trained_tiny
 from tidar_jax.decode import Decoder, DecodeError
 from tidar_jax.decode.api import default_dtype
-from tidar_jax.model import causal_mask, layer_major
 
 MAX_NEW = 24
 PROMPTS = pattern_prompts([5, 2, 9, 12], seed=31)
@@ -39,16 +38,7 @@ def _bf16():
 
 def _logits_last(dec, rows):
     """Next-token logits of a plain causal forward (no cache) of the bf16 model over each row."""
-    t = max(len(r) for r in rows)
-    toks = jnp.asarray([r + [0] * (t - len(r)) for r in rows], jnp.int32)
-
-    @jax.jit
-    def fwd(params, toks):
-        n = toks.shape[0]
-        model = layer_major.merge(dec.graphdef, params)
-        return model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))[0]
-
-    logits = np.asarray(fwd(dec.params, toks), np.float64)
+    logits = np.asarray(plain_forward(dec, rows)[0], np.float64)
     return [logits[i, len(r) - 1] for i, r in enumerate(rows)]
 
 

@@ -106,3 +106,20 @@ def trained_decoder(dtype: str = "float32", attention: str = "auto"):
 def pattern_prompts(lengths, seed: int = 1):
     rng = np.random.default_rng(seed)
     return [pattern_batch(rng, 1, n)[0].tolist() for n in lengths]
+
+
+def plain_forward(dec, rows):
+    """``(logits_NTV, StepKV)`` of one plain causal forward (no cache) of a ``Decoder``'s model over the rows,
+    right-padded into one jitted batch; causal attention makes each row's outputs independent of the padding."""
+    from tidar_jax.model import causal_mask, layer_major
+
+    t = max(len(r) for r in rows)
+    toks = jnp.asarray([r + [0] * (t - len(r)) for r in rows], jnp.int32)
+
+    @jax.jit
+    def fwd(params, toks):
+        n = toks.shape[0]
+        model = layer_major.merge(dec.graphdef, params)
+        return model(toks, jnp.broadcast_to(jnp.arange(t), (n, t)), causal_mask(n, t))
+
+    return jax.device_get(fwd(dec.params, toks))

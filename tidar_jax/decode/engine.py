@@ -1,8 +1,8 @@
 """Prefill, one decode step and the whole-generation ``while_loop`` for TiDAR and the AR baseline.
 
 Everything here is a pure function of the params ``state`` (the model is rebuilt with ``layer_major.merge`` at
-trace time; stacked params or, as ``Decoder`` keeps them, one buffer per layer). Shapes are static: ``N`` rows, prompts right-padded to ``P``, a cache of ``C`` slots, an output buffer of
-``max_new_tokens + B`` tokens.
+trace time; stacked params or, as ``Decoder`` keeps them, one buffer per layer). Shapes are static: ``N`` rows,
+prompts right-padded to ``P``, a cache of ``C`` slots, an output buffer of ``max_new_tokens + B`` tokens.
 
 Emission: a row's output is its committed tokens followed by its pending first draft. Draft 0 is always
 accepted, so it is final as soon as it is drafted: prefill emits it, and a step that accepts k drafts emits
