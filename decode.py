@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cache-page", type=int, default=128, help="with --plan: paged-attention page (default 128)")
     plan.add_argument("--estimate", action="store_true",
                       help="with --plan: add the cost model's step-time estimate (tidar_jax/compiled/cost_model.py)")
+    plan.add_argument("--tokens-per-nfe", type=float, default=None,
+                      help="with --estimate: TiDAR tokens per forward to project tokens/s and the speedup (the paper: "
+                           "7.45 at 1.5B, 8.25 at 8B)")
     return p
 
 
@@ -265,15 +268,15 @@ def run_plan(args) -> int:
     summary = plan_summary(cfg, programs, target=target.name, batch=args.batch, block_size=block,
                            context=args.context, cache_page=args.cache_page)
     if args.estimate:
-        from tidar_jax.compiled.cost_model import decode_estimates
+        from tidar_jax.decode.plan import decode_estimates
 
-        summary["estimate"] = decode_estimates(programs, target.chip, cfg)
+        summary["estimate"] = decode_estimates(programs, target.chip, args.batch, args.tokens_per_nfe)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_plan(summary))
         if args.estimate:
-            from tidar_jax.compiled.cost_model import format_decode_estimates
+            from tidar_jax.decode.plan import format_decode_estimates
 
             print(format_decode_estimates(summary["estimate"]))
     return 0

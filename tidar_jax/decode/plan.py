@@ -28,7 +28,7 @@ from tidar_jax.config import ModelConfig
 from tidar_jax.decode import engine
 from tidar_jax.decode.api import EOS_CAPACITY, STOP_CAPACITY, STOP_WINDOW, prompt_bucket
 from tidar_jax.decode.options import DecodeOptions
-from tidar_jax.targets import build_platform, compiling_for, platform_of_devices
+from tidar_jax.targets import compiling_for, platform_of_devices
 
 PROGRAMS = ("ar prefill", "ar step", "tidar prefill", "tidar step")
 
@@ -214,6 +214,45 @@ def format_plan(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_estimates(programs: dict[str, CompiledDecodeProgram], chip, batch: int,
+                     tokens_per_nfe: float | None = None) -> dict:
+    """The cost model's estimate of every program (``tidar_jax.compiled.cost_model``; assumptions carried), the
+    TiDAR/AR step-time ratio, AR tokens/s (one token per row per step) and, given a TiDAR tokens-per-forward, the
+    TiDAR tokens/s and the speedup it projects."""
+    from tidar_jax.compiled.cost_model import estimate
+
+    out: dict[str, Any] = {"programs": {}}
+    for name, prog in programs.items():
+        est = estimate(prog.program, chip, prog.assumed_trips)
+        out["programs"][name] = est.summary()
+    steps = out["programs"]
+    if "ar step" in steps:
+        out["ar_tokens_per_s"] = batch / steps["ar step"]["time_s"]
+    if "ar step" in steps and "tidar step" in steps:
+        ratio = steps["tidar step"]["time_s"] / steps["ar step"]["time_s"]
+        out["tidar_over_ar_step"] = ratio
+        if tokens_per_nfe:
+            out["tokens_per_nfe"] = tokens_per_nfe
+            out["tidar_tokens_per_s"] = batch * tokens_per_nfe / steps["tidar step"]["time_s"]
+            out["projected_speedup"] = tokens_per_nfe / ratio
+    return out
+
+
+def format_decode_estimates(est: dict) -> str:
+    lines = []
+    for name, s in est["programs"].items():
+        lines.append(f"{name}: ESTIMATE {s['time_s'] * 1e3:.3f} ms ({s['launches']} launches, "
+                     f"{s['host_round_trips']} host round trips, {s['flops'] / 1e9:.2f} GFLOP, {s['bytes'] / 1e9:.3f} GB)")
+    if "tidar_over_ar_step" in est:
+        lines.append(f"TiDAR step / AR step: {est['tidar_over_ar_step']:.2f}; AR {est['ar_tokens_per_s']:.0f} tokens/s")
+    if "projected_speedup" in est:
+        lines.append(f"at {est['tokens_per_nfe']:.2f} tokens per forward: TiDAR {est['tidar_tokens_per_s']:.0f} "
+                     f"tokens/s, projected speedup {est['projected_speedup']:.2f}x")
+    first = next(iter(est["programs"].values()))
+    lines.append(f"assumptions: {first['assumptions_line']}")
+    return "\n".join(lines)
+
+
 def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str) -> ModelConfig:
     """The architecture to plan: a named shape (``tidar_jax.presets.MODEL_SHAPES``) or an HF ``config.json``."""
     from tidar_jax.config import ConfigError
@@ -238,5 +277,5 @@ def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str)
     return ModelConfig(**{**MODEL_SHAPES[preset], "dtype": dtype, "param_dtype": dtype})
 
 
-__all__ = ["CompiledDecodeProgram", "PROGRAMS", "abstract_decode_params", "build_platform", "compile_decode",
-           "decode_options", "format_plan", "model_config_for_plan", "plan_summary"]
+__all__ = ["CompiledDecodeProgram", "PROGRAMS", "abstract_decode_params", "compile_decode", "decode_estimates",
+           "decode_options", "format_decode_estimates", "format_plan", "model_config_for_plan", "plan_summary"]
