@@ -50,7 +50,7 @@ def _plan(cfg, args) -> int:
     from tidar_jax.train.plan import format_plan, json_summary, run_plan, to_builtin
 
     try:
-        result = run_plan(cfg, args.plan_devices, target=args.parsed_target)
+        result = run_plan(cfg, args.plan_devices, target=getattr(args, "parsed_target", None))
     except (ConfigError, ShardingError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(to_builtin(json_summary(result)), indent=2) if args.json else format_plan(result), flush=True)

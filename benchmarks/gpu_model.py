@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--train-target", default="h100x8")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--train-overrides", nargs="*", default=[],
+                   help="dotted config overrides for the train rows (e.g. optim.grad_accum=16 to size the presets)")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--out", default="benchmarks/results/gpu_estimates.json")
     p.add_argument("--ratio-out", default="benchmarks/results/gpu_decode_estimate.json")
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
                         for c in CHIPS_ESTIMATED}}
     try:
         if not args.no_train:
-            result["train"] = train_rows(args.shapes, args.train_target, log)
+            result["train"] = train_rows(args.shapes, args.train_target, log, args.train_overrides)
         if not args.no_decode:
             result["decode"] = decode_grid(args.shapes, args.batches, args.contexts, args.blocks, args.page,
                                            args.max_new_tokens, log)
