@@ -210,11 +210,14 @@ def format_plan(summary: dict) -> str:
             f"{s['assumed_dynamic_trips']} iterations per data-dependent loop",
             f"  device-to-host round trips per run {s['host_round_trips']}",
         ]
+        groups: dict[str, int] = {}  # identical loops (one per layer, typically) print once, with their count
         for lp in s["loops"]:
             trips = "dynamic (data-dependent)" if lp["dynamic"] else f"{lp['trip_count']} (known)"
             body = ", ".join(f"{k} {v}" for k, v in lp["body_kernel_kinds"].items())
-            lines.append(f"  while loop: trips {trips}, {lp['body_kernels']} kernels per iteration ({body}); "
-                         f"from {lp['op_name'] or '?'}")
+            line = (f"while loop: trips {trips}, {lp['body_kernels']} kernels per iteration ({body}); from "
+                    f"{lp['op_name'] or '?'}")
+            groups[line] = groups.get(line, 0) + 1
+        lines += [f"  {n} x {line}" for line, n in groups.items()]
         if mem:
             lines.append(f"  memory per device: arguments {mem['argument_bytes'] / gib:.3f} GiB, outputs "
                          f"{mem['output_bytes'] / gib:.3f} GiB (aliased {mem['alias_bytes'] / gib:.3f}), temporaries "
@@ -256,8 +259,9 @@ def format_decode_estimates(est: dict) -> str:
     if "projected_speedup" in est:
         lines.append(f"at {est['tokens_per_nfe']:.2f} tokens per forward: TiDAR {est['tidar_tokens_per_s']:.0f} "
                      f"tokens/s, projected speedup {est['projected_speedup']:.2f}x")
-    first = next(iter(est["programs"].values()))
-    lines.append(f"assumptions: {first['assumptions_line']}")
+    steps = [v for k, v in est["programs"].items() if k.endswith("step")] or list(est["programs"].values())
+    lines.append(f"assumptions (steps; prefill assumes 1 iteration per data-dependent loop): "
+                 f"{steps[-1]['assumptions_line']}")
     return "\n".join(lines)
 
 
