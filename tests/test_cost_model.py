@@ -123,3 +123,12 @@ def test_attention_flops_from_operand_shapes():
     assert cost_model.attention_flops([q, k, k], backward=False) == 4 * 2 * 128 * 8 * 64 * 512
     assert cost_model.attention_flops([q, k, k], backward=True) == 2.5 * 4 * 2 * 128 * 8 * 64 * 512
     assert cost_model.attention_flops([(2, 8, 128, 64), (2, 2, 512, 64)], backward=False) == 4 * 2 * 8 * 128 * 64 * 512
+
+
+@pytest.mark.parametrize("s, b", [(16, 4), (32, 8), (24, 4)])
+def test_mfu_counts_the_pairs_the_training_mask_allows(s, b):
+    from tidar_jax import masks
+    from tidar_jax.train.flops import attended_pairs
+
+    assert attended_pairs(s, b, "tidar") == int(np.asarray(masks.training_mask(s, b)).sum())
+    assert attended_pairs(s, b, "ar") == int(np.asarray(masks.causal_layout(s).block()).sum())
