@@ -159,8 +159,28 @@ def to_markdown(result: dict) -> str:
         first = result["decode"][0]["assumptions"]
         lines += ["", "TiDAR tokens/s and the projected speedup assume the paper's tokens per forward (7.45 at 1.5B, "
                   "8.25 at 8B, measured at B=16) at every B; a smaller B accepts fewer.", "",
-                  f"Assumptions (H100 row; H200 rows use 4.8 TB/s): {first}", ""]
+                  f"Assumptions (first H100 row; H200 rows use 4.8 TB/s; a data-dependent loop runs ceil(context / "
+                  f"128) iterations, the cache pages up to the live length: 8 at 1024, 32 at 4096): {first}", ""]
     return "\n".join(lines)
+
+
+def write_ratios(result: dict, path: str) -> None:
+    """benchmarks/results/gpu_decode_estimate.json: the ESTIMATED TiDAR/AR step-time ratio per (target, shape, B),
+    nested by batch and context and as flat rows (the demo reads it)."""
+    ratios, rows = {}, []
+    for r in result["decode"]:
+        if r["mode"] != "tidar":
+            continue
+        ratios.setdefault(r["target"], {}).setdefault(r["shape"], {}).setdefault(
+            f"batch{r['batch']}_context{r['context']}", {})[str(r["block_size"])] = r["tidar_over_ar_step"]
+        rows.append({k: r[k] for k in ("target", "shape", "batch", "context", "block_size", "tidar_over_ar_step",
+                                       "step_s", "projected_speedup", "paper_speedup", "tokens_per_nfe_assumed")})
+    with open(path, "w") as f:
+        json.dump({"what": "ESTIMATED TiDAR step time / AR step time (cost model of the XLA:GPU program, "
+                           "benchmarks/gpu_model.py; not a measurement); ratios: target -> shape -> "
+                           "batch/context -> block size B", "command": result["command"],
+                   "assumptions": result["decode"][0]["assumptions"], "ratios": ratios, "rows": rows,
+                   "paper": PAPER}, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -178,7 +198,18 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--out", default="benchmarks/results/gpu_estimates.json")
     p.add_argument("--ratio-out", default="benchmarks/results/gpu_decode_estimate.json")
+    p.add_argument("--from-json", default=None,
+                   help="re-render the markdown and the ratio file from an earlier --out JSON (no compiling)")
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        with open(os.path.splitext(args.from_json)[0] + ".md", "w") as f:
+            f.write(to_markdown(result))
+        if result.get("decode"):
+            write_ratios(result, args.ratio_out)
+        print(to_markdown(result))
+        return 0
 
     from tidar_jax.config import ConfigError
     from tidar_jax.presets import MODEL_SHAPES
@@ -210,16 +241,7 @@ def main(argv=None) -> int:
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(to_markdown(result))
     if result.get("decode"):
-        ratios = {}
-        for r in result["decode"]:
-            if r["mode"] == "tidar":
-                ratios.setdefault(r["target"], {}).setdefault(r["shape"], {}).setdefault(
-                    f"batch{r['batch']}_context{r['context']}", {})[str(r["block_size"])] = r["tidar_over_ar_step"]
-        with open(args.ratio_out, "w") as f:
-            json.dump({"what": "ESTIMATED TiDAR step time / AR step time (cost model of the XLA:GPU program; "
-                               "benchmarks/gpu_model.py); keys: target -> shape -> batch/context -> block size B",
-                       "command": result["command"], "ratios": ratios,
-                       "paper": PAPER}, f, indent=1)
+        write_ratios(result, args.ratio_out)
     print(to_markdown(result))
     return 0
 
