@@ -124,6 +124,24 @@ def train_rows(shapes, target_name: str, log, overrides=()) -> list[dict]:
     return rows
 
 
+def decode_summary(rows: list[dict]) -> list[str]:
+    """One line per (target, shape, batch, context): AR vs TiDAR at the paper's B=16."""
+    ar = {(r["target"], r["shape"], r["batch"], r["context"]): r for r in rows if r["mode"] == "ar"}
+    out = ["## Decode summary: AR vs TiDAR B=16 (ESTIMATES)", "",
+           "| target | shape | batch | context | AR step ms | AR tokens/s | TiDAR step ms | TiDAR/AR step | TiDAR "
+           "tokens/s at the paper's T/NFE | projected speedup | paper | host round trips per step (per token of a row, AR) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] != "tidar" or r["block_size"] != 16:
+            continue
+        a = ar[(r["target"], r["shape"], r["batch"], r["context"])]
+        out.append(f"| {r['target']} | {r['shape']} | {r['batch']} | {r['context']} | {1e3 * a['step_s']:.1f} | "
+                   f"{a['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['tidar_over_ar_step']:.2f} | "
+                   f"{r['tokens_per_s']:.0f} | {r['projected_speedup']:.2f}x | {r['paper_speedup']}x | "
+                   f"{a['host_round_trips']} |")
+    return out + [""]
+
+
 def to_markdown(result: dict) -> str:
     gib = 1024 ** 3
     lines = ["# GPU estimates of the code as it stands (cost model, not measurements)", "",
@@ -141,6 +159,7 @@ def to_markdown(result: dict) -> str:
                          f"{r['launches_per_micro_batch']:,.0f} | {r['launch_s']:.1f} | {r['collective_s']:.2f} |")
         lines += ["", f"Assumptions: {result['train'][0]['assumptions']}", ""]
     if result.get("decode"):
+        lines += decode_summary(result["decode"])
         lines += ["## Decode steps (one GPU, bf16)", "",
                   "| target | shape | batch | context | mode | B | est. step ms | launches (per layer) | host round "
                   "trips | est. tokens/s | TiDAR/AR step | projected speedup (paper) |",
