@@ -179,7 +179,8 @@ def plan_summary(cfg: ModelConfig, programs: dict[str, CompiledDecodeProgram], *
                  block_size: int, context: int, cache_page: int) -> dict:
     return {
         "target": target,
-        "device_kind": _device_kind(programs),
+        "device_kind": _device(programs).device_kind,
+        "platform": platform_of_devices([_device(programs)]),
         "model": {"num_params": cfg.num_params, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                   "dtype": cfg.dtype},
         "batch": batch, "block_size": block_size, "context": context, "cache_page": cache_page,
@@ -187,10 +188,10 @@ def plan_summary(cfg: ModelConfig, programs: dict[str, CompiledDecodeProgram], *
     }
 
 
-def _device_kind(programs) -> str:
+def _device(programs):
+    """A device the programs were compiled for (the first input's)."""
     prog = next(iter(programs.values()))
-    shardings = jax.tree.leaves(prog.compiled.input_shardings)
-    return next(iter(shardings[0].device_set)).device_kind if shardings else "?"
+    return next(iter(jax.tree.leaves(prog.compiled.input_shardings)[0].device_set))
 
 
 def format_plan(summary: dict) -> str:
@@ -213,6 +214,8 @@ def format_plan(summary: dict) -> str:
         groups: dict[str, int] = {}  # identical loops (one per layer, typically) print once, with their count
         for lp in s["loops"]:
             trips = "dynamic (data-dependent)" if lp["dynamic"] else f"{lp['trip_count']} (known)"
+            if lp["dynamic"] and summary.get("platform") == "tpu":
+                trips = "not recorded (XLA:TPU's HLO carries no trip counts)"
             body = ", ".join(f"{k} {v}" for k, v in lp["body_kernel_kinds"].items())
             line = (f"while loop: trips {trips}, {lp['body_kernels']} kernels per iteration ({body}); from "
                     f"{lp['op_name'] or '?'}")

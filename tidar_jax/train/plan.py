@@ -201,9 +201,11 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None, target=None) -> d
     estimate = None
     if target is None:
         flops = _step_flops(graphdef, mcfg, abstract, mesh, cfg, devices)
-    else:  # XLA's cost analysis is None for a deviceless compile: the cost model counts the program's dots
+    elif target.platform == "gpu":  # XLA's cost analysis is None for a deviceless compile: the cost model counts
         estimate = train_estimate(compiled, cfg, mcfg, target)
         flops = estimate["flops_per_device"]
+    else:  # XLA:TPU's HLO records no trip count on its while loops: the cost model cannot count them (yet)
+        flops = float("nan")
     argument = int(mem.argument_size_in_bytes)
     output = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
@@ -273,6 +275,9 @@ def format_plan(result: dict) -> str:
     if t:
         lines[0] += f"; target {t['name']} ({t['chips']} x {t['device_kind']})"
         lines[1] = f"per device (XLA:{t['platform'].upper()} compiled for {t['device_kind']}):"
+    if t and not e:
+        lines.append("no ESTIMATE for a TPU target: XLA:TPU's optimized HLO records no loop trip counts, which the cost "
+                     "model needs (it reads XLA:GPU's known_trip_count)")
     if e:
         lines += [
             f"ESTIMATE (cost model, not a measurement): step {e['time_s']:.3f} s, MFU {100 * e['mfu']:.1f}%, "
