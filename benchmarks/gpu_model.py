@@ -129,7 +129,8 @@ def decode_summary(rows: list[dict]) -> list[str]:
     ar = {(r["target"], r["shape"], r["batch"], r["context"]): r for r in rows if r["mode"] == "ar"}
     out = ["## Decode summary: AR vs TiDAR B=16 (ESTIMATES)", "",
            "| target | shape | batch | context | AR step ms | AR tokens/s | TiDAR step ms | TiDAR/AR step | TiDAR "
-           "tokens/s at the paper's T/NFE | projected speedup | paper | host round trips per step (per token of a row, AR) |",
+           "tokens/s at the paper's T/NFE | projected speedup | paper | host round trips per step (per token of a "
+           "row, AR) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mode"] != "tidar" or r["block_size"] != 16:

@@ -256,7 +256,8 @@ def format_decode_estimates(est: dict) -> str:
     lines = []
     for name, s in est["programs"].items():
         lines.append(f"{name}: ESTIMATE {s['time_s'] * 1e3:.3f} ms ({s['launches']} launches, "
-                     f"{s['host_round_trips']} host round trips, {s['flops'] / 1e9:.2f} GFLOP, {s['bytes'] / 1e9:.3f} GB)")
+                     f"{s['host_round_trips']} host round trips, {s['flops'] / 1e9:.2f} GFLOP, "
+                     f"{s['bytes'] / 1e9:.3f} GB)")
     if "tidar_over_ar_step" in est:
         lines.append(f"TiDAR step / AR step: {est['tidar_over_ar_step']:.2f}; AR {est['ar_tokens_per_s']:.0f} tokens/s")
     if "projected_speedup" in est:

@@ -276,8 +276,8 @@ def format_plan(result: dict) -> str:
         lines[0] += f"; target {t['name']} ({t['chips']} x {t['device_kind']})"
         lines[1] = f"per device (XLA:{t['platform'].upper()} compiled for {t['device_kind']}):"
     if t and not e:
-        lines.append("no ESTIMATE for a TPU target: XLA:TPU's optimized HLO records no loop trip counts, which the cost "
-                     "model needs (it reads XLA:GPU's known_trip_count)")
+        lines.append("no ESTIMATE for a TPU target: XLA:TPU's optimized HLO records no loop trip counts, which the "
+                     "cost model needs (it reads XLA:GPU's known_trip_count)")
     if e:
         lines += [
             f"ESTIMATE (cost model, not a measurement): step {e['time_s']:.3f} s, MFU {100 * e['mfu']:.1f}%, "
