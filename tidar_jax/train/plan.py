@@ -205,7 +205,7 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None, target=None) -> d
         estimate = train_estimate(compiled, cfg, mcfg, target)
         flops = estimate["flops_per_device"]
     else:  # XLA:TPU's HLO records no trip count on its while loops: the cost model cannot count them (yet)
-        flops = float("nan")
+        flops = None
     argument = int(mem.argument_size_in_bytes)
     output = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
@@ -263,7 +263,8 @@ def format_plan(result: dict) -> str:
         f"{result['compile_seconds']:.1f} s",
         "per device (XLA compiled):",
         f"  arguments {g(p['argument_bytes'])}   outputs {g(p['output_bytes'])} (aliased {g(p['alias_bytes'])})",
-        f"  temporaries {g(p['temp_bytes'])}   total {g(p['total_bytes'])}   FLOPs {p['flops']:.3e}",
+        f"  temporaries {g(p['temp_bytes'])}   total {g(p['total_bytes'])}   FLOPs "
+        f"{'not counted' if p['flops'] is None else format(p['flops'], '.3e')}",
         "per device (analytic):",
         f"  params {g(a['params_bytes'])}   optimizer {g(a['optimizer_bytes'])}   grads {g(a['grad_bytes'])}",
         f"  saved activations {g(a['saved_activations_bytes'])} ({g(a['saved_activation_bytes_per_layer'])} per "
