@@ -198,6 +198,28 @@ def test_distinct_ngram_fraction_flags_loops():
     assert fidelity.variants([8, 4])[0] == {"name": "ar", "objective": "ar", "block_size": 4}
 
 
+def test_fidelity_recipe_splits_the_flops_budget():
+    """A recipe variant spends its split of the budget on AR steps and the rest on TiDAR steps: every variant's
+    training FLOPs equal the reference's to within one step."""
+    import argparse
+
+    from benchmarks import fidelity
+
+    args = argparse.Namespace(config=os.path.join(fidelity.ROOT, "configs", "tiny.yaml"), set=[], seeds=[0],
+                              steps=100, budget="flops")
+    plan = fidelity.variants([4, 8], ["paper"], [0.5, 0.8])
+    assert [v["name"] for v in plan] == ["ar", "tidar_b4", "tidar_b8", "recipe_b4_ar50", "recipe_b8_ar50",
+                                         "recipe_b4_ar80", "recipe_b8_ar80"]
+    fidelity.assign_steps(args, plan)
+    budget = plan[1]["train_flops"]
+    ar_step = plan[0]["flops_per_step"]
+    for v in plan:
+        assert abs(v["train_flops"] - budget) <= max(v["flops_per_step"], ar_step) / 2 + 1, v["name"]
+        if "split" in v:
+            assert v["ar_steps"] * ar_step == pytest.approx(v["split"] * budget, abs=ar_step)
+    assert plan[0]["steps"] > 2 * plan[1]["steps"] * 0.9  # AR steps run S tokens, TiDAR 2S
+
+
 def test_shared_options_are_declared_once_and_changed_only_in_default_or_help():
     import argparse
 
