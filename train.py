@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset (default: configs/tiny.yaml)")
     p.add_argument("--run-dir", default=None,
                    help="checkpoints, TensorBoard events and the resolved config go here (required unless --plan)")
-    p.add_argument("--steps", type=int, default=None, help="total training steps (overrides train.steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="total training steps (overrides train.steps; of the last phase for a preset with phases)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config(s) and exit")
     p.add_argument("--no-phases", action="store_true",
                    help="ignore the preset's phases: train its base sections alone in one run (for configs/tiny.yaml: "
@@ -70,21 +71,17 @@ def main(argv=None) -> int:
     from tidar_jax.train.phases import Phase, load_phases
 
     overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
     try:
-        phases = ([Phase(None, args.run_dir, load_config(args.config, overrides))] if args.no_phases
-                  else load_phases(args.config, overrides, args.run_dir))
+        if args.no_phases:
+            steps = [f"train.steps={args.steps}"] if args.steps is not None else []
+            phases = [Phase(None, args.run_dir, load_config(args.config, overrides + steps))]
+        else:
+            phases = load_phases(args.config, overrides, args.run_dir, steps=args.steps)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.steps is not None and phases[0].name is not None:
-        raise SystemExit(f"error: --steps: {args.config} has phases ({', '.join(p.name for p in phases)}); set "
-                         "<phase>.train.steps=N instead, or pass --no-phases")
-    if args.print_config:
-        for phase in phases:
-            if phase.name is not None:
-                print(f"# phase '{phase.name}' -> {phase.run_dir}")
-            print(dump_yaml(phase.cfg), end="")
+    if args.print_config:  # one YAML document per phase
+        print("---\n".join((f"# phase '{p.name}' -> {p.run_dir}\n" if p.name else "") + dump_yaml(p.cfg)
+                           for p in phases), end="")
         return 0
     if args.plan:  # the last phase: the TiDAR step whose memory matters
         return _plan(phases[-1].cfg, args)

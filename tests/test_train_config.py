@@ -87,4 +87,5 @@ def test_cli_print_config_applies_steps_flag():
                         "--print-config"], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0, r.stderr
-    assert yaml.safe_load(r.stdout)["train"]["steps"] == 5
+    docs = list(yaml.safe_load_all(r.stdout))  # one per phase of the recipe: --steps sets the last (TiDAR) one's
+    assert [d["train"]["objective"] for d in docs] == ["ar", "tidar"] and docs[-1]["train"]["steps"] == 5

@@ -68,14 +68,18 @@ def phase_dir(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, PHASES_DIR, name)
 
 
-def load_phases(path: str | None, overrides=(), run_dir: str | None = None) -> list[Phase]:
+def load_phases(path: str | None, overrides=(), run_dir: str | None = None, steps: int | None = None) -> list[Phase]:
     """The preset's phases as validated configs, in order (one unnamed phase for a preset without ``phases``).
 
-    ``overrides``: ``section.key=value`` (every phase) or ``<phase>.section.key=value`` (that phase)."""
+    ``overrides``: ``section.key=value`` (every phase) or ``<phase>.section.key=value`` (that phase).
+    ``steps``: the last phase's ``train.steps`` (``train.py --steps``: train the final model longer)."""
     base, entries = split_phases(read_preset(path))
+    overrides = list(overrides)
     if entries is None:
-        return [Phase(None, run_dir, from_dict(apply_overrides(base, list(overrides))))]
+        overrides += [f"train.steps={steps}"] if steps is not None else []
+        return [Phase(None, run_dir, from_dict(apply_overrides(base, overrides)))]
     names = [p["name"] for p in entries]
+    overrides += [f"{names[-1]}.train.steps={steps}"] if steps is not None else []
     common, own = [], {n: [] for n in names}
     for text in overrides:
         key, value = split_override(text)
@@ -86,6 +90,7 @@ def load_phases(path: str | None, overrides=(), run_dir: str | None = None) -> l
             raise ConfigError(f"override {key!r}: {head!r} is not a phase of {path}; phases: {', '.join(names)}")
         else:
             common.append((key, value))
+    from_dict(apply_overrides(base, dict(common)))  # a bad shared value: its own line, not blamed on a phase
     root = run_dir if run_dir is not None else "<run-dir>"
     dirs = {n: (root if i == len(names) - 1 else phase_dir(root, n)) for i, n in enumerate(names)}
     out = []
@@ -127,8 +132,12 @@ def phase_done(phases: list[Phase], i: int) -> bool:
 def run_phases(phases: list[Phase], show_progress: bool = True, report=print) -> list:
     """Train every phase in order (skipping done ones); returns ``[(phase, RunResult or None), ...]``.
     ``report(phase, result)`` is called after each trained phase (train.py prints its summary)."""
+    from tidar_jax.checkpoint.run import run_dir_problem
+    from tidar_jax.output_paths import check_output_dir
     from tidar_jax.train.loop import train
 
+    for phase in reversed(phases):  # every output location up front, the run dir first: nothing trains for nothing
+        check_output_dir(phase.run_dir, existing=run_dir_problem)
     out = []
     for i, phase in enumerate(phases):
         last = i == len(phases) - 1
