@@ -101,17 +101,25 @@ def test_phases_train_both_and_resume_skips_the_finished_one(recipe_run, preset,
     assert load_for_inference(recipe_run).step == TIDAR_STEPS  # nothing retrained
 
 
-@pytest.mark.parametrize("block_size,mask_token_id", [(2, 5), (8, 300), (4, None)])
-def test_tidar_run_starts_from_the_ar_runs_exact_params(recipe_run, preset, tmp_path, block_size, mask_token_id):
-    """Any block size and mask token: the same params bit for bit (so the same logits), a new optimizer state."""
+@pytest.mark.parametrize("source,block_size,mask_token_id", [("run", 2, 5), ("run", 8, 300), ("run", 4, None),
+                                                               ("hf", 4, 7)])
+def test_tidar_run_starts_from_the_ar_runs_exact_params(recipe_run, preset, tmp_path, source, block_size,
+                                                        mask_token_id):
+    """Any block size and mask token, from the AR run dir or from its HF export (the same code path): the same
+    params bit for bit (so the same logits), a new optimizer state."""
     from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.hf import export_hf
     from tidar_jax.model import causal_mask
     from tidar_jax.train.loop import setup
     from tidar_jax.train.step import to_model
 
     ar = load_for_inference(_ar_dir(recipe_run))
+    init_from = _ar_dir(recipe_run)
+    if source == "hf":
+        init_from = export_hf(ar.config, ar.params, str(tmp_path / "hf"),
+                              tokenizer_path=os.path.join(init_from, "tokenizer.json"))
     cfg = load_config(preset, [f"{k}={v}" for k, v in
-                               {"data.eval_batches": 0, "model.init_from": _ar_dir(recipe_run), "model.block_size": block_size,
+                               {"data.eval_batches": 0, "model.init_from": init_from, "model.block_size": block_size,
                                 "model.mask_token_id": "null" if mask_token_id is None else mask_token_id,
                                 "train.steps": 1}.items()])
     run = setup(cfg, str(tmp_path / "run"), show_progress=False)
