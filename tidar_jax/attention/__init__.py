@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.attention import blockwise, cudnn, paged, reference, splash
+from tidar_jax.attention import blockwise, cudnn, paged, pallas_gpu, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
 from tidar_jax.targets import build_platform
@@ -45,6 +45,7 @@ register("reference", reference.attend)
 register("blockwise", blockwise.attend)
 register("splash", splash.attend, splash.unavailable_reason)
 register("cudnn", cudnn.attend, cudnn.unavailable_reason)
+register("pallas_gpu", pallas_gpu.attend, pallas_gpu.unavailable_reason)
 
 
 def _backend_kind(backend: str) -> str:

@@ -25,6 +25,8 @@ interpreter (CPU tests).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -59,12 +61,28 @@ TILES = {
     "b200": Tiles(128, 128, 64, 64, num_warps=8, num_stages=2),
     "a100": Tiles(128, 64, 64, 64, num_warps=4, num_stages=2),
 }
+# The interpreter runs each program as a loop on the CPU: small tiles keep the model-level tests quick.
+INTERPRET_TILES = Tiles(16, 16, 16, 16, num_warps=4, num_stages=1)
 DEFAULT_TARGET = "h100"  # tiles used when the chip is not known (a deviceless compile, an unlisted GPU)
 
 
+_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("tidar_pallas_gpu_interpret", default=False)
+
+
+@contextlib.contextmanager
+def interpreting():
+    """Inside this block ``model.attention=pallas_gpu`` runs the kernels in the Pallas interpreter on any backend
+    (how the model-level invariant tests run it on CPU); ``auto`` still never picks it off a GPU."""
+    token = _INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
 def unavailable_reason(backend: str) -> str | None:
-    """Why ``pallas_gpu`` cannot run compiled on ``backend`` (None when it can)."""
-    if backend != "gpu":
+    """Why ``pallas_gpu`` cannot run compiled on ``backend`` (None when it can, or inside ``interpreting()``)."""
+    if backend != "gpu" and not _INTERPRET.get():
         return (f"model.attention='pallas_gpu' needs an NVIDIA GPU (backend is {backend}); use blockwise or auto "
                 "(tests run pallas_gpu.attend(..., interpret=True) on CPU)")
     return None
@@ -413,10 +431,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, tiles: Tiles | None = None, interpret: bool = False):
+def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, tiles: Tiles | None = None, interpret: bool | None = None):
     """Attention of ``q [N, T, H, D]`` over ``k, v [N, S, K, D]`` under ``layout`` (a ``tidar_jax.masks`` layout)
-    with the Pallas Triton kernels (``interpret``: the Pallas interpreter, for CPU tests; ``tiles``: default the
-    local GPU's ``TILES`` entry)."""
+    with the Pallas Triton kernels (``interpret``: the Pallas interpreter, for CPU tests; None: inside
+    ``interpreting()``; ``tiles``: default the local GPU's ``TILES`` entry, ``INTERPRET_TILES`` when
+    interpreting)."""
+    interpret = _INTERPRET.get() if interpret is None else interpret
     n, t, h, d = q_NTHD.shape
     s, kv = k_NSKD.shape[1], k_NSKD.shape[2]
     if (layout.q_len, layout.k_len) != (t, s):
@@ -424,7 +444,7 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, tiles: Tiles | None = None, interp
                          f"got q length {t} and k length {s}")
     if h % kv:
         raise ValueError(f"{h} query heads: must be a multiple of {kv} kv heads")
-    tiles = tiles or tiles_for_backend()
+    tiles = tiles or (INTERPRET_TILES if interpret else tiles_for_backend())
     tq_max, tk_max = max(tiles.fwd_q, tiles.bwd_q), max(tiles.fwd_k, tiles.bwd_k)
     tp, sp = _round_up(t, tq_max), _round_up(s, tk_max)
     fwd_sched = tile_schedule(layout, tiles.fwd_q, tiles.fwd_k)
