@@ -189,12 +189,17 @@ def _allowed(st: _Static, q_idx, k_idx, idq, idk):
     return allowed
 
 
+def _cd(dtype):
+    """Compute dtype: float32 at least (float64 inputs, as in the exactness tests, stay float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _dot(a, b, trans_b=False, trans_a=False):
     if trans_a:
         a = a.T
     if trans_b:
         b = b.T
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    return jnp.dot(a, b, preferred_element_type=_cd(a.dtype))
 
 
 def _visit_lists(table_ref, wf, body, carry):
@@ -230,12 +235,12 @@ def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, *refs, st: _Static, wf: int):
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l * corr + p.sum(axis=-1)
 
-    d = q.shape[-1]
-    carry = (jnp.zeros((tq, d), jnp.float32), jnp.full((tq,), _NEG, jnp.float32), jnp.zeros((tq,), jnp.float32))
+    d, cd = q.shape[-1], _cd(q.dtype)
+    carry = (jnp.zeros((tq, d), cd), jnp.full((tq,), _NEG, cd), jnp.zeros((tq,), cd))
     acc, m, l = _visit_lists(table_ref, wf, body, carry)
     seen = l > 0.0  # padded query rows (and tiles past the schedule) see nothing
     o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # exp(s - lse) == 0 when unseen
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG).astype(lse_ref.dtype)  # exp(s - lse) == 0 when unseen
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, wf: int):
@@ -260,7 +265,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _visit_lists(table_ref, wf, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _visit_lists(table_ref, wf, body, jnp.zeros(q.shape, _cd(q.dtype)))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -291,7 +296,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
 
         return _visit_lists(table_ref, wf, body, carry)
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = jnp.zeros(k.shape, _cd(k.dtype))
     dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -348,7 +353,7 @@ def _forward(st: _Static, sched: TileSchedule, q, k, v, ids):
         args += list(ids)
     out_specs = [pl.BlockSpec((None, tq, None, d), lambda i, b, j: (b, i, j, 0)),
                  pl.BlockSpec((None, None, tq), lambda i, b, j: (b, j, i))]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((n, h, tp), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((n, h, tp), _cd(q.dtype))]
     return _call(functools.partial(_fwd_kernel, st=st, wf=wf), (tp // tq, n, h), in_specs, out_specs, out_shape,
                  st, "tidar_flash_fwd")(*args)
 
@@ -360,7 +365,8 @@ def _backward(st: _Static, sched: TileSchedule, q, k, v, ids, out, lse, do):
     sp, kv = k.shape[1], k.shape[2]
     group = h // kv
     tq, tk = st.tiles.bwd_q, st.tiles.bwd_k
-    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [N, H, Tp]
+    cd = _cd(q.dtype)
+    delta = jnp.sum(out.astype(cd) * do.astype(cd), axis=-1).transpose(0, 2, 1)  # [N, H, Tp]
 
     # dQ over the forward schedule
     table, wf = tile_table(sched, False, tp // tq)
