@@ -214,3 +214,46 @@ def test_compiles_for_h100_at_the_1_5b_shape(h100_mesh):
         program = compile_attention(h100_mesh, 4096, 16, 1, 12, 2, 128, segments, pallas_gpu.TILES["h100"])
         assert program.loops() == []
         assert len(_triton_calls(program)) == 3
+
+
+def compile_train_step(mesh, kernel, seq_len=256, layers=3):
+    """HloProgram of a small model's whole TiDAR train step (packed segments, bf16) compiled for the mesh's GPU."""
+    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.config import ModelConfig
+    from tidar_jax.model.functional import abstract_model
+    from tidar_jax.sharding import make_mesh
+    from tidar_jax.train.config import load_config
+    from tidar_jax.train.step import abstract_train_state, make_step_fns
+
+    mcfg = ModelConfig(vocab_size=256, hidden_size=128, num_layers=layers, num_heads=4, num_kv_heads=2,
+                       mlp_size=256, mask_token_id=255, block_size=16, dtype="bfloat16", param_dtype="float32",
+                       attention=kernel)
+    graphdef, abstract = abstract_model(mcfg, remat="none")
+    mesh = make_mesh(1, 1, 1, devices=list(mesh.devices.flat))  # the train step's named axes
+    with targets.compiling_for("gpu"):
+        fns = make_step_fns(graphdef, mcfg, abstract, mesh, load_config(None, []).optim, 10, "tidar", 1.0,
+                            batch_shape=(2, seq_len))
+        state = abstract_train_state(fns.tx, abstract, fns.state_shardings)
+        batch = jax.ShapeDtypeStruct((2, seq_len), jnp.int32, sharding=fns.batch_sharding)
+        return HloProgram.of(fns.train_step.lower(state, batch, batch).compile())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["blockwise", "pallas_gpu"])
+def test_train_step_has_no_loop_over_attention_tiles(h100_mesh, kernel):
+    """The compiled H100 train step: ``blockwise`` scans its tile pairs (XLA ``while`` loops whose trip counts
+    are the schedule's pair counts: the GPU problem of issue 21); with ``pallas_gpu`` the only loops are the
+    layer scans (forward and backward, trip count = layers)."""
+    from tidar_jax.attention import blockwise
+
+    seq_len, layers = 1024, 3
+    loops = compile_train_step(h100_mesh, kernel, seq_len, layers).loops()
+    sched = blockwise.schedule_for(masks.training_layout(seq_len, 16), 2 * seq_len, 2 * seq_len)
+    # the step gets segment ids (packed rows), so every visited pair is partial: all pairs in one scan
+    pair_counts = {len(sched.full_pairs), len(sched.partial_pairs), len(sched.full_pairs) + len(sched.partial_pairs)}
+    tile_loops = [lp for lp in loops if lp.dynamic or lp.trip_count in pair_counts]
+    if kernel == "blockwise":
+        assert tile_loops, [(lp.trip_count, lp.op_name) for lp in loops]  # shows the test can fail
+    else:
+        assert tile_loops == []
+        assert loops and all(lp.trip_count == layers for lp in loops)
