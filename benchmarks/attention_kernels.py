@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Accelerator-suite section: the attention kernels alone on the TiDAR training layout, forward and forward +
+backward, each time beside the cost model's estimate of the same compiled program.
+
+    python -m benchmarks.attention_kernels --out DIR                 # on a GPU: pallas_gpu, cudnn, blockwise
+    python -m benchmarks.attention_kernels --smoke --out DIR         # CPU, tiny shapes (the test)
+
+Shapes: qwen2.5-1.5b attention (12 query / 2 kv heads, head_dim 128, bf16), block 16, S = 2048 and 4096 (the
+doubled sequence is 2S), batch 16 rows split into micro-batches of ``--rows`` (default 1: one device's share of a
+16-row global batch on 8 GPUs is 2). The estimate is ``tidar_jax.compiled.cost_model`` on the compiled program
+with the local chip's figures (``None`` where the device is not a listed chip, e.g. on CPU); the cost model
+counts every attention kernel's FLOPs as dense, so for the block-sparse kernels its figure is an upper bound.
+Writes ``attention_kernels.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tidar_jax import attention, masks, targets  # noqa: E402
+from tidar_jax.attention import pallas_gpu  # noqa: E402
+
+GPU_KERNELS = ("pallas_gpu", "cudnn", "blockwise")
+SHAPES = ((2048, 16), (4096, 16))  # (S, block)
+HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
+
+
+def local_chip():
+    """The ``targets.CHIPS`` entry of the local device, or None (CPU, an unlisted accelerator)."""
+    kind = jax.devices()[0].device_kind.lower()
+    return next((c for c in targets.CHIPS.values() if c.description.lower() == kind or c.name in kind), None)
+
+
+def _estimate(compiled, chip) -> float | None:
+    if chip is None:
+        return None
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+
+    return estimate(HloProgram.of(compiled), chip).time_s
+
+
+def _time(fn, args, repeat: int) -> float:
+    jax.block_until_ready(fn(*args))  # warm (compiled already)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(kernel: str, seq_len: int, block: int, rows: int, heads: int, kv_heads: int, head_dim: int, dtype,
+            repeat: int, chip) -> dict:
+    """Forward and forward+backward time (best of ``repeat``) and the cost-model estimate of each program."""
+    layout = masks.training_layout(seq_len, block)
+    t = layout.q_len
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(rows, t, heads, head_dim)), dtype)
+    k = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
+
+    def fwd(q, k, v):
+        return attention.attend(q, k, v, layout, kernel)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(fwd, q, k, v)
+        return vjp(out)
+
+    row = {"kernel": kernel, "seq_len": seq_len, "block": block, "rows": rows, "heads": heads,
+           "kv_heads": kv_heads, "head_dim": head_dim, "dtype": jnp.dtype(dtype).name}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        compiled = jax.jit(fn).lower(q, k, v).compile()
+        row[f"{name}_s"] = _time(compiled, (q, k, v), repeat)
+        row[f"{name}_estimate_s"] = _estimate(compiled, chip)
+    return row
+
+
+def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dtype, repeat: int,
+        budget_s: float) -> dict:
+    """One row per (kernel, shape); a kernel the backend cannot run, or that fails, is recorded with the reason;
+    shapes not reached within ``budget_s`` are recorded as skipped."""
+    chip = local_chip()
+    deadline = time.perf_counter() + budget_s
+    out = {"device": jax.devices()[0].device_kind, "chip": chip.name if chip else None,
+           "estimates_are": "cost model (tidar_jax/compiled/cost_model.py), attention FLOPs counted dense",
+           "rows": []}
+    for seq_len, block in shapes:
+        for kernel in kernels:
+            if time.perf_counter() > deadline:
+                out["rows"].append({"kernel": kernel, "seq_len": seq_len, "skipped": "section budget spent"})
+                continue
+            try:
+                out["rows"].append(measure(kernel, seq_len, block, rows, heads, kv_heads, head_dim, dtype, repeat,
+                                           chip))
+            except Exception as e:  # one kernel failing must not lose the others' figures
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                out["rows"].append({"kernel": kernel, "seq_len": seq_len, "error": first[:300]})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, pallas_gpu in the Pallas interpreter")
+    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=240.0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        with pallas_gpu.interpreting():
+            result = run(("pallas_gpu", "blockwise", "reference"), ((16, 4),), 1, 4, 2, 16, jnp.float32, 1,
+                         args.budget_s)
+    else:
+        result = run(GPU_KERNELS, SHAPES, args.rows, HEADS, KV_HEADS, HEAD_DIM, jnp.bfloat16, args.repeat,
+                     args.budget_s)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for r in result["rows"]:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
