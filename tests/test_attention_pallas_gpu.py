@@ -151,6 +151,7 @@ def test_resolve_never_picks_it_off_a_gpu_and_explains_why():
         assert attention.resolve("pallas_gpu", "cpu") == "pallas_gpu"
         assert attention.resolve("auto", "cpu") == "blockwise"
     assert attention.resolve("pallas_gpu", "gpu") == "pallas_gpu"
+    assert attention.resolve("auto", "gpu") == "pallas_gpu"
 
 
 def test_interpreting_runs_through_the_interface():

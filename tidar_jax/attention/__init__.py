@@ -26,9 +26,10 @@ from tidar_jax.targets import build_platform
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
-# On GPU ``cudnn`` (dense compute, fused) joins once the accelerator suite measures it faster than ``blockwise``
-# (block-sparse, about a quarter of the dense work on the training layout).
-AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("blockwise",), "cpu": ("blockwise",)}
+# On GPU ``pallas_gpu`` (block-sparse, one fused kernel per direction) by the cost model until the accelerator
+# suite measures (docs/attention.md: ~7x under ``blockwise``'s launch-bound tile loops at the 1.5B shape);
+# ``cudnn`` (dense compute, fused) stays an explicit choice.
+AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("pallas_gpu", "blockwise"), "cpu": ("blockwise",)}
 
 
 def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
