@@ -98,6 +98,8 @@ def test_training_layout_matches_with_layout_kernels(layout_pair, kernel):
     from tidar_jax.model import abstract_model
 
     model, (cfg, _, state) = layout_pair
+    if kernel == "pallas_gpu" and cfg.family != "qwen3":
+        pytest.skip("pallas_gpu (interpreted, ~5 s) on one family: the kernel does not depend on the family")
     s, b = 8, 4
     rng = np.random.RandomState(2)
     tokens_NS = rng.randint(0, VOCAB, (2, s))
