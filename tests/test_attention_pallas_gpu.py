@@ -258,3 +258,60 @@ def test_train_step_has_no_loop_over_attention_tiles(h100_mesh, kernel):
     else:
         assert tile_loops == []
         assert loops and all(lp.trip_count == layers for lp in loops)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), pytest.param((1, 4, 2), marks=pytest.mark.slow)])
+def test_sharded_equals_reference(mesh_shape):
+    """Inside ``activation_mesh`` (as the train step traces) the Triton calls run in a ``shard_map`` over rows
+    and heads (XLA would otherwise gather every row to every device); outputs and gradients equal reference."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tidar_jax.sharding import activation_mesh, make_mesh
+
+    mesh = make_mesh(*mesh_shape, devices=jax.devices()[:8])
+    layout = masks.training_layout(12, 4, _segments(4, 12, 7))
+    q, k, v, w = _inputs(layout, 4, jnp.float32)
+
+    def sharded(q, k, v, lay):
+        with activation_mesh(mesh):
+            return pallas_gpu.attend(q, k, v, lay, tiles=TILE, interpret=True)
+
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+    out, g = _value_and_grads(sharded, layout, q, k, v, w)
+    out_ref, g_ref = _value_and_grads(reference.attend, layout, q, k, v, w)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_run_on_each_devices_rows_on_8_h100(h100_mesh):
+    """On 8 x H100 with the batch over fsdp, each device's Triton calls see its own rows (2 of 16), not all."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.sharding import activation_mesh, make_mesh
+
+    mesh = make_mesh(1, 8, 1, devices=targets.target_devices("h100x8"))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    layout = masks.training_layout(64, 16)
+    q = jax.ShapeDtypeStruct((16, 128, 4, 64), jnp.bfloat16, sharding=rows)
+    k = jax.ShapeDtypeStruct((16, 128, 2, 64), jnp.bfloat16, sharding=rows)
+
+    def f(q, k, v):
+        with activation_mesh(mesh):
+            out, vjp = jax.vjp(lambda q, k, v: pallas_gpu.attend(q, k, v, layout, tiles=TILE), q, k, v)
+        return vjp(out)
+
+    with targets.compiling_for("gpu"):
+        program = HloProgram.of(jax.jit(f).lower(q, k, k).compile())
+    calls = _triton_calls(program)
+    assert len(calls) == 3
+    for call in calls:
+        assert {shape[0] for shape in _rank4_operands(program, call)} == {2}
+
+
+def _rank4_operands(program, call):
+    from tidar_jax.compiled.hlo import array_shapes
+
+    return [shape for t in program.operand_types(call) for _, shape in array_shapes(t) if len(shape) >= 4]

@@ -464,5 +464,34 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, tiles: Tiles | None = None, interp
     q = jnp.pad(q_NTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     k = jnp.pad(k_NSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     v = jnp.pad(v_NSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-    out = _flash(st, fwd_sched, bwd_sched)(q, k, v, ids)
+    flash = _flash(st, fwd_sched, bwd_sched)
+    mesh = _mesh_to_shard_over()
+    if mesh is None:
+        out = flash(q, k, v, ids)
+    else:  # XLA cannot partition a Triton call (it would gather every row to every device): shard it ourselves
+        q_spec, kv_spec, row_spec = _specs(mesh, q.shape, k.shape)
+        ids_spec = None if ids is None else (row_spec, row_spec)
+        out = jax.shard_map(flash, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids_spec), out_specs=q_spec,
+                            check_vma=False)(q, k, v, ids)
     return out[:, :t]
+
+
+def _mesh_to_shard_over():
+    from tidar_jax.sharding import current_activation_mesh
+
+    mesh = current_activation_mesh()
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
+def _specs(mesh, q_shape, k_shape):
+    """``(q [N, T, H, D], k/v [N, S, K, D], id rows [N, *])`` specs by the rules table: rows over the batch axes;
+    heads over the tensor axis only when it splits both H and K alike (each device keeps whole GQA groups)."""
+    from jax.sharding import PartitionSpec as P
+
+    from tidar_jax.sharding import logical_to_spec
+
+    q_spec = logical_to_spec(("batch", None, "heads", None), q_shape, mesh)
+    k_spec = logical_to_spec(("batch", None, "kv_heads", None), k_shape, mesh)
+    if k_spec[2] is None or q_spec[2] != k_spec[2]:
+        q_spec, k_spec = P(q_spec[0], None, None, None), P(k_spec[0], None, None, None)
+    return q_spec, k_spec, P(q_spec[0], None)
