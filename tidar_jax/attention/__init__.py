@@ -27,7 +27,7 @@ KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
 # On GPU ``pallas_gpu`` (block-sparse, one fused kernel per direction) by the cost model until the accelerator
-# suite measures (docs/attention.md: ~7x under ``blockwise``'s launch-bound tile loops at the 1.5B shape);
+# suite measures (docs/attention.md: ~18x under ``blockwise``'s launch-bound tile loops at the 1.5B shape);
 # ``cudnn`` (dense compute, fused) stays an explicit choice.
 AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("pallas_gpu", "blockwise"), "cpu": ("blockwise",)}
 
