@@ -141,7 +141,7 @@ def parse_groups(text):
 
 def load_decoder(args):
     from tidar_jax.decode import Decoder, DecodeError
-    from tidar_jax.checkpoint import CheckpointNotFound, load_for_inference
+    from tidar_jax.loading import CheckpointNotFound, load_for_inference
 
     mesh = None
     if args.mesh is not None:

@@ -72,7 +72,8 @@ def import_hf(hf_dir: str, out: str, mask_token_id=None, add_mask_token=False, b
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes=None) -> str:
-    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference, read_meta
+    from tidar_jax.checkpoint import read_meta
+    from tidar_jax.loading import checkpoint_kind, load_for_inference
     from tidar_jax.hf import export_hf
     from tidar_jax.hf.export import DEFAULT_MAX_SHARD_BYTES
     from tidar_jax.output_paths import check_new_dir
@@ -90,7 +91,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from tidar_jax.config import ConfigError
-    from tidar_jax.checkpoint import CheckpointNotFound
+    from tidar_jax.loading import CheckpointNotFound
     from tidar_jax.hf.keys import HFFormatError
     from tidar_jax.output_paths import OutputPathError
 

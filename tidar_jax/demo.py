@@ -49,7 +49,7 @@ def run_demo(run_dir: str, num_prompts: int = 4, prompt_tokens: int = 48, max_ne
     import yaml
 
     from tidar_jax.decode import Decoder
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
 
     bundle = load_for_inference(run_dir)
     decoder = Decoder.from_bundle(bundle)

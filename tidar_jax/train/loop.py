@@ -202,7 +202,7 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     plain HF model) drafts ``DEFAULT_BLOCK_SIZE`` (16, the paper's) unless the YAML gives one."""
     from flax import nnx
 
-    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference
+    from tidar_jax.loading import checkpoint_kind, load_for_inference
     from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.train.step import param_shardings
