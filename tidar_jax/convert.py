@@ -17,6 +17,8 @@ import argparse
 import re
 import sys
 
+from tidar_jax.cli import OneLineArgumentParser
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "KIB": 1024, "MIB": 1024 ** 2,
                "GIB": 1024 ** 3}
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +33,7 @@ def parse_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tidar_jax.convert", description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="python -m tidar_jax.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="Hugging Face dir -> params checkpoint")
     imp.add_argument("hf_dir")
@@ -90,7 +92,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
     kind = checkpoint_kind(checkpoint)
     if target == sglang_tidar.TARGET and kind != "hf":  # refused before the weights are read
         sglang_tidar.check_servable(*_record(checkpoint, kind))
-    bundle = load_for_inference(checkpoint)
+    bundle = _load(checkpoint, load_for_inference)
     hf_fields = (read_meta(checkpoint).hf or {}) if kind == "params" else {}
     eos = hf_fields.get("eos_token_id", bundle.eos_token_id)
     extra = {}
@@ -104,6 +106,23 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, eos_token_id=eos,
                      bos_token_id=hf_fields.get("bos_token_id"),
                      max_position_embeddings=hf_fields.get("max_position_embeddings"), **extra)
+
+
+def _load(checkpoint: str, load):
+    """``load(checkpoint)``; a library error from damaged files (orbax, tensorstore) becomes one line."""
+    from tidar_jax.checkpoint.metadata import DamagedCheckpoint
+    from tidar_jax.config import ConfigError
+    from tidar_jax.hf.keys import HFFormatError
+    from tidar_jax.loading import CheckpointNotFound
+
+    try:
+        return load(checkpoint)
+    except (HFFormatError, ConfigError, DamagedCheckpoint, CheckpointNotFound):
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DamagedCheckpoint(f"checkpoint {checkpoint!r} could not be loaded: {type(e).__name__}: {first}") \
+            from None
 
 
 def _record(checkpoint: str, kind: str):
@@ -128,6 +147,7 @@ def main(argv=None) -> int:
     from tidar_jax.config import ConfigError
     from tidar_jax.loading import CheckpointNotFound
     from tidar_jax.hf.keys import HFFormatError
+    from tidar_jax.checkpoint.metadata import DamagedCheckpoint
     from tidar_jax.output_paths import OutputPathError
 
     try:
@@ -137,7 +157,7 @@ def main(argv=None) -> int:
         else:
             out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, parse_size(args.max_shard_size),
                                     args.target)
-    except (HFFormatError, ConfigError, CheckpointNotFound, OutputPathError, FileNotFoundError) as e:
+    except (HFFormatError, ConfigError, CheckpointNotFound, OutputPathError, DamagedCheckpoint, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")
     return 0

@@ -146,6 +146,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
     from tidar_jax.data import load_manifest, prepare_corpus
 
     data_dir = os.path.abspath(cfg.data.dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"data.dir={cfg.data.dir!r}: is a file, not a directory (a prepared corpus is a directory)")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         if not cfg.data.prepare:
             raise ConfigError(f"data.dir={cfg.data.dir!r} holds no prepared corpus and data.prepare=false; run "
