@@ -264,3 +264,21 @@ def test_refuses_a_vocabulary_that_is_not_qwens(tmp_path, capsys):
 
 def test_refuses_an_ar_only_model(tmp_path, capsys):
     _refusal(tmp_path, capsys, small_config("qwen2", block_size=None, **TINY), "no trained block size")
+
+
+def test_refuses_without_a_tokenizer(tmp_path, capsys):
+    _refusal(tmp_path, capsys, small_config("qwen2", **TINY), "has no tokenizer", tokenizer=None)
+
+
+@pytest.mark.parametrize("sub", ["", "checkpoints/2"], ids=["run-dir", "step-dir"])
+def test_run_dirs_are_checked_from_their_record(tmp_path, sub):
+    """A training run dir (and one of its step dirs) is judged from its record, before its weights are read."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "run_v1"), run)
+    with pytest.raises(SystemExit) as e:
+        main(["export-hf", str(run / sub), str(tmp_path / "out"), "--for", "sglang-tidar"])
+    assert str(e.value) == ("error: --for sglang-tidar: mask token id 1: the server's worker hard-codes 151662 "
+                            "(<|fim_pad|>), so the model must be trained with that mask token")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
