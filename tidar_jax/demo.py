@@ -9,7 +9,6 @@ and prints T/NFE, tokens/s, the speedup over AR and whether lossless TiDAR repro
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys

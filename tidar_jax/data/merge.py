@@ -8,7 +8,6 @@ counts), except where the unsharded run's "both splits non-empty" rule for tiny 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
