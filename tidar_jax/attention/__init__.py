@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from tidar_jax.attention import blockwise, cudnn, paged, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
+from tidar_jax.targets import build_platform
 
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
@@ -51,8 +52,9 @@ def _backend_kind(backend: str) -> str:
 
 
 def resolve(kernel: str, backend: str | None = None) -> str:
-    """The registered kernel name that ``kernel`` means on ``backend`` (default: JAX's default backend)."""
-    kind = _backend_kind(backend or jax.default_backend())
+    """The registered kernel name that ``kernel`` means on ``backend`` (default: the platform being built for,
+    ``tidar_jax.targets.build_platform()``: jax's default backend, or a deviceless target's platform)."""
+    kind = _backend_kind(backend or build_platform())
     if kernel == "auto":
         prefs = AUTO_PREFERENCE.get(kind, ("blockwise",))
         return next(name for name in prefs if name in KERNELS and _reason(name, kind) is None)
