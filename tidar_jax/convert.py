@@ -83,7 +83,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
     from tidar_jax.hf import export_hf
     from tidar_jax.hf import sglang_tidar
     from tidar_jax.hf.export import DEFAULT_MAX_SHARD_BYTES
-    from tidar_jax.loading import checkpoint_kind, load_for_inference
+    from tidar_jax.loading import checkpoint_kind
     from tidar_jax.output_paths import check_new_dir
 
     if target not in (None, sglang_tidar.TARGET):
@@ -92,7 +92,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
     kind = checkpoint_kind(checkpoint)
     if target == sglang_tidar.TARGET and kind != "hf":  # refused before the weights are read
         sglang_tidar.check_servable(*_record(checkpoint, kind))
-    bundle = _load(checkpoint, load_for_inference)
+    bundle = _load_bundle(checkpoint)
     hf_fields = (read_meta(checkpoint).hf or {}) if kind == "params" else {}
     eos = hf_fields.get("eos_token_id", bundle.eos_token_id)
     extra = {}
@@ -108,15 +108,16 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes
                      max_position_embeddings=hf_fields.get("max_position_embeddings"), **extra)
 
 
-def _load(checkpoint: str, load):
-    """``load(checkpoint)``; a library error from damaged files (orbax, tensorstore) becomes one line."""
+def _load_bundle(checkpoint: str):
+    """``load_for_inference(checkpoint)``; a library error from damaged files (orbax, tensorstore) becomes one
+    line."""
     from tidar_jax.checkpoint.metadata import DamagedCheckpoint
     from tidar_jax.config import ConfigError
     from tidar_jax.hf.keys import HFFormatError
-    from tidar_jax.loading import CheckpointNotFound
+    from tidar_jax.loading import CheckpointNotFound, load_for_inference
 
     try:
-        return load(checkpoint)
+        return load_for_inference(checkpoint)
     except (HFFormatError, ConfigError, DamagedCheckpoint, CheckpointNotFound):
         raise
     except Exception as e:
