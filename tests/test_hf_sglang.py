@@ -163,7 +163,7 @@ def test_config_names_the_servers_class_and_fields(exported):
     # the model registry resolves architectures[0]; server_args turns on TIDAR for a name starting with "TiDAR"
     assert hf["architectures"] == [SERVER_CLASS[cfg.family]] and hf["architectures"][0].startswith("TiDAR")
     assert hf["model_type"] == cfg.family  # what builds the Qwen2Config/Qwen3Config the classes receive
-    # the transformers-4 fields the fork's AutoConfig reads (a missing rope_theta would silently become 10000)
+    # the transformers-4 fields (a 4.x AutoConfig without rope_theta silently uses 10000; docs/hf.md)
     assert hf["rope_theta"] == cfg.rope_theta and hf["torch_dtype"] == "bfloat16"
     assert hf["mask_token_id"] == FIM_PAD and hf["block_size"] == cfg.block_size
     assert hf["tie_word_embeddings"] == cfg.tie_embeddings and hf["eos_token_id"] == ENDOFTEXT
