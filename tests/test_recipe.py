@@ -84,7 +84,7 @@ def _pure(bundle):
 
 def test_phases_train_both_and_resume_skips_the_finished_one(recipe_run, preset, capsys):
     import train as train_cli
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
 
     ar = load_for_inference(_ar_dir(recipe_run))
     tidar = load_for_inference(recipe_run)
@@ -107,7 +107,7 @@ def test_tidar_run_starts_from_the_ar_runs_exact_params(recipe_run, preset, tmp_
                                                         mask_token_id):
     """Any block size and mask token, from the AR run dir or from its HF export (the same code path): the same
     params bit for bit (so the same logits), a new optimizer state."""
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
     from tidar_jax.hf import export_hf
     from tidar_jax.model import causal_mask
     from tidar_jax.train.loop import setup
@@ -212,7 +212,7 @@ def test_phase_overrides_and_errors(preset, tmp_path):
 
 
 def test_recipe_trained_model_lossless_equals_ar(recipe_run):
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
     from tidar_jax.decode import Decoder
 
     with jax.enable_x64(True):
@@ -227,7 +227,7 @@ def test_recipe_trained_model_lossless_equals_ar(recipe_run):
 
 def test_recipe_trained_model_mask_half_never_sees_later_clean_tokens(recipe_run):
     from tidar_jax import masks
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
     from tidar_jax.model import causal_mask
 
     bundle = load_for_inference(recipe_run)
@@ -250,7 +250,7 @@ def test_recipe_trained_model_mask_half_never_sees_later_clean_tokens(recipe_run
 def test_recipe_trained_model_matches_transformers(recipe_run, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
     from tidar_jax.hf import export_hf
     from tidar_jax.model import causal_mask
 

@@ -18,16 +18,18 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.attention import blockwise, cudnn, paged, reference, splash
+from tidar_jax.attention import blockwise, cudnn, paged, pallas_gpu, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
+from tidar_jax.targets import build_platform
 
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
-# On GPU ``cudnn`` (dense compute, fused) joins once the accelerator suite measures it faster than ``blockwise``
-# (block-sparse, about a quarter of the dense work on the training layout).
-AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("blockwise",), "cpu": ("blockwise",)}
+# On GPU ``pallas_gpu`` (block-sparse, one fused kernel per direction) by the cost model until the accelerator
+# suite measures (docs/attention.md: ~18x under ``blockwise``'s launch-bound tile loops at the 1.5B shape);
+# ``cudnn`` (dense compute, fused) stays an explicit choice.
+AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("pallas_gpu", "blockwise"), "cpu": ("blockwise",)}
 
 
 def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
@@ -44,6 +46,7 @@ register("reference", reference.attend)
 register("blockwise", blockwise.attend)
 register("splash", splash.attend, splash.unavailable_reason)
 register("cudnn", cudnn.attend, cudnn.unavailable_reason)
+register("pallas_gpu", pallas_gpu.attend, pallas_gpu.unavailable_reason)
 
 
 def _backend_kind(backend: str) -> str:
@@ -51,8 +54,9 @@ def _backend_kind(backend: str) -> str:
 
 
 def resolve(kernel: str, backend: str | None = None) -> str:
-    """The registered kernel name that ``kernel`` means on ``backend`` (default: JAX's default backend)."""
-    kind = _backend_kind(backend or jax.default_backend())
+    """The registered kernel name that ``kernel`` means on ``backend`` (default: the platform being built for,
+    ``tidar_jax.targets.build_platform()``: jax's default backend, or a deviceless target's platform)."""
+    kind = _backend_kind(backend or build_platform())
     if kernel == "auto":
         prefs = AUTO_PREFERENCE.get(kind, ("blockwise",))
         return next(name for name in prefs if name in KERNELS and _reason(name, kind) is None)
