@@ -4,6 +4,7 @@
     python decode.py --checkpoint CKPT --prompt "def fib(n):" --max-new-tokens 64
     python decode.py --checkpoint CKPT --prompt-file prompt.txt --compare
     echo "hello" | python decode.py --checkpoint CKPT --json
+    python decode.py --plan --target h100 --preset qwen2.5-1.5b --batch 1 --block-size 16 --context 1024
 
 Text streams to stdout (in a terminal, each accepted chunk in an alternating colour); stats go to stderr.
 ``--json`` prints exactly one JSON object on stdout instead. Bad input exits non-zero with one line.
@@ -23,7 +24,8 @@ RESET = "\033[0m"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="params checkpoint, training run dir or HF dir")
+    p.add_argument("--checkpoint", default=None, help="params checkpoint, training run dir or HF dir (required "
+                                                        "unless --plan)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="UTF-8 prompt file ('-' = stdin)")
@@ -64,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also run AR on the same prompt and compare")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
+    plan = p.add_argument_group("plan (compile for a target without weights; docs/decode.md)")
+    plan.add_argument("--plan", action="store_true",
+                      help="compile prefill and one step of AR and TiDAR for --target without weights; print kernels "
+                           "per step and per layer, while loops and trip counts, host round trips and memory")
+    plan.add_argument("--target", default=None,
+                      help="with --plan: h100, h200, a100, b200 (xN), or a TPU slice (v5e-4, v5p-8, v6e-4)")
+    plan.add_argument("--preset", default=None, help="with --plan: model shape (qwen2.5-1.5b, qwen3-8b)")
+    plan.add_argument("--hf-config", default=None, help="with --plan: an HF config.json instead of --preset")
+    plan.add_argument("--batch", type=int, default=1, help="with --plan: rows per step (default 1)")
+    plan.add_argument("--context", type=int, default=1024,
+                      help="with --plan: prompt length and the live cache length of the step (default 1024)")
+    plan.add_argument("--cache-page", type=int, default=128, help="with --plan: paged-attention page (default 128)")
+    plan.add_argument("--estimate", action="store_true",
+                      help="with --plan: add the cost model's step-time estimate (tidar_jax/compiled/cost_model.py)")
+    plan.add_argument("--tokens-per-nfe", type=float, default=None,
+                      help="with --estimate: TiDAR tokens per forward to project tokens/s and the speedup (the paper: "
+                           "7.45 at 1.5B, 8.25 at 8B)")
     return p
 
 
@@ -216,8 +235,59 @@ def stream_text(dec, prompt, args, colour: bool):
     return stream.result
 
 
+def run_plan(args) -> int:
+    """``--plan``: the target is parsed and the environment set before jax initialises (targets imports no jax)."""
+    from tidar_jax.config import ConfigError
+    from tidar_jax.targets import parse_target, target_devices
+
+    if args.target is None:
+        raise SystemExit("--plan needs --target (e.g. h100, h200x8, v5p-8)")
+    if (args.preset is None) == (args.hf_config is None):
+        raise SystemExit("--plan needs exactly one of --preset (qwen2.5-1.5b, qwen3-8b) and --hf-config")
+    for flag, value, low in (("--batch", args.batch, 1), ("--context", args.context, 1),
+                             ("--cache-page", args.cache_page, 1), ("--block-size", args.block_size or 16, 1)):
+        if value < low:
+            raise SystemExit(f"{flag}={value}: must be an integer >= {low}")
+    try:
+        target = parse_target(args.target)
+        devices = target_devices(target)
+        from tidar_jax.decode.plan import compile_decode, format_plan, model_config_for_plan, plan_summary
+
+        cfg = model_config_for_plan(args.preset, args.hf_config, args.dtype or "bfloat16")
+        block = args.block_size or cfg.block_size or 16
+        mesh = parse_mesh(args.mesh) if args.mesh else {"data": 1, "fsdp": 1, "tensor": 1}
+        shape = (mesh["data"], mesh["fsdp"], mesh["tensor"])
+        if shape[0] * shape[1] * shape[2] > len(devices):
+            raise SystemExit(f"--mesh={args.mesh!r}: needs {shape[0] * shape[1] * shape[2]} devices; --target "
+                             f"{target.name} has {len(devices)}")
+        programs = compile_decode(cfg, devices, batch=args.batch, block_size=block, context=args.context,
+                                  max_new_tokens=args.max_new_tokens, cache_page=args.cache_page,
+                                  head=args.head or "one_pass", mesh_shape=shape, cache_dtype=args.cache_dtype)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    summary = plan_summary(cfg, programs, target=target.name, batch=args.batch, block_size=block,
+                           context=args.context, cache_page=args.cache_page)
+    if args.estimate:
+        from tidar_jax.decode.plan import decode_estimates
+
+        summary["estimate"] = decode_estimates(programs, target.chip, args.batch, args.tokens_per_nfe)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_plan(summary))
+        if args.estimate:
+            from tidar_jax.decode.plan import format_decode_estimates
+
+            print(format_decode_estimates(summary["estimate"]))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan:
+        return run_plan(args)
+    if args.checkpoint is None:
+        raise SystemExit("--checkpoint is required (unless --plan)")
     if args.mode not in ("tidar", "ar"):
         raise SystemExit(f"--mode={args.mode!r}: must be tidar or ar")
     text, ids = read_prompt(args)

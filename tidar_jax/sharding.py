@@ -127,6 +127,13 @@ def activation_mesh(mesh: Mesh | None, strict: bool = False):
         _ACTIVATION_MESH.reset(token)
 
 
+def current_activation_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_mesh`` block (None outside one): a kernel that XLA cannot partition
+    (a Pallas/Mosaic call) wraps itself in a ``shard_map`` over it."""
+    active = _ACTIVATION_MESH.get()
+    return None if active is None else active[0]
+
+
 def constrain(x, logical_axes, what: str = "activation"):
     """``with_sharding_constraint`` of ``x`` by its logical axis names, under the active ``activation_mesh``."""
     active = _ACTIVATION_MESH.get()

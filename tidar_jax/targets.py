@@ -59,6 +59,9 @@ class Chip:
     shared_memory_per_sm: int = 0
     shared_memory_per_block_optin: int = 0
     fpus_per_sm: int = 0
+    # per chip, one direction, for the collectives' ring traffic (NVLink / ICI datasheet figures; an assumption of
+    # the cost model like the launch cost)
+    interconnect_bytes_per_s: float = 0.0
     # TPU only: chips per topology name (Cloud TPU slice names count TensorCores for v5p, chips for v5e/v6e)
     tpu_family: str = ""
     tpu_topologies: tuple[tuple[int, str], ...] = ()
@@ -70,22 +73,29 @@ class Chip:
 CHIPS: dict[str, Chip] = {
     "h100": Chip("h100", "gpu", "NVIDIA H100 80GB HBM3", 989.4e12, 494.7e12, 3.35e12, 80e9, 4e-6, 20e-6,
                  sm_count=132, compute_capability=(9, 0), l2_bytes=50 * 2 ** 20, clock_ghz=1.98,
-                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128),
+                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128,
+                 interconnect_bytes_per_s=450e9),
     "h200": Chip("h200", "gpu", "NVIDIA H200 141GB HBM3e", 989.4e12, 494.7e12, 4.8e12, 141e9, 4e-6, 20e-6,
                  sm_count=132, compute_capability=(9, 0), l2_bytes=50 * 2 ** 20, clock_ghz=1.98,
-                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128),
+                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128,
+                 interconnect_bytes_per_s=450e9),
     "a100": Chip("a100", "gpu", "NVIDIA A100-SXM4-80GB", 312e12, 156e12, 2.039e12, 80e9, 4e-6, 20e-6,
                  sm_count=108, compute_capability=(8, 0), l2_bytes=40 * 2 ** 20, clock_ghz=1.41,
-                 shared_memory_per_sm=167936, shared_memory_per_block_optin=166912, fpus_per_sm=64),
+                 shared_memory_per_sm=167936, shared_memory_per_block_optin=166912, fpus_per_sm=64,
+                 interconnect_bytes_per_s=300e9),
     "b200": Chip("b200", "gpu", "NVIDIA B200", 2.25e15, 1.1e15, 8.0e12, 180e9, 4e-6, 20e-6,
                  sm_count=148, compute_capability=(10, 0), l2_bytes=126 * 2 ** 20, clock_ghz=1.965,
-                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128),
+                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128,
+                 interconnect_bytes_per_s=900e9),
     "v5e": Chip("v5e", "tpu", "TPU v5 lite", 197e12, 197e12, 819e9, 16e9, 0.5e-6, 20e-6, tpu_family="v5e",
-                tpu_topologies=((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4"))),
+                tpu_topologies=((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4")),
+                 interconnect_bytes_per_s=200e9),
     "v5p": Chip("v5p", "tpu", "TPU v5", 459e12, 459e12, 2.765e12, 95e9, 0.5e-6, 20e-6, tpu_family="v5p",
-                tpu_topologies=((4, "v5p:2x2x1"), (8, "v5p:2x2x2"), (16, "v5p:2x2x4"))),
+                tpu_topologies=((4, "v5p:2x2x1"), (8, "v5p:2x2x2"), (16, "v5p:2x2x4")),
+                 interconnect_bytes_per_s=600e9),
     "v6e": Chip("v6e", "tpu", "TPU v6 lite", 918e12, 918e12, 1.64e12, 32e9, 0.5e-6, 20e-6, tpu_family="v6e",
-                tpu_topologies=((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4"))),
+                tpu_topologies=((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4")),
+                 interconnect_bytes_per_s=400e9),
 }
 
 # Cloud TPU slice names: v5p-N counts TensorCores (2 per chip); v5e-N and v6e-N count chips.

@@ -17,6 +17,11 @@ Lengths are padded to the block sizes; padded keys are never allowed, and each p
 padded rows are sliced off, so they contribute nothing. The kernel runs per sequence (``vmap`` over the batch);
 GQA maps query head ``h`` to kv head ``h // (H / K)``, the grouping of the reference kernel.
 
+On a multi-device mesh (inside ``tidar_jax.sharding.activation_mesh``, as the train step traces) the call is wrapped
+in ``jax.shard_map``: XLA cannot partition a Mosaic kernel itself ("Mosaic kernels cannot be automatically
+partitioned"). Each device runs the kernel on its rows (batch over data/fsdp) and its heads (over tensor, when the
+tensor axis divides both the query and the kv heads, so every local query head finds its kv head locally).
+
 The Pallas TPU module is imported lazily: where it is missing, using this kernel raises one clear line.
 """
 
@@ -92,8 +97,11 @@ def _kernel(layout, heads: int, q_pad: int, k_pad: int, q_len: int, k_len: int, 
     """One splash kernel per static rule and shape (building it processes the block maps on the host)."""
     key = (layout.static_key(), heads, q_pad, k_pad, q_len, k_len, block_q, block_kv, interpret)
     if key not in _KERNELS:
-        _KERNELS[key] = _build_kernel(key, layout.static_bound(), heads, q_pad, k_pad, q_len, k_len, block_q,
-                                      block_kv, interpret)
+        # built eagerly even when called inside a trace: splash makes jnp arrays (its block maps), which a trace
+        # would turn into tracers and the cache would then leak into the next trace
+        with jax.ensure_compile_time_eval():
+            _KERNELS[key] = _build_kernel(key, layout.static_bound(), heads, q_pad, k_pad, q_len, k_len, block_q,
+                                          block_kv, interpret)
     return _KERNELS[key]
 
 
@@ -150,7 +158,6 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, interpret: bool = False, block: in
         raise ValueError(f"{h} query heads: must be a multiple of {k_NSKD.shape[2]} kv heads")
     bq, bkv = block_size(t, block), block_size(s, block)
     t_pad, s_pad = _round_up(t, bq), _round_up(s, bkv)
-    kernel = _kernel(layout, h, t_pad, s_pad, t, s, bq, bkv, interpret)
 
     # splash does not scale the logits; [N, T, H, D] -> [N, H, T_pad, D]
     q = jnp.pad((q_NTHD * jnp.asarray(d ** -0.5, q_NTHD.dtype)).transpose(0, 2, 1, 3),
@@ -159,13 +166,57 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, *, interpret: bool = False, block: in
     v = jnp.pad(v_NSKD.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, s_pad - s), (0, 0)))
 
     segs = _segments(layout, n, t, s)
-    if segs is None:
-        out = jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
-    else:
+    if segs is not None:
         seg_q, seg_kv = segs
         seg_kv = jnp.pad(seg_kv, ((0, 0), (0, s_pad - s)), constant_values=-1)
         # padded query rows take key 0's segment (they are allowed key 0 only)
         seg_q = jnp.concatenate([seg_q, jnp.broadcast_to(seg_kv[:, :1], (n, t_pad - t))], axis=1)
-        out = jax.vmap(lambda q, k, v, sq, skv: kernel(q, k, v, segment_ids=sa.SegmentIds(q=sq, kv=skv)))(
-            q, k, v, seg_q, seg_kv)
+        segs = (seg_q, seg_kv)
+
+    args = (q, k, v) + (segs or ())
+    mesh = _mesh_to_shard_over()
+    specs = _specs(mesh, q.shape, k.shape) if mesh is not None else None
+    local_heads = h if specs is None else h // _size(mesh, specs[0][1])
+    # built outside the shard_map: the kernel (and its cached block maps) must not belong to a shard_map trace
+    kernel = _kernel(layout, local_heads, t_pad, s_pad, t, s, bq, bkv, interpret)
+
+    def run(q, k, v, *segs):
+        if not segs:
+            return jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
+        return jax.vmap(lambda q, k, v, sq, skv: kernel(q, k, v, segment_ids=sa.SegmentIds(q=sq, kv=skv)))(
+            q, k, v, *segs)
+
+    if specs is None:
+        out = run(*args)
+    else:
+        q_spec, kv_spec, row_spec = specs
+        out = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (row_spec,) * len(segs or ()),
+                            out_specs=q_spec, check_vma=False)(*args)
     return out[:, :, :t].transpose(0, 2, 1, 3)
+
+
+def _mesh_to_shard_over():
+    from tidar_jax.sharding import current_activation_mesh
+
+    mesh = current_activation_mesh()
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
+def _size(mesh, entry) -> int:
+    if entry is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+
+
+def _specs(mesh, q_shape, k_shape):
+    """``(q [N, H, T, D], k/v [N, K, S, D], segment rows [N, *])`` specs by the rules table; heads split over the
+    tensor axis only when it divides both H and K (else each device would miss kv heads its queries need)."""
+    from jax.sharding import PartitionSpec as P
+
+    from tidar_jax.sharding import logical_to_spec
+
+    k_spec = logical_to_spec(("batch", "kv_heads", None, None), k_shape, mesh)
+    q_spec = logical_to_spec(("batch", "heads", None, None), q_shape, mesh)
+    if k_spec[1] is None or q_spec[1] != k_spec[1]:
+        q_spec, k_spec = P(q_spec[0], None, None, None), P(k_spec[0], None, None, None)
+    return q_spec, k_spec, P(q_spec[0], None)

@@ -157,6 +157,7 @@ class HloProgram:
         self.computations: dict[str, list[Instruction]] = {}
         self.entry = ""
         self.types: dict[str, str] = {}
+        self.roots: dict[str, str] = {}  # computation -> its ROOT instruction's name
         current = None
         for line in text.splitlines():
             h = _HEADER.match(line)
@@ -177,6 +178,8 @@ class HloProgram:
                 if instr is not None:
                     self.computations[current].append(instr)
                     self.types[instr.name] = instr.type_str
+                    if m.group(1):
+                        self.roots[current] = instr.name
         if not self.entry:
             raise ValueError("not an HLO module text: no ENTRY computation")
 

@@ -87,3 +87,26 @@ def merge(graphdef, params):
     if isinstance(params, LayerMajorParams):
         return LayerMajorModel(nnx.merge(graphdef, params.rest), params.layers)
     return nnx.merge(graphdef, params)
+
+
+def abstract_layer_major(params) -> LayerMajorParams:
+    """``to_layer_major`` of abstract params (``ShapeDtypeStruct`` leaves, with or without shardings): the same
+    layout without allocating, for compiling decode programs ahead of time (``tidar_jax.decode.plan``)."""
+    stacked = params[LAYERS_KEY]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+
+    def one_layer(x):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_drop_layer_axis(getattr(x, "sharding", None)))
+
+    layer = jax.tree.map(one_layer, stacked)
+    layers = tuple(layer for _ in range(num_layers))
+
+    def placeholder(path, x):
+        if not _under_layers(path):
+            return x
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, P())
+        return jax.ShapeDtypeStruct((), x.dtype, sharding=sharding)
+
+    return LayerMajorParams(jax.tree_util.tree_map_with_path(placeholder, params), layers)
