@@ -55,9 +55,9 @@ def test_fused_decode_is_lossless_with_pruned_groups():
     """Greedy TiDAR with the fused kernel (interpret mode) emits exactly greedy AR's tokens (float64)."""
     with jax.enable_x64(True):
         dec = trained_decoder("float64")
-        prompts = pattern_prompts([5, 2, 9], seed=8)
-        ar = dec.generate(prompts, mode="ar", max_new_tokens=12, cache_attention="dense")
-        td = dec.generate(prompts, mode="tidar", block_size=4, groups=(1, 3), max_new_tokens=12,
+        prompts = pattern_prompts([5, 9], seed=8)
+        ar = dec.generate(prompts, mode="ar", max_new_tokens=10, cache_attention="dense")
+        td = dec.generate(prompts, mode="tidar", block_size=4, groups=(1, 3), max_new_tokens=10,
                           cache_attention="fused")
         assert td.tokens == ar.tokens
         assert td.stats["mean_accepted"] > 1  # drafts were really accepted: the step's own part is exercised
