@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile the train step on abstract inputs over fake CPU devices; print per-device memory "
                         "and FLOPs, and exit (no weights, no data)")
     p.add_argument("--plan-devices", type=int, default=8, help="fake devices for --plan (default 8)")
+    p.add_argument("--target", default=None,
+                   help="with --plan: compile for this target instead of fake CPU devices (h100x8, h200x8, a100x8, "
+                        "b200x8, v5e-8, v5p-8, v6e-8; docs/training.md) and add the cost model's step-time estimate")
     p.add_argument("--json", action="store_true", help="with --plan: print the figures as JSON")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.seq_len=256")
     return p
@@ -47,7 +50,7 @@ def _plan(cfg, args) -> int:
     from tidar_jax.train.plan import format_plan, json_summary, run_plan, to_builtin
 
     try:
-        result = run_plan(cfg, args.plan_devices)
+        result = run_plan(cfg, args.plan_devices, target=args.parsed_target)
     except (ConfigError, ShardingError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(to_builtin(json_summary(result)), indent=2) if args.json else format_plan(result), flush=True)
@@ -56,7 +59,19 @@ def _plan(cfg, args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.plan:
+    args.parsed_target = None
+    if args.target is not None and not args.plan:
+        raise SystemExit("error: --target needs --plan (it compiles for a machine that is not here)")
+    if args.plan and args.target is not None:
+        # parsed and the environment set before jax initialises (tidar_jax.targets imports no jax)
+        from tidar_jax.targets import TargetError, parse_target, prepare_environment
+
+        try:
+            args.parsed_target = parse_target(args.target)
+        except TargetError as e:
+            raise SystemExit(f"error: {e}") from None
+        prepare_environment(args.parsed_target)
+    elif args.plan:
         if args.plan_devices < 1:
             raise SystemExit(f"error: --plan-devices={args.plan_devices}: must be >= 1")
         _fake_cpu_devices(args.plan_devices)

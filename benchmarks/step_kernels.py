@@ -30,7 +30,8 @@ def per_layer(cfg, devices, mode: str, cache_attention: str, batch: int, block_s
     counts = {}
     for layers in (2, 3):
         progs = compile_decode(cfg.replace(num_layers=layers), devices, batch=batch, block_size=block_size,
-                               context=context, max_new_tokens=256, modes=(mode,), cache_attention=cache_attention)
+                               context=context, max_new_tokens=256, modes=(mode,), cache_attention=cache_attention,
+                               with_prefill=False)
         p = progs[f"{mode} step"].program
         counts[layers] = (kind_counts(p.kernels()), len(p.kernels()),
                           sum(len(lp.body_kernels) for lp in p.loops()) // layers)

@@ -178,6 +178,9 @@ def prepare_environment(target: Target) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     else:
         os.environ["TPU_SKIP_MDS_QUERY"] = "1"  # no GCE metadata server to ask for the slice
+        # libtpu locks /tmp/libtpu_lockfile for the one process that may drive the chips; a deviceless compile
+        # drives none, so concurrent compiles (parallel tests, several plans) must not wait on each other
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import sys
 
     if "jax" in sys.modules:  # imported already (tests, notebooks): its config read JAX_PLATFORMS at import

@@ -57,7 +57,7 @@ class Assumptions:
                    chip.interconnect_bytes_per_s, chip.launch_s, chip.host_round_trip_s, int(dynamic_trips))
 
     def line(self) -> str:
-        return (f"estimate for {self.chip}: bf16 peak {self.peak_bf16_flops / 1e12:.0f} TFLOP/s, f32 (TF32) "
+        return (f"estimate for {self.chip}: bf16 peak {self.peak_bf16_flops / 1e12:.0f} TFLOP/s, f32 dots "
                 f"{self.peak_fp32_flops / 1e12:.0f} TFLOP/s, HBM {self.hbm_bytes_per_s / 1e12:.2f} TB/s, "
                 f"interconnect {self.interconnect_bytes_per_s / 1e9:.0f} GB/s, launch {self.launch_s * 1e6:.1f} us "
                 f"per kernel, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "

@@ -123,9 +123,10 @@ def _replicated(shape, dtype, mesh):
 def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = 16, context: int = 1024,
                    max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
                    modes=("ar", "tidar"), mesh_shape=(1, 1, 1), cache_dtype: str | None = None,
-                   cache_attention: str = "auto") -> dict[str, CompiledDecodeProgram]:
+                   with_prefill: bool = True, cache_attention: str = "auto") -> dict[str, CompiledDecodeProgram]:
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
-    mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype."""
+    mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
+    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill)."""
     from tidar_jax.sharding import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=list(devices)[:math.prod(mesh_shape)])
@@ -150,19 +151,26 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
                                          sharding=logical_sharding(("batch",), (batch,), mesh)), key, stops)
             prefill_fn = partial(engine.prefill, graphdef, opts, cache_size, mesh=mesh)
             t0 = time.perf_counter()
-            prefill = jax.jit(prefill_fn).lower(*args).compile()
+            shapes = jax.eval_shape(prefill_fn, *args)
+            if with_prefill or mesh.size > 1:  # the state's layout between steps is the prefill's output layout
+                prefill = jax.jit(prefill_fn).lower(*args).compile()
+                shardings = prefill.output_shardings
+            else:  # one device: every layout is that device
+                from tidar_jax.sharding import replicated
+
+                shardings = jax.tree.map(lambda _: replicated(mesh), shapes)
             prefill_s = time.perf_counter() - t0
-            state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                  jax.eval_shape(prefill_fn, *args), prefill.output_shardings)
+            state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)
             t0 = time.perf_counter()
             step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile()
             step_s = time.perf_counter() - t0
             trips = max(1, -(-context // cache_page)) if cache_page else 1
             step_tokens = 1 if mode == "ar" else block_size * (1 + len(opts.group_counts))
-            out[f"{mode} prefill"] = CompiledDecodeProgram(f"{mode} prefill", prefill, prefill_s,
-                                                           HloProgram.of(prefill), 1,
-                                                           padded + (block_size if mode == "tidar" else 0))
+            if with_prefill:
+                out[f"{mode} prefill"] = CompiledDecodeProgram(f"{mode} prefill", prefill, prefill_s,
+                                                               HloProgram.of(prefill), 1,
+                                                               padded + (block_size if mode == "tidar" else 0))
             out[f"{mode} step"] = CompiledDecodeProgram(f"{mode} step", step, step_s, HloProgram.of(step), trips,
                                                         step_tokens)
     return out

@@ -38,3 +38,26 @@ def compiled_flops(jitted, *args) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
+
+
+def attended_pairs(seq_len: int, block_size: int, objective: str = "tidar") -> int:
+    """Query-key pairs the training mask allows per sequence (one document): AR causal S(S+1)/2; TiDAR adds, for
+    mask block b, its own block (B x B) and the bB clean keys before it: S(S+1)/2 + S(S-B)/2 + S B."""
+    s, b = seq_len, block_size
+    causal = s * (s + 1) // 2
+    if objective == "ar":
+        return causal
+    return causal + s * (s - b) // 2 + s * b
+
+
+def model_flops(cfg: ModelConfig, batch: int, seq_len: int, objective: str = "tidar") -> float:
+    """The model FLOPs of one train step that MFU divides: forward + backward (3x forward) of the matmuls, with
+    attention counted at the pairs the mask allows (not the dense square, not the tiles a kernel happens to
+    compute, and no rematerialisation)."""
+    tokens = 2 * seq_len if objective == "tidar" else seq_len
+    d, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    per_token_layer = 2 * d * q + 2 * 2 * d * kv + 2 * q * d + 3 * 2 * d * cfg.mlp_size
+    attention_layer = 2 * 2 * attended_pairs(seq_len, cfg.block_size or 1, objective) * q
+    per_row = cfg.num_layers * (tokens * per_token_layer + attention_layer) + tokens * 2 * d * cfg.vocab_size
+    return 3.0 * batch * per_row

@@ -149,14 +149,16 @@ def _step_flops(graphdef, mcfg, abstract, mesh, cfg: TrainConfig, devices) -> fl
     return float(cost.get("flops", float("nan"))) * accum / len(devices)
 
 
-def compile_train_step(cfg: TrainConfig, num_devices: int | None = None):
-    """``(compiled, seconds, context)``: the real train step lowered and compiled on abstract inputs."""
+def compile_train_step(cfg: TrainConfig, num_devices: int | None = None, devices=None):
+    """``(compiled, seconds, context)``: the real train step lowered and compiled on abstract inputs, over
+    ``devices`` (a target's deviceless devices: wrap the call in ``targets.compiling_for``) or jax's own."""
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.sharding import make_mesh
     from tidar_jax.train.distributed import resolve_mesh_shape
     from tidar_jax.train.step import abstract_train_state, make_step_fns
 
-    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+    if devices is None:
+        devices = jax.devices()[:num_devices] if num_devices else jax.devices()
     mcfg = plan_model_config(cfg)
     check_block_alignment(cfg, mcfg.block_size)
     mesh_shape = resolve_mesh_shape(cfg.mesh, len(devices))
@@ -181,21 +183,38 @@ def compile_train_step(cfg: TrainConfig, num_devices: int | None = None):
     return compiled, compile_s, context
 
 
-def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
-    """Compile the train step for ``cfg`` on the available (fake) devices; return per-device figures."""
-    compiled, compile_s, ctx = compile_train_step(cfg, num_devices)
+def run_plan(cfg: TrainConfig, num_devices: int | None = None, target=None) -> dict:
+    """Compile the train step for ``cfg`` on the available (fake) devices, or for ``target`` (a
+    ``tidar_jax.targets.Target``: XLA:GPU / XLA:TPU on its deviceless devices, kernels chosen for its platform);
+    return per-device figures, and for a target the cost model's step time and MFU (estimates)."""
+    from tidar_jax.targets import compiling_for, target_devices
+
+    if target is None:
+        compiled, compile_s, ctx = compile_train_step(cfg, num_devices)
+    else:
+        with compiling_for(target):
+            compiled, compile_s, ctx = compile_train_step(cfg, devices=target_devices(target))
     devices, mcfg, mesh, mesh_shape = ctx["devices"], ctx["mcfg"], ctx["mesh"], ctx["mesh_shape"]
     graphdef, abstract, state, batch = ctx["graphdef"], ctx["abstract"], ctx["state"], ctx["batch"]
     mem = compiled.memory_analysis()
-    flops = _step_flops(graphdef, mcfg, abstract, mesh, cfg, devices)
+    platform = "gpu" if target is None else target.platform
+    estimate = None
+    if target is None:
+        flops = _step_flops(graphdef, mcfg, abstract, mesh, cfg, devices)
+    else:  # XLA's cost analysis is None for a deviceless compile: the cost model counts the program's dots
+        estimate = train_estimate(compiled, cfg, mcfg, target)
+        flops = estimate["flops_per_device"]
     argument = int(mem.argument_size_in_bytes)
     output = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
     temp = int(mem.temp_size_in_bytes)
     from tidar_jax.attention import resolve
 
-    attention = resolve(mcfg.attention, "gpu")  # what model.attention means on a GPU (auto: blockwise)
+    attention = resolve(mcfg.attention, platform)  # what model.attention means there (GPU auto: blockwise)
     return {
+        "target": None if target is None else {"name": target.name, "chips": target.count,
+                                               "device_kind": devices[0].device_kind, "platform": target.platform},
+        "estimate": estimate,
         "config": {"num_devices": len(devices), "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
                    "seq_len": cfg.data.seq_len, "global_batch": cfg.data.global_batch,
                    "grad_accum": cfg.optim.grad_accum, "remat": cfg.model.remat, "loss_chunk": cfg.train.loss_chunk,
@@ -208,6 +227,25 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None) -> dict:
         "analytic_per_device": analytic(cfg, mcfg, mesh_shape, attention),
         "compile_seconds": compile_s,
     }
+
+
+def train_estimate(compiled, cfg: TrainConfig, mcfg: ModelConfig, target) -> dict:
+    """The cost model's estimate of one train step on ``target`` (per device: every device runs the same SPMD
+    program), launches per micro-batch, and the MFU it implies (``train.flops.model_flops`` over the step time
+    times the chips' bf16 peak). An estimate: its assumptions are carried."""
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.train.flops import model_flops
+
+    program = HloProgram.of(compiled)
+    est = estimate(program, target.chip)
+    useful = model_flops(mcfg, cfg.data.global_batch, cfg.data.seq_len, cfg.train.objective)
+    peak = target.chip.peak_bf16_flops * target.count
+    return {**est.summary(), "flops_per_device": est.flops, "model_flops": useful,
+            "mfu": useful / (est.time_s * peak), "launches_per_micro_batch": est.launches / cfg.optim.grad_accum,
+            "tokens_per_s": cfg.data.global_batch * cfg.data.seq_len / est.time_s,
+            "loops": [{"trip_count": lp.trip_count, "body_kernels": len(lp.body_kernels), "op_name": lp.op_name}
+                      for lp in program.loops()]}
 
 
 def format_plan(result: dict) -> str:
@@ -231,6 +269,21 @@ def format_plan(result: dict) -> str:
         f"  attention workspace {g(a['attention_workspace_bytes'])}   loss workspace {g(a['loss_workspace_bytes'])}",
         f"  total {g(a['total_bytes'])}   FLOPs {a['flops']:.3e}",
     ]
+    t, e = result.get("target"), result.get("estimate")
+    if t:
+        lines[0] += f"; target {t['name']} ({t['chips']} x {t['device_kind']})"
+        lines[1] = f"per device (XLA:{t['platform'].upper()} compiled for {t['device_kind']}):"
+    if e:
+        lines += [
+            f"ESTIMATE (cost model, not a measurement): step {e['time_s']:.3f} s, MFU {100 * e['mfu']:.1f}%, "
+            f"{e['tokens_per_s']:.0f} tokens/s; {e['launches']} kernel launches ({e['launches_per_micro_batch']:.0f} "
+            f"per micro-batch, launch time {e['launch_time_s']:.3f} s); compute-bound kernels "
+            f"{e['compute_bound_time_s']:.3f} s, memory-bound {e['memory_bound_time_s']:.3f} s, launch-bound "
+            f"{e['launch_bound_time_s']:.3f} s, collectives {e['collective_time_s']:.3f} s",
+            f"  model FLOPs {e['model_flops']:.3e} per step (mask-allowed attention, no remat); counted dots "
+            f"{e['flops_per_device']:.3e} per device",
+            f"  assumptions: {e['assumptions_line']}",
+        ]
     return "\n".join(lines)
 
 
