@@ -13,7 +13,8 @@ import argparse
 import json
 import sys
 
-import _repo_on_path  # noqa: F401
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
 
 def kind_counts(kernels) -> dict[str, int]:
