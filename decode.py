@@ -17,12 +17,14 @@ import json
 import os
 import sys
 
+from tidar_jax.cli import OneLineArgumentParser
+
 COLOURS = ("\033[36m", "\033[33m")
 RESET = "\033[0m"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="params checkpoint, training run dir or HF dir (required "
                                                         "unless --plan)")
@@ -99,7 +101,8 @@ def read_prompt(args) -> tuple[str | None, list[int] | None]:
         return args.prompt, None
     if args.prompt_file is not None and args.prompt_file != "-":
         if not os.path.isfile(args.prompt_file):
-            raise SystemExit(f"--prompt-file={args.prompt_file!r}: no such file")
+            what = "is a directory, not a file" if os.path.isdir(args.prompt_file) else "no such file"
+            raise SystemExit(f"--prompt-file={args.prompt_file!r}: {what}")
         with open(args.prompt_file, "rb") as f:
             raw, where = f.read(), args.prompt_file
     elif args.prompt_file == "-" or not sys.stdin.isatty():
@@ -162,7 +165,7 @@ def parse_groups(text):
 
 def load_decoder(args):
     from tidar_jax.decode import Decoder, DecodeError
-    from tidar_jax.checkpoint import CheckpointNotFound, load_for_inference
+    from tidar_jax.loading import CheckpointNotFound, load_for_inference
 
     mesh = None
     if args.mesh is not None:
@@ -177,7 +180,8 @@ def load_decoder(args):
     except CheckpointNotFound as e:
         raise SystemExit(str(e))
     except Exception as e:  # a corrupt or unsupported checkpoint: one line, not a traceback
-        raise SystemExit(f"checkpoint {args.checkpoint!r} could not be loaded: {type(e).__name__}: {e}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # library errors can span lines
+        raise SystemExit(f"checkpoint {args.checkpoint!r} could not be loaded: {type(e).__name__}: {first}")
     try:
         return Decoder.from_bundle(bundle, max_cache_len=args.max_cache_len, dtype=args.dtype, mesh=mesh)
     except DecodeError as e:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tidar_jax.cli import OneLineArgumentParser
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a TiDAR model (or an AR baseline) on a sharded mesh.")
+    p = OneLineArgumentParser(description="Train a TiDAR model (or an AR baseline) on a sharded mesh.")
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset (default: configs/tiny.yaml)")
     p.add_argument("--run-dir", default=None,
                    help="checkpoints, TensorBoard events and the resolved config go here (required unless --plan)")

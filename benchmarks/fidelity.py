@@ -204,7 +204,7 @@ def distinct_ngram_fraction(rows: list[list[int]], n: int) -> float:
 
 
 def evaluate(args, variant: dict, trained: dict) -> dict:
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
 
     bundle = load_for_inference(trained["run_dir"])
     data_dir = bc.find_data_dir(trained["run_dir"], args.data)

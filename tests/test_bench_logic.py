@@ -22,6 +22,7 @@ from benchmarks import vs_transformers as vt
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.model import KVCache, causal_mask
+from cli_output import user_lines
 
 
 def test_interleaved_calls_each_candidate_every_round_in_rotated_order():
@@ -246,5 +247,5 @@ def test_a_benchmark_runs_as_a_file_from_anywhere_and_as_a_module(tmp_path, as_m
     cmd = ["-m", "benchmarks.prepare"] if as_module else [os.path.join(root, "benchmarks", "prepare.py")]
     proc = subprocess.run([sys.executable, *cmd, "--mb", "0", "--out", str(tmp_path)], cwd=root if as_module
                           else tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stderr.strip() == "error: --mb=0: must be an integer >= 1", proc.stderr
+    assert proc.returncode != 0 and user_lines(proc.stderr) == ["error: --mb=0: must be an integer >= 1"], proc.stderr
     assert os.listdir(tmp_path) == []

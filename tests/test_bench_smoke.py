@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_output import user_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -101,7 +102,7 @@ def test_run_all_tiny_writes_summary(tmp_path):
 def test_bad_input_is_one_line_and_nonzero(script, args, needle, tmp_path):
     proc = run(script, *args, "--out", tmp_path, check=False)
     assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
+    err = user_lines(proc.stderr)
     assert len(err) == 1 and needle in err[0] and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -9,13 +9,13 @@ and prints T/NFE, tokens/s, the speedup over AR and whether lossless TiDAR repro
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 
 import numpy as np
+
+from tidar_jax.cli import OneLineArgumentParser
 
 COLOURS = ("\033[38;5;39m", "\033[38;5;208m")
 RESET = "\033[0m"
@@ -49,7 +49,7 @@ def run_demo(run_dir: str, num_prompts: int = 4, prompt_tokens: int = 48, max_ne
     import yaml
 
     from tidar_jax.decode import Decoder
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
 
     bundle = load_for_inference(run_dir)
     decoder = Decoder.from_bundle(bundle)
@@ -137,7 +137,7 @@ def speed_limits(summary: dict, nfe: dict, block: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/tiny", help="training run dir (default runs/tiny)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=48)
@@ -148,13 +148,20 @@ def main(argv=None) -> int:
     for name in ("prompts", "prompt_tokens", "max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.json:  # checked before the demo runs, not after
+        from tidar_jax.output_paths import OutputPathError, check_output_file
+        try:
+            check_output_file(args.json)
+        except OutputPathError as e:
+            raise SystemExit(f"error: --json {e}") from None
     if not os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
         raise SystemExit(f"error: --run-dir {args.run_dir!r} is not a training run dir (no config.yaml); "
                          "train first: python train.py --config configs/tiny.yaml --run-dir runs/tiny")
     summary = run_demo(args.run_dir, args.prompts, args.prompt_tokens, args.max_new_tokens, args.repeats)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        from tidar_jax.checkpoint.atomic import write_json
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        write_json(args.json, summary)
     return 0
 
 

@@ -146,6 +146,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
     from tidar_jax.data import load_manifest, prepare_corpus
 
     data_dir = os.path.abspath(cfg.data.dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"data.dir={cfg.data.dir!r}: is a file, not a directory (a prepared corpus is a directory)")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         if not cfg.data.prepare:
             raise ConfigError(f"data.dir={cfg.data.dir!r} holds no prepared corpus and data.prepare=false; run "
@@ -202,7 +204,7 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     plain HF model) drafts ``DEFAULT_BLOCK_SIZE`` (16, the paper's) unless the YAML gives one."""
     from flax import nnx
 
-    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference
+    from tidar_jax.loading import checkpoint_kind, load_for_inference
     from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.train.step import param_shardings
