@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight/compute dtype, cast once at load (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                    help="KV-cache dtype (default: the compute dtype)")
+    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "dense"),
+                   help="decode-step cache attention (default auto: fused on GPU, paged elsewhere; docs/decode.md)")
     p.add_argument("--mesh", default=None,
                    help="data=D,fsdp=F,tensor=T: shard params and KV cache over D*F*T devices (default: one)")
     p.add_argument("--groups", default=None,
@@ -190,7 +192,8 @@ def _option_kwargs(args, mode):
     return dict(mode=mode, block_size=args.block_size, beta=args.beta, slot0=args.slot0,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, allow_untrained_block_size=args.allow_untrained_block_size,
-                groups=parse_groups(args.groups), head=args.head or "one_pass", cache_dtype=args.cache_dtype)
+                groups=parse_groups(args.groups), head=args.head or "one_pass", cache_dtype=args.cache_dtype,
+                cache_attention=args.cache_attention)
 
 
 def _common(args):
@@ -266,7 +269,8 @@ def run_plan(args) -> int:
                              f"{target.name} has {len(devices)}")
         programs = compile_decode(cfg, devices, batch=args.batch, block_size=block, context=args.context,
                                   max_new_tokens=args.max_new_tokens, cache_page=args.cache_page,
-                                  head=args.head or "one_pass", mesh_shape=shape, cache_dtype=args.cache_dtype)
+                                  head=args.head or "one_pass", mesh_shape=shape, cache_dtype=args.cache_dtype,
+                                  cache_attention=args.cache_attention)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     summary = plan_summary(cfg, programs, target=target.name, batch=args.batch, block_size=block,

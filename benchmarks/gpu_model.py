@@ -31,10 +31,8 @@ if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmar
 
 from benchmarks import cli  # noqa: E402
 
-# The paper's decode results (arXiv 2511.08923, Table 2 / §4.3): tokens per forward (NFE) and wall-clock speedup
-# over AR at B=16 (1.5B: T/NFE 7.45, 4.71x; 8B: T/NFE 8.25, 5.91x).
-PAPER = {"qwen2.5-1.5b": {"tokens_per_nfe": 7.45, "speedup": 4.71},
-         "qwen3-8b": {"tokens_per_nfe": 8.25, "speedup": 5.91}}
+from tidar_jax.presets import PAPER_DECODE as PAPER  # noqa: E402 -- jax-free: the paper's T/NFE and speedups
+
 TRAIN_CONFIGS = {"qwen2.5-1.5b": "configs/qwen2.5-1.5b-tidar.yaml", "qwen3-8b": "configs/qwen3-8b-tidar.yaml"}
 CHIPS_ESTIMATED = ("h100", "h200")
 

@@ -1,4 +1,4 @@
-"""The accelerator evidence suite (benchmarks/accelerator.py).
+"""The accelerator evidence suite (benchmarks/accelerator/).
 
 * ``--smoke`` runs every section end to end on CPU with grain made unimportable (the accelerator image has no
   grain), writes every documented field, and greedy lossless TiDAR equals our AR decode row for row;
@@ -278,7 +278,7 @@ def test_tiny_budget_records_sections_as_skipped(tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator.py"), "--smoke", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator"), "--smoke", "--out", str(tmp_path),
                            "--sections", "bogus"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     err = user_lines(proc.stderr)

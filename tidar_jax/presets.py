@@ -13,14 +13,25 @@ from typing import Any
 
 from tidar_jax.config import QWEN_MASK_TOKEN_ID
 
-# The architectures TiDAR was trained from (arXiv 2511.08923 §4.1): Qwen2.5-1.5B and Qwen3-8B.
+# The architectures TiDAR was trained from (arXiv 2511.08923 §4.1): Qwen2.5-1.5B and Qwen3-8B; and Qwen2.5-0.5B,
+# the smallest real shape the benchmarks time.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(family="qwen2", vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, mlp_size=4864, qkv_bias=True, tie_embeddings=True,
+                         rope_theta=1e6, rms_eps=1e-6, block_size=16, mask_token_id=QWEN_MASK_TOKEN_ID),
     "qwen2.5-1.5b": dict(family="qwen2", vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12,
                          num_kv_heads=2, mlp_size=8960, qkv_bias=True, tie_embeddings=True, rope_theta=1e6,
                          rms_eps=1e-6, block_size=16, mask_token_id=QWEN_MASK_TOKEN_ID),
     "qwen3-8b": dict(family="qwen3", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
-                     num_kv_heads=8, head_dim=128, mlp_size=12288, qk_norm=True, tie_embeddings=False, rope_theta=1e6,
-                     rms_eps=1e-6, block_size=16, mask_token_id=QWEN_MASK_TOKEN_ID),
+                     num_kv_heads=8, head_dim=128, mlp_size=12288, qk_norm=True, tie_embeddings=False,
+                     rope_theta=1e6, rms_eps=1e-6, block_size=16, mask_token_id=QWEN_MASK_TOKEN_ID),
+}
+
+# The paper's decode results for those shapes (arXiv 2511.08923 Table 2 / §4.2): tokens per forward (T/NFE) at
+# B=16 and the measured tokens/s speedup over the AR base model, batch 1.
+PAPER_DECODE: dict[str, dict[str, Any]] = {
+    "qwen2.5-1.5b": {"tokens_per_nfe": 7.45, "speedup": 4.71, "block_size": 16, "paper_model": "TiDAR 1.5B"},
+    "qwen3-8b": {"tokens_per_nfe": 8.25, "speedup": 5.91, "block_size": 16, "paper_model": "TiDAR 8B"},
 }
 
 # Random-init models used by the benchmarks when no checkpoint is given. "m38" is the 38.7M-parameter model of

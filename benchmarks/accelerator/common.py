@@ -1,0 +1,342 @@
+"""The accelerator suite's shared pieces: sizes, budget, the figures (pure functions, checked by
+tests/test_accelerator.py), device helpers, random models; and the cost model's estimate of a compiled program
+(recorded beside every measurement)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable
+
+from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import bench_common as bc  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tidar_jax import masks  # noqa: E402
+from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
+from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax.presets import MODEL_SHAPES, PAPER_DECODE  # noqa: E402
+
+
+SCHEMA_VERSION = 1
+from benchmarks.accelerator.options import SECTIONS  # noqa: E402,F401
+# share of the budget still unspent that a section may use (divided by the shares of it and the sections after it)
+SHARES = {"trained_speedup": 0.50, "free_slots": 0.25, "roofline": 0.08, "train_throughput": 0.17}
+RESERVE_S = 10.0  # kept back for the final JSON, markdown and plots
+
+# Real shapes (config.json of each base model; owned by tidar_jax.presets). The models are random-init: timing does
+# not depend on the weights.
+QWEN_SHAPES: dict[str, dict[str, Any]] = {name: MODEL_SHAPES[name] for name in ("qwen2.5-0.5b", "qwen2.5-1.5b",
+                                                                                 "qwen3-8b")}
+# --smoke stand-ins: same families (bias / qk-norm / untied head), tiny widths, so nothing Qwen-sized is compiled
+SMOKE_SHAPES: dict[str, dict[str, Any]] = {
+    name: {**shape, "vocab_size": 256, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+           "head_dim": 16, "mlp_size": 64}
+    for name, shape in QWEN_SHAPES.items()}
+
+# The paper's headline decode results (owned by tidar_jax.presets): T/NFE at B=16 and the measured speedup, batch 1.
+PAPER = PAPER_DECODE
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets; first substring match wins, so specific names first).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H800", 989.4e12), ("GH200", 989.4e12),
+    ("A100", 312e12), ("L40S", 362e12), ("TPU v6 lite", 918e12), ("TPU v6", 918e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+)
+PEAK_SOURCE = ("vendor datasheet dense bf16 (NVIDIA H100/H200 SXM 989.4, H100 PCIe 756, A100 312, L40S 362; "
+               "Google TPU v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s); None for CPUs and unknown kinds")
+ATTENTION_KERNELS = ("reference", "blockwise", "splash", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Every size the suite uses; ``DEVICE`` for an accelerator run, ``SMOKE`` for the CPU test."""
+
+    # 1. trained model
+    train_model: dict
+    train_seq: int
+    train_batch: int
+    train_block: int
+    train_dtype: str
+    train_lr: float
+    train_wall_cap_s: float  # at most this much training (the rest of the section decodes)
+    train_max_steps: int
+    eval_windows: int
+    decode_blocks: tuple
+    decode_batches: tuple
+    prompt_len: int
+    new_tokens: int
+    decode_rounds: int
+    # 2./3. random real-shape models
+    shapes: dict
+    slot_contexts: tuple
+    slot_batches: tuple
+    slot_max_query: int
+    slot_blocks: tuple
+    slot_rounds: int
+    copy_bytes: int
+    loop_prompt_len: int
+    loop_new_tokens: int
+    loop_models: int  # how many of the shapes (in priority order) get the whole-decode-loop measurement
+    # 4. train throughput
+    tp_model: str
+    tp_seq: int
+    tp_batch: int
+    tp_layers: tuple  # depths timed; the full-depth figure is extrapolated linearly when the deepest < full
+    tp_rounds: int
+    tp_remat: bool  # the 1.5B recipe's remat; off in --smoke only (it doubles the tiny step's compile time)
+    tp_max_kernels: int  # kernels measured (in ATTENTION_KERNELS order); --smoke: 1, the rest recorded as skipped
+    min_section_s: float
+
+
+DEVICE = Sizes(
+    train_model=dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, mlp_size=2048,
+                     family="qwen2", qkv_bias=True),
+    train_seq=1024, train_batch=8, train_block=8, train_dtype="bfloat16", train_lr=6e-4, train_wall_cap_s=180.0,
+    train_max_steps=1_000_000, eval_windows=32, decode_blocks=(4, 8), decode_batches=(1, 4, 16), prompt_len=256,
+    new_tokens=128, decode_rounds=3,
+    shapes=QWEN_SHAPES, slot_contexts=(1024, 4096), slot_batches=(1, 8), slot_max_query=512, slot_blocks=(4, 8, 16),
+    slot_rounds=10, copy_bytes=2 << 30, loop_prompt_len=64, loop_new_tokens=256, loop_models=3,
+    tp_model="qwen2.5-1.5b", tp_seq=4096, tp_batch=16, tp_layers=(1, 2), tp_rounds=3, tp_remat=True, tp_max_kernels=len(ATTENTION_KERNELS),
+    min_section_s=15.0)
+
+SMOKE = Sizes(
+    train_model=dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_size=64, family="qwen2",
+                     qkv_bias=True),
+    train_seq=32, train_batch=4, train_block=4, train_dtype="float32", train_lr=3e-3, train_wall_cap_s=5.0,
+    train_max_steps=30, eval_windows=4, decode_blocks=(4,), decode_batches=(2,), prompt_len=12, new_tokens=8,
+    decode_rounds=1,
+    shapes=SMOKE_SHAPES, slot_contexts=(8,), slot_batches=(1,), slot_max_query=1, slot_blocks=(16,),
+    slot_rounds=2, copy_bytes=4 << 20, loop_prompt_len=8, loop_new_tokens=6, loop_models=1,
+    tp_model="qwen2.5-1.5b", tp_seq=16, tp_batch=2, tp_layers=(1,), tp_rounds=1, tp_remat=False, tp_max_kernels=1,
+    min_section_s=0.0)
+
+
+class SectionSkipped(Exception):
+    """A section (or the part of it that matters) does not fit its budget or is unsupported here."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Budget
+# ------------------------------------------------------------------------------------------------------------
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+
+def section_allowance(remaining_s: float, name: str, order: tuple) -> float:
+    """The share of the unspent budget a section may use: its share over the shares of it and those after it."""
+    later = order[order.index(name):]
+    return remaining_s * SHARES[name] / sum(SHARES[s] for s in later)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Figures (pure functions: tests/test_accelerator.py checks them against independent calculations)
+# ------------------------------------------------------------------------------------------------------------
+
+def peak_flops(device_kind: str | None) -> float | None:
+    if not device_kind:
+        return None
+    for needle, flops in PEAK_BF16_FLOPS:
+        if needle.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def projected_speedup(tokens_per_nfe: float, ar_step_s: float, tidar_step_s: float) -> float:
+    """Decode speedup if every step accepts ``tokens_per_nfe`` tokens: tokens per step / relative step cost."""
+    return tokens_per_nfe * ar_step_s / tidar_step_s
+
+
+def weight_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
+    """Parameter bytes one AR step reads: every weight, except that an untied input embedding gives one row."""
+    total = cfg.num_params * itemsize
+    if not cfg.tie_embeddings:
+        total -= (cfg.vocab_size - 1) * cfg.hidden_size * itemsize
+    return int(total)
+
+
+def kv_bytes(cfg: ModelConfig, slots: int, itemsize: int) -> int:
+    """K and V bytes of ``slots`` cache slots over all layers (what one step's attention reads)."""
+    return int(2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim * itemsize)
+
+
+def visible_pairs(seq_len: int, block_size: int, objective: str) -> int:
+    """(query, key) pairs the training mask allows: causal S(S+1)/2 (AR), plus for TiDAR each mask block of B
+    rows seeing its own B masks and the b*B clean tokens before it."""
+    causal = seq_len * (seq_len + 1) // 2
+    if objective == "ar":
+        return causal
+    blocks = seq_len // block_size
+    return causal + seq_len * block_size + block_size * block_size * blocks * (blocks - 1) // 2
+
+
+def train_step_flops(cfg: ModelConfig, seq_len: int, batch: int, objective: str) -> int:
+    """Model FLOPs of one train step (forward + backward = 3 x forward; remat recomputation not counted):
+    2 per multiply-add of every matmul weight for every token through the model (2S for TiDAR, S for AR; the LM
+    head on all of them), plus 4 * heads * head_dim per visible (query, key) pair and layer (QK^T and PV)."""
+    tokens = 2 * seq_len if objective == "tidar" else seq_len
+    d, hd = cfg.hidden_size, cfg.head_dim
+    layer_matmul = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * cfg.mlp_size
+    matmul = 2 * batch * tokens * (cfg.num_layers * layer_matmul + d * cfg.vocab_size)
+    attention = 4 * batch * cfg.num_layers * cfg.num_heads * hd * visible_pairs(seq_len, cfg.block_size, objective)
+    return int(3 * (matmul + attention))
+
+
+def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
+    return None if not peak or seconds <= 0 else flops / seconds / peak
+
+
+def extrapolate_depth(step_s_by_depth: dict[int, float], full_depth: int) -> dict[str, float | None]:
+    """Linear in depth: step(L) = fixed + L * per_layer, fitted through the two deepest measured depths."""
+    depths = sorted(step_s_by_depth)
+    if full_depth in step_s_by_depth:
+        return {"per_layer_s": None, "fixed_s": None, "full_depth_s": step_s_by_depth[full_depth],
+                "extrapolated": False}
+    if len(depths) < 2:
+        return {"per_layer_s": None, "fixed_s": None, "full_depth_s": None, "extrapolated": True}
+    a, b = depths[-2], depths[-1]
+    per_layer = (step_s_by_depth[b] - step_s_by_depth[a]) / (b - a)
+    fixed = step_s_by_depth[a] - a * per_layer
+    return {"per_layer_s": per_layer, "fixed_s": fixed, "full_depth_s": fixed + full_depth * per_layer,
+            "extrapolated": True}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------------------
+
+def memory_stats() -> dict | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 -- some backends raise instead of returning None
+        return None
+    if not stats:
+        return None
+    return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+def compiled_memory(compiled) -> dict | None:
+    """Argument/output/temp bytes XLA planned for a compiled program (None where the backend does not say)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if m is None:
+        return None
+    out = {}
+    for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+                "generated_code_size_in_bytes"):
+        value = getattr(m, key, None)
+        if value is not None:
+            out[key] = int(value)
+    if {"argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"} <= set(out):
+        out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                              + out["temp_size_in_bytes"] - out.get("alias_size_in_bytes", 0))
+    return out
+
+
+def device_chip():
+    """The ``tidar_jax.targets.CHIPS`` entry of the running device (its description, else its name in the device
+    kind), or None (a CPU, an unknown kind): the cost model has no datasheet for it."""
+    from tidar_jax.targets import CHIPS
+
+    kind = jax.devices()[0].device_kind
+    exact = [c for c in CHIPS.values() if c.description == kind]
+    named = [c for c in CHIPS.values() if c.name.upper() in kind.upper().replace(" ", "")]
+    return (exact or named or [None])[0]
+
+
+def estimate_of(compiled, dynamic_trips: int = 1) -> dict | None:
+    """The cost model's ESTIMATE of one compiled program on the running chip (tidar_jax/compiled/cost_model.py),
+    recorded beside its measurement so that a device run calibrates the model: estimated ms, launches, host round
+    trips and the assumptions. None where the device has no datasheet entry (CPU)."""
+    chip = device_chip()
+    if chip is None:
+        return None
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+
+    try:
+        est = estimate(HloProgram.of(compiled), chip, dynamic_trips)
+    except Exception as e:  # noqa: BLE001 -- an HLO the reader does not know must not lose the measurement
+        return {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+    return {"estimate_ms": est.time_s * 1e3, "launches": est.launches, "host_round_trips": est.host_round_trips,
+            "flops": est.flops, "bytes": est.bytes, "assumptions": est.assumptions.line()}
+
+
+def compile_all(lowered: dict[str, Any], workers: int) -> dict[str, Any]:
+    """``lowered.compile()`` for every program, in threads (XLA compiles outside the GIL). Tracing/lowering stays
+    on the calling thread: nnx graph handling is not meant to run in several threads."""
+    if workers <= 1 or len(lowered) <= 1:
+        return {name: low.compile() for name, low in lowered.items()}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(low.compile) for name, low in lowered.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def compile_workers() -> int:
+    return max(1, min(8, bc.cpu_threads()))
+
+
+def timed_rounds(candidates: dict[str, Callable[[], Any]], rounds: int, deadline: Deadline,
+                 sync=jax.block_until_ready) -> dict[str, list[float]]:
+    """Interleaved timing (one warm-up call each, then round-robin with rotation); stops early at the deadline
+    but always completes at least one timed round."""
+    return bc.interleaved(candidates, rounds, warmup=1, sync=sync, stop=deadline.expired)
+
+
+_SAMPLERS: dict[tuple, Callable] = {}
+HOST_RANDOM_MAX = 1 << 22  # arrays up to this many elements are drawn on the host (no compile at all)
+
+
+def random_array(shape: tuple, dtype, seed: int, scale: float = 1.0) -> jax.Array:
+    """Normal(0, scale) values: drawn with numpy for small arrays, else on the device by one jitted sampler per
+    distinct (shape, dtype) (drawing billions of values on the host would take minutes)."""
+    shape, dtype = tuple(int(d) for d in shape), jnp.dtype(dtype)
+    if math.prod(shape) <= HOST_RANDOM_MAX:
+        values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * scale
+        return jnp.asarray(values.astype(dtype))
+    key = (shape, str(dtype))
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = jax.jit(lambda k, sc: (sc * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return _SAMPLERS[key](jax.random.key(seed), jnp.float32(scale))
+
+
+def random_params(cfg: ModelConfig, seed: int):
+    """``(graphdef, params)`` of a random model (normal(0, 0.02) matrices, unit norm scales and biases) without a
+    whole-model init program, whose compile time grows with depth."""
+    from tidar_jax.model.functional import abstract_model
+
+    graphdef, abstract = abstract_model(cfg)
+    leaves, treedef = jax.tree.flatten(abstract)
+    values = [random_array(leaf.shape, leaf.dtype, seed * 100003 + i, 0.02) if len(leaf.shape) >= 2
+              else jnp.asarray(np.ones(leaf.shape, leaf.dtype)) for i, leaf in enumerate(leaves)]
+    return graphdef, jax.tree.unflatten(treedef, values)
+
+
+def qwen_config(name: str, sizes: Sizes, **overrides) -> ModelConfig:
+    shape = sizes.shapes[name]
+    return ModelConfig(**{**shape, "dtype": "bfloat16", "param_dtype": "bfloat16", "mask_token_id": 1,
+                          "block_size": 16, **overrides})
