@@ -17,12 +17,14 @@ import json
 import os
 import sys
 
+from tidar_jax.cli import OneLineArgumentParser
+
 COLOURS = ("\033[36m", "\033[33m")
 RESET = "\033[0m"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="params checkpoint, training run dir or HF dir (required "
                                                         "unless --plan)")
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight/compute dtype, cast once at load (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                    help="KV-cache dtype (default: the compute dtype)")
+    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "dense"),
+                   help="decode-step cache attention (default auto: fused on GPU, paged elsewhere; docs/decode.md)")
     p.add_argument("--mesh", default=None,
                    help="data=D,fsdp=F,tensor=T: shard params and KV cache over D*F*T devices (default: one)")
     p.add_argument("--groups", default=None,
@@ -97,7 +101,8 @@ def read_prompt(args) -> tuple[str | None, list[int] | None]:
         return args.prompt, None
     if args.prompt_file is not None and args.prompt_file != "-":
         if not os.path.isfile(args.prompt_file):
-            raise SystemExit(f"--prompt-file={args.prompt_file!r}: no such file")
+            what = "is a directory, not a file" if os.path.isdir(args.prompt_file) else "no such file"
+            raise SystemExit(f"--prompt-file={args.prompt_file!r}: {what}")
         with open(args.prompt_file, "rb") as f:
             raw, where = f.read(), args.prompt_file
     elif args.prompt_file == "-" or not sys.stdin.isatty():
@@ -160,7 +165,7 @@ def parse_groups(text):
 
 def load_decoder(args):
     from tidar_jax.decode import Decoder, DecodeError
-    from tidar_jax.checkpoint import CheckpointNotFound, load_for_inference
+    from tidar_jax.loading import CheckpointNotFound, load_for_inference
 
     mesh = None
     if args.mesh is not None:
@@ -175,7 +180,8 @@ def load_decoder(args):
     except CheckpointNotFound as e:
         raise SystemExit(str(e))
     except Exception as e:  # a corrupt or unsupported checkpoint: one line, not a traceback
-        raise SystemExit(f"checkpoint {args.checkpoint!r} could not be loaded: {type(e).__name__}: {e}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # library errors can span lines
+        raise SystemExit(f"checkpoint {args.checkpoint!r} could not be loaded: {type(e).__name__}: {first}")
     try:
         return Decoder.from_bundle(bundle, max_cache_len=args.max_cache_len, dtype=args.dtype, mesh=mesh)
     except DecodeError as e:
@@ -186,7 +192,8 @@ def _option_kwargs(args, mode):
     return dict(mode=mode, block_size=args.block_size, beta=args.beta, slot0=args.slot0,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, allow_untrained_block_size=args.allow_untrained_block_size,
-                groups=parse_groups(args.groups), head=args.head or "one_pass", cache_dtype=args.cache_dtype)
+                groups=parse_groups(args.groups), head=args.head or "one_pass", cache_dtype=args.cache_dtype,
+                cache_attention=args.cache_attention)
 
 
 def _common(args):
@@ -262,7 +269,8 @@ def run_plan(args) -> int:
                              f"{target.name} has {len(devices)}")
         programs = compile_decode(cfg, devices, batch=args.batch, block_size=block, context=args.context,
                                   max_new_tokens=args.max_new_tokens, cache_page=args.cache_page,
-                                  head=args.head or "one_pass", mesh_shape=shape, cache_dtype=args.cache_dtype)
+                                  head=args.head or "one_pass", mesh_shape=shape, cache_dtype=args.cache_dtype,
+                                  cache_attention=args.cache_attention)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     summary = plan_summary(cfg, programs, target=target.name, batch=args.batch, block_size=block,

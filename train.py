@@ -9,14 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tidar_jax.cli import OneLineArgumentParser
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a TiDAR model (or an AR baseline) on a sharded mesh.")
+    p = OneLineArgumentParser(description="Train a TiDAR model (or an AR baseline) on a sharded mesh.")
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset (default: configs/tiny.yaml)")
     p.add_argument("--run-dir", default=None,
                    help="checkpoints, TensorBoard events and the resolved config go here (required unless --plan)")
-    p.add_argument("--steps", type=int, default=None, help="total training steps (overrides train.steps)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--steps", type=int, default=None,
+                   help="total training steps (overrides train.steps; of the last phase for a preset with phases)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config(s) and exit")
+    p.add_argument("--no-phases", action="store_true",
+                   help="ignore the preset's phases: train its base sections alone in one run (for configs/tiny.yaml: "
+                        "TiDAR from scratch instead of AR first, then TiDAR)")
     p.add_argument("--plan", action="store_true",
                    help="compile the train step on abstract inputs over fake CPU devices; print per-device memory "
                         "and FLOPs, and exit (no weights, no data)")
@@ -79,27 +85,38 @@ def main(argv=None) -> int:
         raise SystemExit("error: --run-dir is required (unless --plan or --print-config)")
     from tidar_jax.config import ConfigError
     from tidar_jax.train.config import dump_yaml, load_config
+    from tidar_jax.train.phases import Phase, load_phases
 
     overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
     try:
-        cfg = load_config(args.config, overrides)
+        if args.no_phases:
+            steps = [f"train.steps={args.steps}"] if args.steps is not None else []
+            phases = [Phase(None, args.run_dir, load_config(args.config, overrides + steps))]
+        else:
+            phases = load_phases(args.config, overrides, args.run_dir, steps=args.steps)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
+    if args.print_config:  # one YAML document per phase
+        print("---\n".join((f"# phase '{p.name}' -> {p.run_dir}\n" if p.name else "") + dump_yaml(p.cfg)
+                           for p in phases), end="")
         return 0
-    if args.plan:
-        return _plan(cfg, args)
+    if args.plan:  # the last phase: the TiDAR step whose memory matters
+        return _plan(phases[-1].cfg, args)
 
     from tidar_jax.data import DataError
     from tidar_jax.output_paths import OutputPathError
-    from tidar_jax.train.loop import Preempted, TrainingDiverged, train
+    import jax
+
+    from tidar_jax.train.loop import Preempted, TrainingDiverged
+    from tidar_jax.train.phases import run_phases
     from tidar_jax.train.summary import format_summary
 
+    def report(phase, result):
+        if jax.process_index() == 0:
+            print(format_summary(result, phase.cfg), flush=True)
+
     try:
-        result = train(cfg, args.run_dir)
+        run_phases(phases, report=report)
     except (ConfigError, DataError, OutputPathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     except TrainingDiverged as e:
@@ -107,10 +124,6 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
         return 128 + e.signum
-    import jax
-
-    if jax.process_index() == 0:
-        print(format_summary(result, cfg), flush=True)
     return 0
 
 

@@ -200,7 +200,7 @@ def random_bundle(preset: str, seed: int = 0, **overrides) -> InferenceBundle:
 def load_model(checkpoint: str | None, preset: str, seed: int = 0) -> tuple[InferenceBundle, bool]:
     """``(bundle, trained)``: the checkpoint when given, else a random-init preset (``trained`` False)."""
     if checkpoint:
-        from tidar_jax.checkpoint import CheckpointNotFound, load_for_inference
+        from tidar_jax.loading import CheckpointNotFound, load_for_inference
         try:
             return load_for_inference(checkpoint), True
         except (CheckpointNotFound, FileNotFoundError) as e:

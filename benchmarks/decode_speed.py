@@ -97,7 +97,7 @@ def load(args):
     from tidar_jax.decode import Decoder
 
     if args.checkpoint:
-        from tidar_jax.checkpoint import load_for_inference
+        from tidar_jax.loading import load_for_inference
 
         bundle = load_for_inference(args.checkpoint)
         return Decoder.from_bundle(bundle, max_cache_len=1 << 20), f"checkpoint {os.path.abspath(args.checkpoint)}"

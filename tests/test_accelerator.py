@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 from benchmarks import accelerator as acc  # noqa: E402
+from cli_output import user_lines
 
 # The documented schema (docs/benchmarks.md, "Accelerator evidence suite"): every key must be present in --smoke.
 TOP_FIELDS = ["schema_version", "suite", "smoke", "command", "argv", "budget_s", "elapsed_s", "machine", "sizes",
@@ -280,7 +281,7 @@ def test_bad_input_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator"), "--smoke", "--out", str(tmp_path),
                            "--sections", "bogus"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
+    err = user_lines(proc.stderr)
     assert len(err) == 1 and "--sections='bogus'" in err[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "accelerator.json").exists()
 

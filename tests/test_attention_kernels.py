@@ -173,7 +173,7 @@ def test_config_field_validates_and_defaults():
 
 def test_resolve_per_backend():
     assert attention.resolve("auto", "cpu") == "blockwise"
-    assert attention.resolve("auto", "gpu") == "blockwise"
+    assert attention.resolve("auto", "gpu") == "pallas_gpu"
     assert attention.resolve("auto", "tpu") in ("splash", "blockwise")
     assert attention.resolve("reference") == "reference"
 
@@ -376,7 +376,7 @@ def test_cudnn_equals_reference_bf16_on_gpu(make, n, tile):
 
 def test_unavailable_kernels_fail_with_one_line():
     assert attention.resolve("auto", "tpu") == "splash"
-    assert attention.resolve("auto", "gpu") == "blockwise"
+    assert attention.resolve("auto", "gpu") == "pallas_gpu"
     assert attention.resolve("splash", "tpu") == "splash"
     assert attention.resolve("cudnn", "gpu") == "cudnn"
     with pytest.raises(ConfigError, match=r"^model.attention='splash' needs a TPU \(backend is cpu\)"):

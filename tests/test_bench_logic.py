@@ -22,6 +22,7 @@ from benchmarks import vs_transformers as vt
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.model import KVCache, causal_mask
+from cli_output import user_lines
 
 
 def test_interleaved_calls_each_candidate_every_round_in_rotated_order():
@@ -198,6 +199,28 @@ def test_distinct_ngram_fraction_flags_loops():
     assert fidelity.variants([8, 4])[0] == {"name": "ar", "objective": "ar", "block_size": 4}
 
 
+def test_fidelity_recipe_splits_the_flops_budget():
+    """A recipe variant spends its split of the budget on AR steps and the rest on TiDAR steps: every variant's
+    training FLOPs equal the reference's to within one step."""
+    import argparse
+
+    from benchmarks import fidelity
+
+    args = argparse.Namespace(config=os.path.join(fidelity.ROOT, "configs", "tiny.yaml"), set=[], seeds=[0],
+                              steps=100, budget="flops")
+    plan = fidelity.variants([4, 8], ["paper"], [0.5, 0.8])
+    assert [v["name"] for v in plan] == ["ar", "tidar_b4", "tidar_b8", "recipe_b4_ar50", "recipe_b8_ar50",
+                                         "recipe_b4_ar80", "recipe_b8_ar80"]
+    fidelity.assign_steps(args, plan)
+    budget = plan[1]["train_flops"]
+    ar_step = plan[0]["flops_per_step"]
+    for v in plan:
+        assert abs(v["train_flops"] - budget) <= max(v["flops_per_step"], ar_step) / 2 + 1, v["name"]
+        if "split" in v:
+            assert v["ar_steps"] * ar_step == pytest.approx(v["split"] * budget, abs=ar_step)
+    assert plan[0]["steps"] > 2 * plan[1]["steps"] * 0.9  # AR steps run S tokens, TiDAR 2S
+
+
 def test_shared_options_are_declared_once_and_changed_only_in_default_or_help():
     import argparse
 
@@ -246,5 +269,5 @@ def test_a_benchmark_runs_as_a_file_from_anywhere_and_as_a_module(tmp_path, as_m
     cmd = ["-m", "benchmarks.prepare"] if as_module else [os.path.join(root, "benchmarks", "prepare.py")]
     proc = subprocess.run([sys.executable, *cmd, "--mb", "0", "--out", str(tmp_path)], cwd=root if as_module
                           else tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stderr.strip() == "error: --mb=0: must be an integer >= 1", proc.stderr
+    assert proc.returncode != 0 and user_lines(proc.stderr) == ["error: --mb=0: must be an integer >= 1"], proc.stderr
     assert os.listdir(tmp_path) == []

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_output import user_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -101,7 +102,7 @@ def test_run_all_tiny_writes_summary(tmp_path):
 def test_bad_input_is_one_line_and_nonzero(script, args, needle, tmp_path):
     proc = run(script, *args, "--out", tmp_path, check=False)
     assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
+    err = user_lines(proc.stderr)
     assert len(err) == 1 and needle in err[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -110,18 +111,21 @@ def test_fidelity_tiny(tmp_path):
     small = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
              "model.mlp_size=64", "data.seq_len=32", "data.global_batch=2", "data.eval_batches=1",
              "data.eval_batch_size=2"]
-    args = ["--steps", 2, "--budget", "steps", "--options", "paper", "--blocks", "2,4", "--runs-dir",
-            tmp_path / "runs", "--out", tmp_path,
+    args = ["--steps", 2, "--budget", "flops", "--options", "paper", "--blocks", "4", "--splits", "0.5",
+            "--seeds", "0", "--runs-dir", tmp_path / "runs", "--out", tmp_path,
             "--eval-seq-len", 32, "--eval-batch", 2, "--eval-batches", 1, "--prompts", 2, "--prompt-len", 8,
-            "--new-tokens", 6]
+            "--new-tokens", 6, "--short-prompts", 2]
     for s in small:
         args += ["--set", s]
     run("fidelity.py", *args)
     res = json.loads((tmp_path / "fidelity.json").read_text())
-    assert [r["name"] for r in res["runs"]] == ["ar", "tidar_b2", "tidar_b4"]
+    assert [r["name"] for r in res["runs"]] == ["ar", "tidar_b4", "recipe_b4_ar50"]
     assert [r["objective"] for r in res["runs"]] == ["ar", "tidar", "tidar"]
+    recipe = res["runs"][2]
+    assert recipe["ar_phase"]["run_dir"].endswith("ar50_s0") and recipe["ar_steps"] >= 1
     for r in res["runs"]:
-        assert r["step"] == 2 and r["heldout"]["tokens"] == 2 * 31
+        assert r["heldout"]["tokens"] == 2 * 31
         assert r["heldout"]["ar_loss"] > 0 and 1.0 <= r["decode"]["tokens_per_nfe"] <= r["decode"]["block_size"]
+        assert len(r["decode_short"]["slot_acceptance"]) == r["block_size"] - 1
     assert res["runs"][0]["ar_loss_minus_ar_only"] == 0.0
-    assert "| tidar_b4 | tidar | 4 / 4 |" in (tmp_path / "fidelity.md").read_text()
+    assert "| recipe_b4_ar50 | 4 |" in (tmp_path / "fidelity.md").read_text()

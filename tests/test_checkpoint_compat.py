@@ -26,7 +26,7 @@ def _flat(state) -> dict:
 
 @pytest.mark.parametrize("path", [RUN_V1, os.path.join(RUN_V1, "checkpoints", "2"), PARAMS_V1])
 def test_v1_checkpoint_loads_for_inference(path):
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
 
     bundle = load_for_inference(path)
     expected = np.load(EXPECTED)

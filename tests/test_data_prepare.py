@@ -11,6 +11,7 @@ import pytest
 from tidar_jax.data import DataError, load_manifest, load_tokenizer, prepare_corpus, token_dtype
 from tidar_jax.data import corpus as corpus_mod
 from tidar_jax.data import prepare as prepare_cli
+from cli_output import user_lines
 
 VOCAB = 300  # tiny BPE: fast to train, still exercises merges
 
@@ -299,7 +300,7 @@ def test_cli_summary_and_error_exit(tmp_path, corpus_root, capsys):
                            "--source", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"error: source '{tmp_path / 'nope'}' does not exist "
+    assert user_lines(proc.stderr) == [f"error: source '{tmp_path / 'nope'}' does not exist "
                                                 "(give a directory, glob, text file or .jsonl file)"]
 
 

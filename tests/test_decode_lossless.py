@@ -6,10 +6,13 @@ EOS inside an accepted block are all exercised; a random model covers the (nearl
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import pytest
 
 from test_decode_support import pattern_prompts, random_tiny, trained_decoder
+from tidar_jax.attention import pallas_gpu
 from tidar_jax.decode import Decoder
 
 MAX_NEW = 24
@@ -33,14 +36,17 @@ def _check_equal(dec, prompts, block, eos_token_id=None, max_new=MAX_NEW):
 # "auto" is the blockwise kernel on CPU; the reference kernel is checked once by default.
 @pytest.mark.parametrize("block,lengths,attention", [
     (1, [5, 2, 9, 4], "auto"), (2, [3, 9, 1, 6], "auto"), (4, [2, 7, 4, 12], "auto"), (8, [6, 1, 11, 3], "auto"),
-    (4, [2, 7, 4, 12], "reference")] + [
+    (4, [2, 7, 4, 12], "reference"),
+    # the Pallas GPU kernel in the Pallas interpreter (it runs the prefill; decode steps read the cache in pages)
+    pytest.param(4, [2, 7, 4, 12], "pallas_gpu", marks=pytest.mark.slow)] + [
     pytest.param(b, ls, "auto", marks=pytest.mark.slow)
     for b, ls in [(1, [5]), (2, [3, 9]), (4, [2, 7, 4]), (8, [13])]])
 def test_greedy_tidar_equals_greedy_ar(block, lengths, attention):
     # the default-kernel call shares its cached Decoder (and compiled programs) with the other decode tests
     dec = trained_decoder("float64") if attention == "auto" else trained_decoder("float64", attention)
     prompts = pattern_prompts(lengths, seed=block)
-    ar, td = _check_equal(dec, prompts, block)
+    with pallas_gpu.interpreting() if attention == "pallas_gpu" else contextlib.nullcontext():
+        ar, td = _check_equal(dec, prompts, block)
     assert all(len(t) == MAX_NEW for t in td.tokens)  # max_new_tokens is exact
     hist = {int(k): c for k, c in td.stats["accepted_length_hist"].items()}
     if block > 1:

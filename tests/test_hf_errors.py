@@ -14,6 +14,7 @@ import pytest
 from test_hf_support import MASK_ID, hf_model, save_hf_dir
 from tidar_jax.convert import main
 from tidar_jax.hf import HFFormatError, export_hf, load_hf_dir
+from cli_output import user_lines
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,6 @@ def test_cli_process_exit_code_and_single_line(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = user_lines(proc.stderr)
     assert lines == [f"error: {tmp_path / 'missing'}: not a directory"], proc.stderr
     assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "out")

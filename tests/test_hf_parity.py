@@ -88,11 +88,18 @@ def test_training_layout_matches(layout_pair):
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
-def test_training_layout_matches_with_blockwise_kernel(layout_pair):
-    """The same packed training layout passed as a layout object to the blockwise kernel matches HF too."""
+@pytest.mark.parametrize("kernel", ["blockwise", "pallas_gpu"])
+def test_training_layout_matches_with_layout_kernels(layout_pair, kernel):
+    """The same packed training layout passed as a layout object to the blockwise kernel (and to the Pallas GPU
+    kernel, in the Pallas interpreter) matches HF too."""
+    import contextlib
+
+    from tidar_jax.attention import pallas_gpu
     from tidar_jax.model import abstract_model
 
     model, (cfg, _, state) = layout_pair
+    if kernel == "pallas_gpu" and cfg.family != "qwen3":
+        pytest.skip("pallas_gpu (interpreted, ~5 s) on one family: the kernel does not depend on the family")
     s, b = 8, 4
     rng = np.random.RandomState(2)
     tokens_NS = rng.randint(0, VOCAB, (2, s))
@@ -100,8 +107,9 @@ def test_training_layout_matches_with_blockwise_kernel(layout_pair):
     full_N2S = np.concatenate([tokens_NS, np.full_like(tokens_NS, MASK_ID)], axis=1)
     pos_N2S = np.asarray(masks.training_positions(s, seg_NS))
     ref = hf_logits(model, full_N2S, pos_N2S, np.asarray(masks.training_mask(s, b, seg_NS)))
-    graphdef_bw, _ = abstract_model(cfg.replace(attention="blockwise"))
-    got = our_logits(cfg, state, full_N2S, pos_N2S, masks.training_layout(s, b, seg_NS), graphdef=graphdef_bw)
+    graphdef_k, _ = abstract_model(cfg.replace(attention=kernel))
+    with pallas_gpu.interpreting() if kernel == "pallas_gpu" else contextlib.nullcontext():
+        got = our_logits(cfg, state, full_N2S, pos_N2S, masks.training_layout(s, b, seg_NS), graphdef=graphdef_k)
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 

@@ -188,7 +188,7 @@ def test_mask_token_policy(tmp_path):
 
 def test_cli_import_then_export(tmp_path):
     from tidar_jax.convert import main
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.loading import load_for_inference
     from tidar_jax.checkpoint.params import is_params_dir
 
     src = hf_model("qwen2", True, seed=13)

@@ -1,5 +1,7 @@
 """Model invariants: masks never leak, the decode layout's draft rows are a plain causal forward, meshes agree."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from tidar_jax import masks
+from tidar_jax.attention import pallas_gpu
 from tidar_jax.config import ModelConfig
 from tidar_jax.model import KVCache, causal_mask, create_sharded, init_model, split
 from tidar_jax.model import apply as _apply
@@ -57,15 +60,21 @@ def test_training_layout_clean_half_equals_causal_forward(family):
         np.testing.assert_allclose(np.asarray(logits[:, :S]), np.asarray(causal), rtol=0, atol=1e-12)
 
 
+def _kernel_context(kernel):
+    """The GPU kernel runs in the Pallas interpreter here."""
+    return pallas_gpu.interpreting() if kernel == "pallas_gpu" else contextlib.nullcontext()
+
+
 def _training_mask_for(kernel, S, B):
     """The dense mask for the reference kernel, the layout object for any other kernel."""
     return masks.training_mask(S, B)[None] if kernel == "reference" else masks.training_layout(S, B)
 
 
-# every family with the reference kernel (dense mask); the blockwise kernel (layout object) once
-@pytest.mark.parametrize("family,kernel", [(f, "reference") for f in sorted(FAMILIES)] + [("qwen3", "blockwise")])
+# every family with the reference kernel (dense mask); the blockwise and pallas_gpu kernels (layout object) once
+@pytest.mark.parametrize("family,kernel", [(f, "reference") for f in sorted(FAMILIES)] +
+                         [("qwen3", "blockwise"), pytest.param("qwen3", "pallas_gpu", marks=pytest.mark.slow)])
 def test_mask_block_ignores_future_clean_tokens(family, kernel):
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), _kernel_context(kernel):
         cfg = tiny(**FAMILIES[family], attention=kernel)
         graphdef, state = model_fn(cfg, seed=4)
         S, B = 12, 4
@@ -85,9 +94,10 @@ def test_mask_block_ignores_future_clean_tokens(family, kernel):
                 assert not np.allclose(np.asarray(out[:, S + (b + 1) * B:]), np.asarray(ref[:, S + (b + 1) * B:]))
 
 
-@pytest.mark.parametrize("kernel", ["reference", "blockwise"])
+# pallas_gpu (Pallas interpreter, ~20 s) with -m slow; the default suite runs it on the prefill layout below
+@pytest.mark.parametrize("kernel", ["reference", "blockwise", pytest.param("pallas_gpu", marks=pytest.mark.slow)])
 def test_mask_block_does_not_see_other_mask_blocks(kernel):
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), _kernel_context(kernel):
         cfg = tiny(attention=kernel)
         graphdef, state = model_fn(cfg, seed=6)
         S, B = 8, 4
@@ -138,9 +148,9 @@ def test_decode_layout_draft_rows_equal_causal_forward(B, kernel):
                                        rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "blockwise"])
+@pytest.mark.parametrize("kernel", ["reference", "blockwise", "pallas_gpu"])
 def test_prefill_layout_prompt_rows_equal_causal_forward(kernel):
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), _kernel_context(kernel):
         cfg = tiny(attention=kernel)
         graphdef, state = model_fn(cfg, seed=10)
         P, B = 8, 4

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.checkpoint import CheckpointMeta, CheckpointNotFound, load_for_inference
+from tidar_jax.checkpoint import CheckpointMeta
+from tidar_jax.loading import CheckpointNotFound, load_for_inference
 from tidar_jax.model import init_model, split
 from tidar_jax.checkpoint.params import load_params, save_params
 from tidar_jax.sharding import make_mesh

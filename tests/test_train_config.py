@@ -9,6 +9,7 @@ import yaml
 
 from tidar_jax.config import ConfigError
 from tidar_jax.train.config import TrainConfig, dump_yaml, from_dict, load_config
+from cli_output import user_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ["tiny", "qwen2.5-1.5b-tidar", "qwen3-8b-tidar"]
@@ -77,7 +78,7 @@ def test_cli_bad_override_exits_nonzero_with_one_line(tmp_path):
                         os.path.join(REPO, "configs", "tiny.yaml"), "--run-dir", str(tmp_path / "r"), "optim.lr=x"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["error: optim.lr='x': must be a number"]
+    assert user_lines(r.stderr) == ["error: optim.lr='x': must be a number"]
     assert not (tmp_path / "r").exists()
 
 
@@ -87,4 +88,5 @@ def test_cli_print_config_applies_steps_flag():
                         "--print-config"], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0, r.stderr
-    assert yaml.safe_load(r.stdout)["train"]["steps"] == 5
+    docs = list(yaml.safe_load_all(r.stdout))  # one per phase of the recipe: --steps sets the last (TiDAR) one's
+    assert [d["train"]["objective"] for d in docs] == ["ar", "tidar"] and docs[-1]["train"]["steps"] == 5

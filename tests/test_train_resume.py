@@ -103,8 +103,8 @@ def test_tensorboard_events_are_readable(reference):
 
 
 def _train_cmd(data_dir, run_dir):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny.yaml"),
-            "--run-dir", run_dir, *_overrides(data_dir)]
+    return [sys.executable, os.path.join(REPO, "train.py"), "--no-phases", "--config",
+            os.path.join(REPO, "configs", "tiny.yaml"), "--run-dir", run_dir, *_overrides(data_dir)]
 
 
 @pytest.mark.slow  # two train.py subprocesses: ~40 s on an idle 2-core machine, minutes when it is busy

@@ -7,7 +7,7 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 # attention kernels (tidar_jax.attention); "auto" picks per backend: blockwise on CPU/GPU, splash on TPU
-ATTENTION_KERNELS = ("auto", "reference", "blockwise", "splash", "cudnn")
+ATTENTION_KERNELS = ("auto", "reference", "blockwise", "splash", "cudnn", "pallas_gpu")
 
 
 QWEN_MASK_TOKEN_ID = 151662  # <|fim_pad|> in the Qwen2.5/Qwen3 tokenizers, what the released TiDAR code uses

@@ -2,12 +2,13 @@
 
     python -m tidar_jax.convert import-hf HF_DIR OUT [--mask-token-id N | --add-mask-token] [--block-size B]
                                                      [--dtype float32|bfloat16|float16]
-    python -m tidar_jax.convert export-hf CHECKPOINT OUT_DIR [--dtype ...] [--max-shard-size 5GB]
+    python -m tidar_jax.convert export-hf CHECKPOINT OUT_DIR [--dtype ...] [--max-shard-size 5GB] [--for sglang-tidar]
 
 ``import-hf`` writes a params checkpoint (``tidar_jax.checkpoint.params``) that ``train.py`` can start from and
 ``decode.py`` can load. ``export-hf`` takes a run dir, a step checkpoint or a params checkpoint and writes an HF
-directory loadable by ``transformers.AutoModelForCausalLM.from_pretrained``. Bad input exits non-zero with one
-line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
+directory loadable by ``transformers.AutoModelForCausalLM.from_pretrained``; ``--for sglang-tidar`` writes the
+directory the authors' SGLang TiDAR server loads (``tidar_jax.hf.sglang_tidar``, docs/hf.md), with a README that
+gives the server command line. Bad input exits non-zero with one line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+
+from tidar_jax.cli import OneLineArgumentParser
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "KIB": 1024, "MIB": 1024 ** 2,
                "GIB": 1024 ** 3}
@@ -30,7 +33,7 @@ def parse_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tidar_jax.convert", description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="python -m tidar_jax.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="Hugging Face dir -> params checkpoint")
     imp.add_argument("hf_dir")
@@ -47,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-hf", help="run dir / checkpoint dir -> Hugging Face dir")
     exp.add_argument("checkpoint")
     exp.add_argument("out_dir")
-    exp.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype written (default: the params')")
+    exp.add_argument("--dtype", choices=_DTYPES, default=None,
+                     help="dtype written (default: the params'; bfloat16 with --for sglang-tidar)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    exp.add_argument("--for", dest="target", choices=("sglang-tidar",), default=None,
+                     help="serving stack to write for: sglang-tidar = the authors' SGLang TiDAR server "
+                          "(Qwen2/Qwen3 only, mask token 151662); default: a plain transformers directory")
     return p
 
 
@@ -71,27 +78,77 @@ def import_hf(hf_dir: str, out: str, mask_token_id=None, add_mask_token=False, b
     return save_params(out, meta, bundle.params, tokenizer=bundle.tokenizer)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes=None) -> str:
-    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference, read_meta
+def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes=None, target=None) -> str:
+    from tidar_jax.checkpoint import read_meta
     from tidar_jax.hf import export_hf
+    from tidar_jax.hf import sglang_tidar
     from tidar_jax.hf.export import DEFAULT_MAX_SHARD_BYTES
+    from tidar_jax.loading import checkpoint_kind
     from tidar_jax.output_paths import check_new_dir
 
+    if target not in (None, sglang_tidar.TARGET):
+        raise ValueError(f"--for {target!r}: expected {sglang_tidar.TARGET}")
     check_new_dir(out_dir)
-    bundle = load_for_inference(checkpoint)
-    hf_fields = (read_meta(checkpoint).hf or {}) if checkpoint_kind(checkpoint) == "params" else {}
+    kind = checkpoint_kind(checkpoint)
+    if target == sglang_tidar.TARGET and kind != "hf":  # refused before the weights are read
+        sglang_tidar.check_servable(*_record(checkpoint, kind))
+    bundle = _load_bundle(checkpoint)
+    hf_fields = (read_meta(checkpoint).hf or {}) if kind == "params" else {}
     eos = hf_fields.get("eos_token_id", bundle.eos_token_id)
+    extra = {}
+    if target == sglang_tidar.TARGET:  # refused before anything is written
+        sglang_tidar.check_servable(bundle.config, bundle.tokenizer)
+        dtype = dtype or sglang_tidar.DEFAULT_DTYPE
+        extra = {"config_extra": sglang_tidar.config_overrides(bundle.config, dtype),
+                 "extra_files": {sglang_tidar.README: sglang_tidar.readme(out_dir, bundle.config, dtype,
+                                                                          bundle.source or checkpoint, eos)}}
     return export_hf(bundle.config, bundle.params, out_dir, tokenizer=bundle.tokenizer, dtype=dtype,
                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, eos_token_id=eos,
                      bos_token_id=hf_fields.get("bos_token_id"),
-                     max_position_embeddings=hf_fields.get("max_position_embeddings"))
+                     max_position_embeddings=hf_fields.get("max_position_embeddings"), **extra)
+
+
+def _load_bundle(checkpoint: str):
+    """``load_for_inference(checkpoint)``; a library error from damaged files (orbax, tensorstore) becomes one
+    line."""
+    from tidar_jax.checkpoint.metadata import DamagedCheckpoint
+    from tidar_jax.config import ConfigError
+    from tidar_jax.hf.keys import HFFormatError
+    from tidar_jax.loading import CheckpointNotFound, load_for_inference
+
+    try:
+        return load_for_inference(checkpoint)
+    except (HFFormatError, ConfigError, DamagedCheckpoint, CheckpointNotFound):
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DamagedCheckpoint(f"checkpoint {checkpoint!r} could not be loaded: {type(e).__name__}: {first}") \
+            from None
+
+
+def _record(checkpoint: str, kind: str):
+    """``(ModelConfig, tokenizer or None)`` of a params checkpoint or run dir, without reading its weights."""
+    import os
+
+    from tidar_jax.checkpoint import read_meta
+    from tidar_jax.checkpoint.params import TOKENIZER
+    from tidar_jax.checkpoint.run import run_and_steps
+
+    directory = checkpoint if kind == "params" else run_and_steps(checkpoint)[0]
+    tok_path = os.path.join(directory, TOKENIZER)
+    tokenizer = None
+    if os.path.isfile(tok_path):
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(tok_path)
+    return read_meta(directory).config, tokenizer
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from tidar_jax.config import ConfigError
-    from tidar_jax.checkpoint import CheckpointNotFound
+    from tidar_jax.loading import CheckpointNotFound
     from tidar_jax.hf.keys import HFFormatError
+    from tidar_jax.checkpoint.metadata import DamagedCheckpoint
     from tidar_jax.output_paths import OutputPathError
 
     try:
@@ -99,8 +156,9 @@ def main(argv=None) -> int:
             out = import_hf(args.hf_dir, args.out, args.mask_token_id, args.add_mask_token, args.block_size,
                             args.dtype)
         else:
-            out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, parse_size(args.max_shard_size))
-    except (HFFormatError, ConfigError, CheckpointNotFound, OutputPathError, FileNotFoundError) as e:
+            out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, parse_size(args.max_shard_size),
+                                    args.target)
+    except (HFFormatError, ConfigError, CheckpointNotFound, OutputPathError, DamagedCheckpoint, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")
     return 0

@@ -268,7 +268,8 @@ class DecodeLayout(_Layout):
     drafts and itself). None = every count 1..B; ``groups=False`` = none (the drafts only, e.g. the AR step's
     single token with B=1). ``cache_page``: 0 = attend over the concatenation ``[cache | current]`` through the
     attention interface; > 0 = read the cache in place, in pages of that many slots, up to the longest live row
-    (``tidar_jax.attention.paged``)."""
+    (``tidar_jax.attention.paged``). ``cache_kernel`` (with ``cache_page > 0``): the in-place kernel, "paged" (pages up
+    to the longest live row) or "fused" (one fixed-shape split-K kernel, ``tidar_jax.attention.fused_cache``)."""
 
     cache_len_N: Any
     block_size: int = _static()
@@ -276,6 +277,7 @@ class DecodeLayout(_Layout):
     groups: bool = _static(default=True)
     counts: tuple[int, ...] | None = _static(default=None)
     cache_page: int = _static(default=0)
+    cache_kernel: str = _static(default="paged")
 
     @property
     def group_counts(self) -> tuple[int, ...]:
@@ -418,7 +420,8 @@ def decode_positions(cache_len_N, block_size: int):
 
 
 def decode_attention_layout(cache_len_N, block_size: int, cache_size: int, groups: bool = True,
-                            counts: tuple[int, ...] | None = None, cache_page: int = 0) -> DecodeLayout:
+                            counts: tuple[int, ...] | None = None, cache_page: int = 0,
+                            cache_kernel: str = "paged") -> DecodeLayout:
     """The decode-step layout (``groups=False``: ``block_size`` causal drafts only, e.g. the AR step with 1;
     ``counts``: only these mask groups; ``cache_page``: read the cache in place, see ``DecodeLayout``)."""
     if counts is not None:
@@ -426,13 +429,14 @@ def decode_attention_layout(cache_len_N, block_size: int, cache_size: int, group
         if list(counts) != sorted(set(counts)) or not all(1 <= k <= block_size for k in counts):
             raise ValueError(f"counts={counts}: must be increasing accepted counts in 1..{block_size}")
     return DecodeLayout(jnp.asarray(cache_len_N, dtype=jnp.int32).reshape(-1), block_size, cache_size, groups,
-                        counts, cache_page)
+                        counts, cache_page, cache_kernel)
 
 
-def ar_step_layout(cache_len_N, cache_size: int, cache_page: int = 0) -> DecodeLayout:
+def ar_step_layout(cache_len_N, cache_size: int, cache_page: int = 0, cache_kernel: str = "paged") -> DecodeLayout:
     """The AR decode step: one token that sees the committed cache and itself (a decode step with B=1 and no
     mask groups)."""
-    return decode_attention_layout(cache_len_N, 1, cache_size, groups=False, cache_page=cache_page)
+    return decode_attention_layout(cache_len_N, 1, cache_size, groups=False, cache_page=cache_page,
+                                   cache_kernel=cache_kernel)
 
 
 def decode_step_mask(block_size: int):

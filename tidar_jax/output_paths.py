@@ -83,6 +83,19 @@ def check_output_dir(path: str, existing: Callable[[str], str | None] | None = N
     return path
 
 
+def check_output_file(path: str) -> str:
+    """The absolute path of an output file that can be written (replaced if it exists): ``OutputPathError`` (one
+    line) for a directory, a path under a file, or a read-only or full location. Nothing is created."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise OutputPathError(f"{path}: is a directory, not a file")
+    base = _nearest_existing(os.path.dirname(path))
+    if not os.path.isdir(base):
+        raise OutputPathError(f"{path}: lies under {base}, which is a file")
+    _probe_writable(base, path)
+    return path
+
+
 def check_new_dir(path: str) -> str:
     """``check_output_dir`` for a directory that must not exist yet."""
     return check_output_dir(path)

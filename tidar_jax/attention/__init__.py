@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.attention import blockwise, cudnn, paged, reference, splash
+from tidar_jax.attention import blockwise, cudnn, fused_cache, paged, pallas_gpu, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
 from tidar_jax.targets import build_platform
@@ -26,9 +26,15 @@ from tidar_jax.targets import build_platform
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
-# On GPU ``cudnn`` (dense compute, fused) joins once the accelerator suite measures it faster than ``blockwise``
-# (block-sparse, about a quarter of the dense work on the training layout).
-AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("blockwise",), "cpu": ("blockwise",)}
+# On GPU ``pallas_gpu`` (block-sparse, one fused kernel per direction) by the cost model until the accelerator
+# suite measures (docs/attention.md: ~18x under ``blockwise``'s launch-bound tile loops at the 1.5B shape);
+# ``cudnn`` (dense compute, fused) stays an explicit choice.
+AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("pallas_gpu", "blockwise"), "cpu": ("blockwise",)}
+# Decode-step cache attention (``DecodeOptions.cache_attention``), the one owner of its ``auto``: on GPU one
+# fixed-shape split-K kernel per layer (``paged``'s while loop over live pages copies its predicate to the host
+# every page on XLA:GPU); elsewhere ``paged`` (on CPU a loop iteration costs nothing extra and it reads only live
+# pages; ``fused`` would run in Pallas interpret mode).
+CACHE_AUTO = {"gpu": "fused", "tpu": "paged", "cpu": "paged"}
 
 
 def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
@@ -45,6 +51,7 @@ register("reference", reference.attend)
 register("blockwise", blockwise.attend)
 register("splash", splash.attend, splash.unavailable_reason)
 register("cudnn", cudnn.attend, cudnn.unavailable_reason)
+register("pallas_gpu", pallas_gpu.attend, pallas_gpu.unavailable_reason)
 
 
 def _backend_kind(backend: str) -> str:
@@ -69,6 +76,14 @@ def resolve(kernel: str, backend: str | None = None) -> str:
     return kernel
 
 
+def resolve_cache_attention(name: str, backend: str | None = None) -> str:
+    """The decode cache attention that ``name`` ("auto", "paged", "fused", "dense") means on ``backend``
+    (default: the platform being built for)."""
+    if name != "auto":
+        return name
+    return CACHE_AUTO.get(_backend_kind(backend or build_platform()), "paged")
+
+
 def _reason(name: str, kind: str) -> str | None:
     check = UNAVAILABLE.get(name)
     return None if check is None else check(kind)
@@ -84,8 +99,13 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel: str = "auto"):
 def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, kernel: str = "auto"):
     """Attention of a cached forward (a decode step): keys are layer ``layer`` of the whole ``[L, N, C, K, D]``
     cache followed by the current tokens' ``k, v [N, T, K, D]``. A ``DecodeLayout`` with ``cache_page > 0`` reads
-    the cache in place up to the live length (``paged``); otherwise the layer's cache and the current keys are
-    concatenated and attended with ``kernel`` (or the reference kernel for a dense boolean mask)."""
+    the cache in place up to the live length (its ``cache_kernel``: ``paged`` or ``fused``); otherwise the layer's
+    cache and the current keys are concatenated and attended with ``kernel`` (or the reference kernel for a dense
+    boolean mask)."""
+    if isinstance(layout, DecodeLayout) and layout.cache_page and layout.cache_kernel == "fused":
+        # the GPU kernel; anywhere else it runs in Pallas interpret mode (the CPU tests of it)
+        interpret = _backend_kind(build_platform()) != "gpu"
+        return fused_cache.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, interpret)
     if isinstance(layout, DecodeLayout) and layout.cache_page:
         return paged.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout)
     dt = k_NTKD.dtype
@@ -96,4 +116,5 @@ def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, laye
     return attend(q_NTHD, keys, values, layout, kernel)
 
 
-__all__ = ["AUTO_PREFERENCE", "KERNELS", "UNAVAILABLE", "attend", "attend_with_cache", "register", "resolve"]
+__all__ = ["AUTO_PREFERENCE", "CACHE_AUTO", "KERNELS", "UNAVAILABLE", "attend", "attend_with_cache", "register",
+           "resolve", "resolve_cache_attention"]

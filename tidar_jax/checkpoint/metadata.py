@@ -54,16 +54,29 @@ def write_meta(directory: str, meta: CheckpointMeta) -> None:
         "source": meta.source, "hf": meta.hf})
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's record cannot be read; the message is one line naming the file."""
+
+
 def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a damaged checkpoint") \
+            from None
+    except UnicodeDecodeError:
+        raise DamagedCheckpoint(f"{path}: not UTF-8 text; a damaged checkpoint") from None
 
 
 def read_model_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, MODEL_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG} (not a checkpoint of this project)")
-    return ModelConfig.from_dict(_read_json(path))
+    record = _read_json(path)
+    if not isinstance(record, dict):
+        raise DamagedCheckpoint(f"{path}: expected a JSON object; a damaged checkpoint")
+    return ModelConfig.from_dict(record)
 
 
 def read_meta(directory: str) -> CheckpointMeta:
@@ -71,6 +84,8 @@ def read_meta(directory: str) -> CheckpointMeta:
     cfg = read_model_config(directory)
     path = os.path.join(directory, META)
     raw = _read_json(path) if os.path.isfile(path) else None
+    if raw is not None and not isinstance(raw, dict):
+        raise DamagedCheckpoint(f"{path}: expected a JSON object; a damaged checkpoint")
     if raw is not None and raw.get("format") == FORMAT:
         return CheckpointMeta(cfg, raw.get("step"), eos_tuple(raw.get("eos_token_ids")), raw.get("source"),
                               raw.get("hf"))

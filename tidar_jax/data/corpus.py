@@ -66,7 +66,9 @@ def load_manifest(data_dir) -> dict:
     try:
         with open(path) as f:
             manifest = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise DataError(f"data dir {os.fspath(data_dir)!r} is a file, not a directory") from None
         raise DataError(f"data dir {os.fspath(data_dir)!r} has no {MANIFEST}; run "
                         "`python -m tidar_jax.data.prepare --out DIR` first") from None
     except (OSError, json.JSONDecodeError) as e:
@@ -369,6 +371,13 @@ def prepare_corpus(out_dir, sources=None, tokenizer=None, vocab_size: int = 4096
     if not isinstance(text_field, str) or not text_field:
         raise DataError(f"text_field={text_field!r}: must be a non-empty field / column name")
     shard_index, shard_count = parse_shard(shard)
+    if _existing(out_dir) is None:  # a new corpus: its location is checked before the sources are read
+        from tidar_jax.output_paths import OutputPathError, check_output_dir
+
+        try:
+            check_output_dir(out_dir, existing=lambda path: None)  # an existing dir is judged below
+        except OutputPathError as e:
+            raise DataError(f"out_dir {e}") from None
     if tokenizer is None:
         if shard_count > 1:
             raise DataError(f"shard={shard_index}/{shard_count} needs a given tokenizer (--tokenizer) so that every "

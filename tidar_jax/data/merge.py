@@ -8,7 +8,6 @@ counts), except where the unsharded run's "both splits non-empty" rule for tiny 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -16,6 +15,7 @@ import shutil
 import sys
 import uuid
 
+from tidar_jax.cli import OneLineArgumentParser
 from tidar_jax.data import tokenizer as tk
 from tidar_jax.data.corpus import DOCUMENTS, FORMAT_VERSION, MANIFEST, SPLITS, _write_manifest, load_manifest
 from tidar_jax.data.sources import DataError
@@ -98,7 +98,7 @@ def merge_parts(out_dir, part_dirs) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tidar_jax.data.merge", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="python -m tidar_jax.data.merge", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the joined dataset (a new directory)")
     p.add_argument("parts", nargs="+", help="the output dirs of `prepare --shard i/n`, one per i")
     args = p.parse_args(argv)

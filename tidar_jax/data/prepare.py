@@ -10,13 +10,14 @@ import argparse
 import logging
 import sys
 
+from tidar_jax.cli import OneLineArgumentParser
 from tidar_jax.data.corpus import (DEFAULT_SHARD_TOKENS, DEFAULT_TOKENIZER_SAMPLE_BYTES, corpus_dir_problem,
                                    prepare_corpus)
 from tidar_jax.data.sources import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tidar_jax.data.prepare", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="python -m tidar_jax.data.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (created atomically)")
     p.add_argument("--source", action="append", default=None, metavar="PATH",
                    help="directory, glob, text / .jsonl file (optionally .gz or .zst) or .parquet file; repeatable; "

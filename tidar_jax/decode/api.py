@@ -173,7 +173,7 @@ class Decoder:
 
     def options(self, mode="tidar", block_size=None, beta=1.0, slot0="verifier", temperature=0.0, top_k=0,
                 top_p=1.0, max_new_tokens=64, allow_untrained_block_size=False, head="one_pass", groups=None,
-                cache_dtype=None, cache_attention="paged", cache_page=128, full_logits=False) -> DecodeOptions:
+                cache_dtype=None, cache_attention="auto", cache_page=128, full_logits=False) -> DecodeOptions:
         """Static options. ``block_size``: None = the model's trained one (``cfg.block_size``). ``groups``: None
         (all B), an int G (counts 1..G) or a list of covered counts. ``full_logits=True`` is the old name of
         ``head="one_pass"``."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tidar_jax import masks
+from tidar_jax.attention import resolve_cache_attention
 from tidar_jax.decode import kv as kvops
 from tidar_jax.decode import layout
 from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
@@ -173,9 +174,14 @@ def _initial_state(cache, pending_NB, key, stops: Stops, opts: DecodeOptions) ->
         steps=jnp.zeros((), jnp.int32), stops=stops)
 
 
-def _cache_page(opts: DecodeOptions) -> int:
-    """Cache read in place in pages (live-length attention) or concatenated (``cache_attention="dense"``)."""
-    return opts.cache_page if opts.cache_attention == "paged" else 0
+def _cache_read(opts: DecodeOptions) -> dict:
+    """How a step's layout reads the cache: in place (``cache_page`` > 0) with the ``paged`` or ``fused`` kernel,
+    or concatenated (``cache_attention="dense"``). ``auto`` is resolved here, at trace time, for the platform
+    being built for."""
+    kind = resolve_cache_attention(opts.cache_attention)
+    if kind == "dense":
+        return dict(cache_page=0)
+    return dict(cache_page=opts.cache_page, cache_kernel=kind)
 
 
 def _gather_rows(x_NTE, idx_NX):
@@ -238,7 +244,7 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
                                 axis=1)
     mask_NTS = masks.decode_attention_layout(length_N, b, cache.k_LNCKD.shape[2],
                                              counts=None if opts.groups is None else counts,
-                                             cache_page=_cache_page(opts))
+                                             **_cache_read(opts))
     positions_NT = mask_NTS.positions()
     hidden_NTE, step_kv = model.hidden(tokens_NT, positions_NT, mask_NTS, cache)
 
@@ -309,7 +315,7 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n = token_N1.shape[0]
     length_N = cache.length_N
     active_N = ~state.done_N
-    mask_N1S = masks.ar_step_layout(length_N, cache.k_LNCKD.shape[2], _cache_page(opts))
+    mask_N1S = masks.ar_step_layout(length_N, cache.k_LNCKD.shape[2], **_cache_read(opts))
     hidden_N1E, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1E)[:, 0]
     key, sub = jax.random.split(state.key)

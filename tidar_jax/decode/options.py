@@ -9,7 +9,7 @@ from tidar_jax.config import check_block_size
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
 HEADS = ("selective", "one_pass")
-CACHE_ATTENTION = ("paged", "dense")
+CACHE_ATTENTION = ("auto", "paged", "fused", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -41,9 +41,12 @@ class DecodeOptions:
         nearest lower covered group (group 0 = the current drafts). Verification is unchanged, so lossless mode
         stays lossless for every choice.
     cache_dtype: KV-cache dtype; None = the compute dtype.
-    cache_attention: how a step attends to the cache: "paged" (``model.cache_attention``: pages of
-        ``cache_page`` slots up to the longest live row, no per-layer copy of the cache) or "dense" (concatenate
-        the whole allocated cache with the step's keys under a dense mask; the reference path).
+    cache_attention: how a step attends to the cache: "paged" (``tidar_jax.attention.paged``: pages of
+        ``cache_page`` slots up to the longest live row, no per-layer copy of the cache; a loop with a
+        data-dependent trip count), "fused" (``tidar_jax.attention.fused_cache``: one fixed-shape split-K kernel
+        per layer that skips the slots past each row's live length; GPU, Pallas interpret mode elsewhere),
+        "dense" (concatenate the whole allocated cache with the step's keys under a dense mask; the reference
+        path) or "auto" (per platform, ``tidar_jax.attention.CACHE_AUTO``: fused on GPU, paged elsewhere).
     """
 
     mode: str = "tidar"
@@ -57,7 +60,7 @@ class DecodeOptions:
     head: str = "one_pass"
     groups: tuple[int, ...] | None = None
     cache_dtype: str | None = None
-    cache_attention: str = "paged"
+    cache_attention: str = "auto"
     cache_page: int = 128
 
     @property

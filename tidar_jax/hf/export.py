@@ -69,17 +69,19 @@ def _tokenizer_config(tokenizer, eos_token_id, bos_token_id, mask_token_id) -> d
 def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, tokenizer=None, dtype: str | None = None,
               eos_token_id: int | list[int] | None = None, bos_token_id: int | None = None,
-              max_position_embeddings: int | None = None) -> str:
+              max_position_embeddings: int | None = None, config_extra: dict | None = None,
+              extra_files: dict[str, str] | None = None) -> str:
     """Write ``out_dir`` (must not exist): safetensors shards (+ index), ``config.json`` (with the TiDAR fields
     ``mask_token_id`` and ``block_size``), ``generation_config.json`` and, when given (``tokenizer_path`` or a
     ``tokenizers.Tokenizer``), ``tokenizer.json`` + ``tokenizer_config.json``. ``dtype`` defaults to
-    ``config.param_dtype``. Returns the absolute ``out_dir``.
+    ``config.param_dtype``. A serving target adds ``config_extra`` (keys set in ``config.json``) and
+    ``extra_files`` (file name -> text, e.g. a README). Returns the absolute ``out_dir``.
     """
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise HFFormatError(f"max_shard_bytes={max_shard_bytes!r}: must be an integer >= 1")
     dtype = dtype or config.param_dtype
     hf_config = model_config_to_hf_config(config, dtype=dtype, max_position_embeddings=max_position_embeddings,
-                                          bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+                                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, extra=config_extra)
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise HFFormatError(f"tokenizer {tokenizer_path}: no such file")
     from tidar_jax.output_paths import check_new_dir
@@ -118,6 +120,9 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
         if writer:
             _write_files(tmp, config, hf_config, len(shards), weight_map, total, tokenizer_path, tokenizer,
                          eos_token_id, bos_token_id)
+            for name, text in (extra_files or {}).items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(text)
     return out_dir
 
 

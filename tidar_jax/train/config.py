@@ -150,7 +150,7 @@ class TrainConfig:
 
     def replace(self, **dotted) -> "TrainConfig":
         """``cfg.replace(**{"optim.lr": 1e-4})`` -> a new validated config."""
-        return from_dict(_apply_overrides(self.to_dict(), dotted))
+        return from_dict(apply_overrides(self.to_dict(), dotted))
 
     def model_config(self, mask_token_id: int | None = None) -> ModelConfig:
         """The ``ModelConfig`` of a from-scratch model. ``mask_token_id``: the recorded id (the data manifest's),
@@ -339,9 +339,9 @@ def validate(cfg: TrainConfig) -> None:
         check_block_alignment(cfg, arch.get("block_size", ModelConfig.block_size))
 
 
-def _apply_overrides(values: dict, overrides) -> dict:
+def apply_overrides(values: dict, overrides) -> dict:
     values = {k: dict(v or {}) for k, v in values.items()}
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides]
     for dotted, value in items:
         parts = dotted.split(".")
         if len(parts) != 2 or not all(parts):
@@ -353,7 +353,7 @@ def _apply_overrides(values: dict, overrides) -> dict:
     return values
 
 
-def _split_override(text: str):
+def split_override(text: str):
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
@@ -364,20 +364,32 @@ def _split_override(text: str):
     return key.strip(), value
 
 
+def read_preset(path: str | None) -> dict:
+    """The parsed YAML of a preset ({} when ``path`` is None), with one clear error for a missing or bad file."""
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path!r}: top level must be a mapping of sections")
+    return values
+
+
 def load_config(path: str | None, overrides=()) -> TrainConfig:
-    """Read a YAML preset (or defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
-    values: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path!r}: top level must be a mapping of sections")
-    return from_dict(_apply_overrides(values, list(overrides)))
+    """Read a YAML preset (or defaults when ``path`` is None) and apply ``section.key=value`` overrides.
+
+    A preset's ``phases`` list (the AR-then-TiDAR recipe, ``tidar_jax/train/phases.py``) is not applied here: this
+    is the preset's base sections, i.e. the preset trained from scratch in one run (``train.py --no-phases``)."""
+    values = dict(read_preset(path))
+    values.pop("phases", None)
+    return from_dict(apply_overrides(values, list(overrides)))
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

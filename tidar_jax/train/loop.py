@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -146,6 +147,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
     from tidar_jax.data import load_manifest, prepare_corpus
 
     data_dir = os.path.abspath(cfg.data.dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"data.dir={cfg.data.dir!r}: is a file, not a directory (a prepared corpus is a directory)")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         if not cfg.data.prepare:
             raise ConfigError(f"data.dir={cfg.data.dir!r} holds no prepared corpus and data.prepare=false; run "
@@ -194,7 +197,35 @@ def build_model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     return mcfg
 
 
-def load_init(cfg: TrainConfig, manifest: dict, mesh):
+def check_same_tokenizer(cfg: TrainConfig, kind: str, data_dir: str | None) -> None:
+    """A run or params checkpoint records the tokenizer it was trained with (a copy of its corpus's); the data of
+    this run must use the same one, or every token id means another string. (An HF dir's tokenizer is the
+    reference the corpus was prepared with; its file format differs, so it is not compared here.)"""
+    from tidar_jax.checkpoint.run import TOKENIZER
+
+    if kind not in ("run", "params") or data_dir is None:
+        return
+    ours = os.path.join(data_dir, "tokenizer.json")
+    theirs = _checkpoint_tokenizer(cfg.model.init_from, kind, TOKENIZER)
+    if theirs is None or not os.path.isfile(ours):
+        return
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        if a.read() != b.read():
+            raise ConfigError(f"model.init_from={cfg.model.init_from!r} was trained with another tokenizer than "
+                              f"data.dir={cfg.data.dir!r} ({theirs} differs from {ours}); train on data prepared with "
+                              "the same tokenizer")
+
+
+def _checkpoint_tokenizer(path: str, kind: str, name: str) -> str | None:
+    if kind == "run":
+        from tidar_jax.checkpoint.run import run_and_steps
+
+        path = run_and_steps(path)[0]
+    file = os.path.join(path, name)
+    return file if os.path.isfile(file) else None
+
+
+def load_init(cfg: TrainConfig, manifest: dict, mesh, data_dir: str | None = None):
     """``(ModelConfig, pure params)`` from ``model.init_from`` (HF dir or params checkpoint), sharded on ``mesh``.
 
     The YAML's TiDAR fields, dtypes and attention kernel override the checkpoint's; the [MASK] id is the YAML's,
@@ -202,13 +233,21 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh):
     plain HF model) drafts ``DEFAULT_BLOCK_SIZE`` (16, the paper's) unless the YAML gives one."""
     from flax import nnx
 
-    from tidar_jax.checkpoint import checkpoint_kind, load_for_inference
+    from tidar_jax.loading import checkpoint_kind, load_for_inference
     from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.train.step import param_shardings
 
-    checkpoint_kind(cfg.model.init_from)  # one clear error for a path that is no checkpoint
-    bundle = load_for_inference(cfg.model.init_from, mesh=mesh)  # loads straight into the target shardings
+    source = cfg.model.init_from
+    try:
+        kind = checkpoint_kind(source)  # one clear error for a path that is no checkpoint
+        with warnings.catch_warnings():  # a damaged newest step falls back to an older one; none left: one line
+            warnings.simplefilter("ignore", ck.CheckpointFallbackWarning)
+            bundle = load_for_inference(source, mesh=mesh)  # loads straight into the target shardings
+    except Exception as e:  # a damaged checkpoint raises whatever its reader does: one line naming the path
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model.init_from={source!r} cannot be loaded: {reason}") from None
+    check_same_tokenizer(cfg, kind, data_dir)
     keep = ("block_size", "mask_token_id", "dtype", "param_dtype", "attention")
     over = {k: v for k, v in cfg.model.arch.items() if k in keep and v is not None}
     # a preset may spell out the architecture (for train.py --plan); it must be the checkpoint's
@@ -329,7 +368,7 @@ def _setup(cfg: TrainConfig, run_dir: str, show_progress: bool, t_start: float) 
     mesh = make_mesh(*mesh_shape)
     init_params = None
     if cfg.model.init_from:
-        mcfg, init_params = load_init(cfg, manifest, mesh)
+        mcfg, init_params = load_init(cfg, manifest, mesh, data_dir)
     else:
         mcfg = build_model_config(cfg, manifest)
     check_block_alignment(cfg, mcfg.block_size)
@@ -559,7 +598,8 @@ def train(cfg: TrainConfig, run_dir: str, show_progress: bool = True) -> RunResu
 
 
 def decode_probe(cfg: TrainConfig, mcfg: ModelConfig, graphdef, template, params, evals, manifest) -> dict | None:
-    """TiDAR decode on a few held-out prompts: tokens per forward (T/NFE), the drafting quality in one number."""
+    """Lossless TiDAR decode of a few held-out prompts: tokens per forward (T/NFE) of drafts the AR verifier
+    accepts, the drafting quality in one number."""
     n = cfg.logging.decode_probe_prompts
     if not n or not evals or cfg.train.objective != "tidar" or jax.process_count() > 1:
         return None
@@ -576,7 +616,11 @@ def decode_probe(cfg: TrainConfig, mcfg: ModelConfig, graphdef, template, params
     local = jax.device_put(jax.device_get(params))  # decode runs on one device
     model = to_model(graphdef, template, local)
     decoder = Decoder.from_model(model, check_block_size=True, eos_token_id=None)
-    result = decoder.generate([list(map(int, r)) for r in rows], mode="tidar",
+    # lossless (beta=1, slot0=verifier): the output is the AR model's, so T/NFE counts only drafts the verifier
+    # accepts. Forwards are counted per row, so the figure is the batch-1 one for these prompts.
+    result = decoder.generate([list(map(int, r)) for r in rows], mode="tidar", beta=1.0, slot0="verifier",
                               max_new_tokens=cfg.logging.decode_probe_tokens)
     return {"tokens_per_nfe": float(result.stats["tokens_per_nfe"]), "prompts": int(len(rows)),
-            "new_tokens": int(sum(result.stats["new_tokens"])), "wall_s": float(result.stats["wall_s"])}
+            "new_tokens": int(sum(result.stats["new_tokens"])), "wall_s": float(result.stats["wall_s"]),
+            "block_size": int(mcfg.block_size), "mode": "lossless",
+            "accepted_length_hist": dict(result.stats["accepted_length_hist"])}

@@ -26,8 +26,9 @@ def format_summary(result, cfg) -> str:
         lines.append(line)
     if result.decode_probe:
         p = result.decode_probe
-        lines.append(f"decode probe: {p['tokens_per_nfe']:.2f} tokens per forward (T/NFE) on {p['prompts']} "
-                     "held-out prompts")
+        lines.append(f"decode probe: lossless TiDAR (output == AR) at B={p.get('block_size', '?')}: "
+                     f"{p['tokens_per_nfe']:.2f} tokens per forward (T/NFE) on {p['prompts']} held-out prompts, "
+                     f"{p['new_tokens'] // max(p['prompts'], 1)} new tokens each")
     run = result.run_dir
     lines += [f"run dir:      {run}",
               f"checkpoints:  {os.path.join(run, 'checkpoints')}",

@@ -1,27 +1,32 @@
-"""One entry point to load any checkpoint kind for inference: HF dir, params checkpoint, or training run dir."""
+"""One entry point to load any checkpoint kind for inference: HF dir, params checkpoint, or training run dir.
+
+It sits above both formats' homes (``tidar_jax.checkpoint`` for params checkpoints and run dirs, ``tidar_jax.hf``
+for Hugging Face directories) so that neither imports the other's loader: ``tidar_jax.hf`` may use checkpoint
+helpers (the bundle, the atomic write), ``tidar_jax.checkpoint`` never reaches up into ``tidar_jax.hf``.
+"""
 
 from __future__ import annotations
 
 import os
 
 from tidar_jax.checkpoint.bundle import InferenceBundle
+from tidar_jax.checkpoint.metadata import MODEL_CONFIG
+from tidar_jax.checkpoint.params import is_params_dir, load_params_bundle
+from tidar_jax.checkpoint.run import CHECKPOINTS, load_run
+from tidar_jax.hf.load import CONFIG_FILE, load_hf_dir
 
 
 class CheckpointNotFound(FileNotFoundError):
-    pass
+    """The path is no checkpoint of any kind; the message is one line saying why."""
 
 
 def checkpoint_kind(path: str) -> str:
     """'hf' | 'params' | 'run'; raises ``CheckpointNotFound`` with a one-line reason otherwise."""
-    from tidar_jax.checkpoint.metadata import MODEL_CONFIG
-    from tidar_jax.checkpoint.params import is_params_dir
-    from tidar_jax.checkpoint.run import CHECKPOINTS
-
     if not os.path.exists(path):
         raise CheckpointNotFound(f"checkpoint {path!r} does not exist")
     if not os.path.isdir(path):
         raise CheckpointNotFound(f"checkpoint {path!r} is not a directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return "hf"
     if is_params_dir(path):
         return "params"
@@ -34,12 +39,10 @@ def checkpoint_kind(path: str) -> str:
 
 
 def load_for_inference(path: str, mesh=None, **hf_kwargs) -> InferenceBundle:
+    """The weights, config and tokenizer of any checkpoint kind (``hf_kwargs`` go to ``load_hf_dir``)."""
     kind = checkpoint_kind(path)
     if kind == "hf":
-        from tidar_jax.hf import load_hf_dir
         return load_hf_dir(path, mesh=mesh, **hf_kwargs)
     if kind == "params":
-        from tidar_jax.checkpoint.params import load_params_bundle
         return load_params_bundle(path, mesh=mesh)
-    from tidar_jax.checkpoint.run import load_run
     return load_run(path, mesh=mesh)

@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Accelerator-suite section: the attention kernels alone on the TiDAR training layout, forward and forward +
+backward, each time beside the cost model's estimate of the same compiled program.
+
+    python -m benchmarks.attention_kernels --out DIR                 # on a GPU: pallas_gpu, cudnn, blockwise
+    python -m benchmarks.attention_kernels --smoke --out DIR         # CPU, tiny shapes (the test)
+
+Shapes: qwen2.5-1.5b attention (12 query / 2 kv heads, head_dim 128, bf16), block 16, S = 2048 and 4096 (the
+doubled sequence is 2S), batch 16 rows split into micro-batches of ``--rows`` (default 1: one device's share of a
+16-row global batch on 8 GPUs is 2). The estimate is ``tidar_jax.compiled.cost_model`` on the compiled program
+with the local chip's figures (``None`` where the device is not a listed chip, e.g. on CPU); the cost model
+counts every attention kernel's FLOPs as dense, so for the block-sparse kernels its figure is an upper bound.
+Writes ``attention_kernels.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tidar_jax import attention, masks, targets  # noqa: E402
+from tidar_jax.attention import pallas_gpu  # noqa: E402
+
+GPU_KERNELS = ("pallas_gpu", "cudnn", "blockwise")
+SHAPES = ((2048, 16), (4096, 16))  # (S, block)
+HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
+
+
+def local_chip():
+    """The ``targets.CHIPS`` entry of the local device, or None (CPU, an unlisted accelerator)."""
+    kind = jax.devices()[0].device_kind.lower()
+    return next((c for c in targets.CHIPS.values() if c.description.lower() == kind or c.name in kind), None)
+
+
+def _estimate(compiled, chip) -> float | None:
+    if chip is None:
+        return None
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+
+    return estimate(HloProgram.of(compiled), chip).time_s
+
+
+def _time(fn, args, repeat: int) -> float:
+    jax.block_until_ready(fn(*args))  # warm (compiled already)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(kernel: str, seq_len: int, block: int, rows: int, heads: int, kv_heads: int, head_dim: int, dtype,
+            repeat: int, chip) -> dict:
+    """Forward and forward+backward time (best of ``repeat``) and the cost-model estimate of each program."""
+    layout = masks.training_layout(seq_len, block)
+    t = layout.q_len
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(rows, t, heads, head_dim)), dtype)
+    k = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
+
+    def fwd(q, k, v):
+        return attention.attend(q, k, v, layout, kernel)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(fwd, q, k, v)
+        return vjp(out)
+
+    row = {"kernel": kernel, "seq_len": seq_len, "block": block, "rows": rows, "heads": heads,
+           "kv_heads": kv_heads, "head_dim": head_dim, "dtype": jnp.dtype(dtype).name}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        compiled = jax.jit(fn).lower(q, k, v).compile()
+        row[f"{name}_s"] = _time(compiled, (q, k, v), repeat)
+        row[f"{name}_estimate_s"] = _estimate(compiled, chip)
+    return row
+
+
+def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dtype, repeat: int,
+        budget_s: float) -> dict:
+    """One row per (kernel, shape); a kernel the backend cannot run, or that fails, is recorded with the reason;
+    shapes not reached within ``budget_s`` are recorded as skipped."""
+    chip = local_chip()
+    deadline = time.perf_counter() + budget_s
+    out = {"device": jax.devices()[0].device_kind, "chip": chip.name if chip else None,
+           "estimates_are": "cost model (tidar_jax/compiled/cost_model.py), attention FLOPs counted dense",
+           "rows": []}
+    for seq_len, block in shapes:
+        for kernel in kernels:
+            if time.perf_counter() > deadline:
+                out["rows"].append({"kernel": kernel, "seq_len": seq_len, "skipped": "section budget spent"})
+                continue
+            try:
+                out["rows"].append(measure(kernel, seq_len, block, rows, heads, kv_heads, head_dim, dtype, repeat,
+                                           chip))
+            except Exception as e:  # one kernel failing must not lose the others' figures
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                out["rows"].append({"kernel": kernel, "seq_len": seq_len, "error": first[:300]})
+    return out
+
+
+TRITON = "custom-call:__gpu$xla.gpu.triton"
+
+
+def visited_fraction(seq_len: int, block: int, objective: str, tile_q: int, tile_k: int) -> float:
+    """The share of (query tile, key tile) pairs the kernel visits on the objective's layout."""
+    from tidar_jax.attention.schedule import tile_schedule
+
+    layout = masks.training_layout(seq_len, block) if objective == "tidar" else masks.causal_layout(seq_len)
+    return tile_schedule(layout, tile_q, tile_k).visited_fraction
+
+
+def train_step_estimate(config: str, target_name: str, objective: str, kernel: str = "pallas_gpu") -> dict:
+    """The cost model's estimate of the real train step (``train.py --plan --target``'s program) with the
+    attention kernels' share, and the same with the Pallas kernels' time scaled to the tiles they visit (the cost
+    model counts an attention call's FLOPs dense over its operands): a hand correction, labelled as such."""
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.train.config import load_config
+    from tidar_jax.train.flops import model_flops
+    from tidar_jax.train.plan import compile_train_step
+
+    target = targets.parse_target(target_name)
+    cfg = load_config(config, [f"model.attention={kernel}", f"train.objective={objective}"])
+    with targets.compiling_for(target):
+        compiled, _, ctx = compile_train_step(cfg, devices=targets.target_devices(target))
+    est = estimate(HloProgram.of(compiled), target.chip)
+    mcfg = ctx["mcfg"]
+    tiles = pallas_gpu.TILES.get(target.chip.name, pallas_gpu.TILES[pallas_gpu.DEFAULT_TARGET])
+    frac = {"fwd": visited_fraction(cfg.data.seq_len, mcfg.block_size, objective, tiles.fwd_q, tiles.fwd_k),
+            "bwd": visited_fraction(cfg.data.seq_len, mcfg.block_size, objective, tiles.bwd_q, tiles.bwd_k)}
+    attn = [k for k in est.kernels if k.kind == TRITON and "tidar_flash" in k.op_name]
+    attn_s = sum(k.total_time_s for k in attn)
+    # the forward kernel's counted FLOPs are exactly the dense 4 N H T S D (q and k are its first rank-4 operands);
+    # the kernels do that times the visited share: forward 2 matmuls, dQ 3 (QK^T, dO V^T, dS K), dK/dV 4
+    fwd = [k for k in attn if "fwd" in k.op_name]
+    dense = max((k.flops for k in fwd), default=0.0)
+    matmuls = {"fwd": 2, "dq": 3, "dkv": 4}
+    a = est.assumptions
+
+    def visited_time(k):
+        kind = next(m for m in ("dkv", "dq", "fwd") if f"tidar_flash_{m}" in k.op_name)
+        flops = dense * matmuls[kind] / 2 * frac["fwd" if kind == "fwd" else "bwd"]
+        return k.runs * (max(flops / a.peak_bf16_flops, (k.bytes_read + k.bytes_written) / a.hbm_bytes_per_s)
+                         + a.launch_s)
+
+    corrected_attn_s = sum(visited_time(k) for k in attn)
+    step_s, corrected_s = est.time_s, est.time_s - attn_s + corrected_attn_s
+    useful = model_flops(mcfg, cfg.data.global_batch, cfg.data.seq_len, objective)
+    peak = target.chip.peak_bf16_flops * target.count
+    return {"config": config, "target": target.name, "objective": objective, "kernel": kernel,
+            "step_s": step_s, "mfu": useful / (step_s * peak), "attention_s": attn_s,
+            "attention_share": attn_s / step_s, "visited_fraction": frac,
+            "corrected_step_s": corrected_s, "corrected_mfu": useful / (corrected_s * peak),
+            "corrected_attention_s": corrected_attn_s, "corrected_attention_share": corrected_attn_s / corrected_s,
+            "collective_s": est.time_by("collective"), "assumptions": est.assumptions.line(),
+            "attention_kernels": [{"op_name": k.op_name, "runs": k.runs, "counted_flops": k.flops,
+                                   "time_s": k.time_s, "bound": k.bound, "visited_time_s": visited_time(k) / k.runs}
+                                  for k in attn]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, pallas_gpu in the Pallas interpreter")
+    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=240.0)
+    p.add_argument("--estimate", metavar="TARGET", default=None,
+                   help="instead of timing: the cost model's TiDAR and AR train-step estimates with pallas_gpu on "
+                        "TARGET (e.g. h100x8) for --config, attention share and the visited-tile correction")
+    p.add_argument("--config", default="configs/qwen2.5-1.5b-tidar.yaml")
+    args = p.parse_args(argv)
+    if args.estimate:
+        rows = [train_step_estimate(args.config, args.estimate, obj) for obj in ("tidar", "ar")]
+        rows.append({"tidar_over_ar": rows[0]["step_s"] / rows[1]["step_s"],
+                     "corrected_tidar_over_ar": rows[0]["corrected_step_s"] / rows[1]["corrected_step_s"]})
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "attention_estimate.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if args.smoke:
+        with pallas_gpu.interpreting():
+            result = run(("pallas_gpu", "blockwise", "reference"), ((16, 4),), 1, 4, 2, 16, jnp.float32, 1,
+                         args.budget_s)
+    else:
+        result = run(GPU_KERNELS, SHAPES, args.rows, HEADS, KV_HEADS, HEAD_DIM, jnp.bfloat16, args.repeat,
+                     args.budget_s)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for r in result["rows"]:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

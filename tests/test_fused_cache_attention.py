@@ -1,0 +1,107 @@
+"""The GPU decode-step cache attention (``tidar_jax.attention.fused_cache``, Pallas interpret mode here):
+equal to the reference through the attention interface (ragged lengths, GQA, pruned groups, several splits, a
+clamped last key block, garbage past each row's live length); lossless TiDAR == AR and sampling unchanged with it
+in the decoder; and on the program compiled for an H100, a decode step with no data-dependent loop and no
+device-to-host round trip, which the ``paged`` step fails."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_decode_support import pattern_prompts, random_tiny, tiny_config, trained_decoder
+from tidar_jax import attention, masks, targets
+from tidar_jax.attention import fused_cache
+
+
+@pytest.mark.parametrize("cache_size,lengths,counts", [
+    (30, [0, 30, 7, 24], (1, 3)), pytest.param(300, [300, 129, 1, 255], None, marks=pytest.mark.slow)])
+def test_fused_equals_reference_through_the_interface(cache_size, lengths, counts):
+    with jax.enable_x64(True):
+        block, n_layers, h, kv, d = 3, 3, 4, 2, 8
+        length_N = jnp.asarray(lengths, jnp.int32)
+        dense = masks.decode_attention_layout(length_N, block, cache_size, counts=counts)
+        fused = masks.decode_attention_layout(length_N, block, cache_size, counts=counts, cache_page=128,
+                                              cache_kernel="fused")
+        t, n = dense.q_len, len(lengths)
+        tiles = fused_cache.tiling(n, kv, t * h // kv, cache_size)
+        assert tiles["splits"] > 1  # the log-sum-exp merge over splits is exercised
+        ks = jax.random.split(jax.random.key(cache_size), 5)
+        q = jax.random.normal(ks[0], (n, t, h, d), jnp.float64)
+        k = jax.random.normal(ks[1], (n, t, kv, d), jnp.float64)
+        v = jax.random.normal(ks[2], (n, t, kv, d), jnp.float64)
+        live_NC = (jnp.arange(cache_size)[None] < length_N[:, None])[None, :, :, None, None]
+        # slots past a row's live length hold garbage the kernel must never weigh (not even by 0 * NaN)
+        ck = jnp.where(live_NC, jax.random.normal(ks[3], (n_layers, n, cache_size, kv, d), jnp.float64), jnp.nan)
+        cv = jnp.where(live_NC, jax.random.normal(ks[4], (n_layers, n, cache_size, kv, d), jnp.float64), jnp.nan)
+        layer = jnp.int32(2)
+        want = attention.attend_with_cache(q, k, v, jnp.nan_to_num(ck), jnp.nan_to_num(cv), layer, dense,
+                                           "reference")
+        got = jax.jit(attention.attend_with_cache, static_argnums=(7,))(q, k, v, ck, cv, layer, fused, "auto")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_is_fused_on_gpu_and_paged_elsewhere():
+    assert attention.resolve_cache_attention("auto", "gpu") == "fused"
+    assert attention.resolve_cache_attention("auto", "cuda") == "fused"
+    assert attention.resolve_cache_attention("auto", "cpu") == "paged"
+    assert attention.resolve_cache_attention("auto", "tpu") == "paged"
+    assert attention.resolve_cache_attention("dense", "gpu") == "dense"
+
+
+def test_fused_decode_is_lossless_with_pruned_groups():
+    """Greedy TiDAR with the fused kernel (interpret mode) emits exactly greedy AR's tokens (float64)."""
+    with jax.enable_x64(True):
+        dec = trained_decoder("float64")
+        prompts = pattern_prompts([5, 9], seed=8)
+        ar = dec.generate(prompts, mode="ar", max_new_tokens=10, cache_attention="dense")
+        td = dec.generate(prompts, mode="tidar", block_size=4, groups=(1, 3), max_new_tokens=10,
+                          cache_attention="fused")
+        assert td.tokens == ar.tokens
+        assert td.stats["mean_accepted"] > 1  # drafts were really accepted: the step's own part is exercised
+
+
+def test_fused_sampling_equals_paged():
+    """With the same seed, sampled TiDAR emits the same tokens through the fused and the paged kernel
+    (float64): the sampling that test_decode_sampling proves exact is unchanged by the kernel."""
+    from tidar_jax.decode import Decoder
+
+    with jax.enable_x64(True):
+        dec = Decoder.from_model(random_tiny("float64", seed=11, scale=4.0))
+        prompts = [[3, 5, 7, 2], [4, 4, 4, 9, 8]]
+        kw = dict(mode="tidar", block_size=4, temperature=1.0, max_new_tokens=8, seed=5)
+        paged = dec.generate(prompts, cache_attention="paged", **kw)
+        fused = dec.generate(prompts, cache_attention="fused", **kw)
+        assert fused.tokens == paged.tokens
+
+
+@pytest.fixture(scope="module")
+def h100_devices():
+    reason = targets.missing_install(targets.parse_target("h100"))
+    if reason:
+        pytest.skip(reason)
+    return targets.target_devices("h100")
+
+
+@pytest.mark.parametrize("mode", ["ar", pytest.param("tidar", marks=pytest.mark.slow)])
+def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices, mode):
+    """A small model's decode step (the Decoder's engine.step, per-layer weights, donated state) compiled for an
+    H100: with ``auto`` (the fused kernel) no ``while`` has a data-dependent trip count and no device-to-host
+    transfer happens inside the step; with ``paged`` both happen, once per layer."""
+    from tidar_jax.decode.plan import compile_decode
+
+    cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16", num_layers=2)
+    steps = {}
+    for kind in ("auto", "paged"):
+        programs = compile_decode(cfg, h100_devices, batch=2, block_size=4, context=64, max_new_tokens=16,
+                                  cache_page=16, modes=(mode,), cache_attention=kind,
+                                  with_prefill=False)
+        steps[kind] = programs[f"{mode} step"].program
+    fused, paged = steps["auto"], steps["paged"]
+    assert not [lp for lp in fused.loops() if lp.dynamic]
+    assert fused.host_round_trips(dynamic_trips=4) == 0
+    assert any("triton" in k.kind for k in fused.kernels())  # the Pallas kernel is in the program
+    assert len([lp for lp in paged.loops() if lp.dynamic]) == cfg.num_layers
+    assert paged.host_round_trips(dynamic_trips=4) > 0
