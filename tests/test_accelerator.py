@@ -37,6 +37,8 @@ SECTION_FIELDS = {
     "train_throughput": ["model", "model_config", "seq_len", "global_batch", "remat", "layers_timed", "kernels",
                          "kernel_detection", "device_kind", "peak_flops_per_s", "peak_flops_source",
                          "measured_matmul", "memory_before", "memory_note", "flops_note"],
+    "attention_kernels": ["device", "chip", "estimates_are", "rows"],
+    "decode_step": ["dtype", "cases", "skipped", "estimates_are"],
 }
 TRAINING_FIELDS = ["num_params", "seq_len", "batch", "block_size", "steps", "wall_s", "tokens_seen",
                    "train_tokens_per_s", "epochs_over_train_split", "heldout", "train_windows",
@@ -132,7 +134,14 @@ def test_smoke_every_section_runs_and_every_field_is_there(smoke):
                 for key in DEPTH_FIELDS:
                     assert key in r, key
                 assert r["mfu"] is None  # no datasheet peak for a CPU
-    assert {p["section"] for p in res["plots"]} == set(acc.SECTIONS)
+    s5 = res["sections"]["attention_kernels"]
+    assert {r["kernel"] for r in s5["rows"]} == {"blockwise", "reference"}
+    assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 and r["fwd_estimate_s"] is None for r in s5["rows"])
+    s6 = res["sections"]["decode_step"]
+    assert [(c["mode"], c["block_size"]) for c in s6["cases"]] == [("ar", 1), ("tidar", 4)] and not s6["skipped"]
+    assert all(c["measured_s"] > 0 and c["estimate_s"] is None for c in s6["cases"])  # a CPU is no listed chip
+    plotted = {"trained_speedup", "free_slots", "roofline", "train_throughput"}  # the timing tables have no plot
+    assert {p["section"] for p in res["plots"]} == plotted
     for p in res["plots"]:
         with open(out / p["path"], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

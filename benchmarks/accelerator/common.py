@@ -34,7 +34,8 @@ from tidar_jax.presets import MODEL_SHAPES, PAPER_DECODE  # noqa: E402
 SCHEMA_VERSION = 1
 from benchmarks.accelerator.options import SECTIONS  # noqa: E402,F401
 # share of the budget still unspent that a section may use (divided by the shares of it and the sections after it)
-SHARES = {"trained_speedup": 0.50, "free_slots": 0.25, "roofline": 0.08, "train_throughput": 0.17}
+SHARES = {"trained_speedup": 0.40, "free_slots": 0.20, "roofline": 0.06, "train_throughput": 0.12,
+          "attention_kernels": 0.08, "decode_step": 0.14}
 RESERVE_S = 10.0  # kept back for the final JSON, markdown and plots
 
 # Real shapes (config.json of each base model; owned by tidar_jax.presets). The models are random-init: timing does

@@ -35,13 +35,16 @@ from benchmarks.accelerator.report import make_plots, markdown  # noqa: E402
 from benchmarks.accelerator.roofline import section_roofline  # noqa: E402
 from benchmarks.accelerator.train_throughput import section_train_throughput  # noqa: E402
 from benchmarks.accelerator.trained_speedup import section_trained_speedup  # noqa: E402
+from benchmarks.accelerator.attention_kernels import section_attention_kernels  # noqa: E402
+from benchmarks.accelerator.decode_step import section_decode_step  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------------------
 
 SECTION_FNS = {"trained_speedup": section_trained_speedup, "free_slots": section_free_slots,
-               "roofline": section_roofline, "train_throughput": section_train_throughput}
+               "roofline": section_roofline, "train_throughput": section_train_throughput,
+               "attention_kernels": section_attention_kernels, "decode_step": section_decode_step}
 
 
 def machine() -> dict:

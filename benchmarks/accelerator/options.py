@@ -6,7 +6,7 @@ import os
 
 from benchmarks import cli
 
-SECTIONS = ("trained_speedup", "free_slots", "roofline", "train_throughput")
+SECTIONS = ("trained_speedup", "free_slots", "roofline", "train_throughput", "attention_kernels", "decode_step")
 
 
 def parse_args(argv):

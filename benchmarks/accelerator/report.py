@@ -104,6 +104,26 @@ def markdown(result: dict) -> str:
                                      f"{_f(o['full_mfu'], '{:.1%}')} | "
                                      f"{_f(e['tidar_over_ar_step'][str(r['layers'])])} |")
             lines.append("")
+        elif name == "attention_kernels":
+            lines += ["| kernel | S | block | fwd ms | fwd estimate ms | fwd+bwd ms | fwd+bwd estimate ms |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in sec["rows"]:
+                if "fwd_s" not in r:
+                    lines.append(f"| {r['kernel']} | {r['seq_len']} | | {r.get('error') or r.get('skipped')} | | | |")
+                    continue
+                lines.append(f"| {r['kernel']} | {r['seq_len']} | {r['block']} | {r['fwd_s'] * 1e3:.3f} | "
+                             f"{_f(r['fwd_estimate_s'] and r['fwd_estimate_s'] * 1e3, '{:.3f}')} | "
+                             f"{r['fwd_bwd_s'] * 1e3:.3f} | "
+                             f"{_f(r['fwd_bwd_estimate_s'] and r['fwd_bwd_estimate_s'] * 1e3, '{:.3f}')} |")
+            lines.append("")
+        elif name == "decode_step":
+            lines += ["| model | step | measured ms | estimate ms | measured/estimate | over AR step |",
+                      "|---|---|---|---|---|---|"]
+            for r in sec["cases"]:
+                lines.append(f"| {r['preset']} | {r['name']} | {r['measured_s'] * 1e3:.3f} | "
+                             f"{_f(r['estimate_s'] and r['estimate_s'] * 1e3, '{:.3f}')} | "
+                             f"{_f(r['measured_over_estimate'])} | {r['over_ar_step']:.2f}x |")
+            lines += [f"- skipped {s['preset']}: {s['reason']}" for s in sec["skipped"]] + [""]
     if result["plots"]:
         lines += ["## Plots", ""] + [f"- `{p['path']}`: {p['what']} (`{p['command']}`)" for p in result["plots"]]
     return "\n".join(lines) + "\n"
