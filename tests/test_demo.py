@@ -42,8 +42,11 @@ def test_gpu_estimate_reads_the_cost_model_or_says_unavailable(tmp_path):
     path = tmp_path / "gpu_decode_estimate.json"
     missing = gpu_estimate(2.0, 4, str(path))
     assert not missing["available"] and "absent" in missing["why"]
-    path.write_text(json.dumps({"target": "H100", "shape": "Qwen2.5-1.5B", "batch": 1,
-                                "assumptions": "HBM-bound AR step", "step_cost_ratio": {"4": 1.25, "8": 1.6}}))
+    row = {"target": "h100", "shape": "qwen2.5-1.5b", "batch": 1, "context": 1024}
+    path.write_text(json.dumps({"assumptions": "HBM-bound AR step",
+                                "rows": [{**row, "block_size": 4, "tidar_over_ar_step": 1.25},
+                                         {**row, "block_size": 8, "tidar_over_ar_step": 1.6},
+                                         {**row, "batch": 8, "block_size": 16, "tidar_over_ar_step": 3.0}]}))
     est = gpu_estimate(2.5, 4, str(path))
     assert est["available"] and est["speedup"] == pytest.approx(2.0) and est["assumptions"] == ["HBM-bound AR step"]
     no_b = gpu_estimate(2.5, 16, str(path))

@@ -101,12 +101,15 @@ def per_position_acceptance(hist: dict, block: int) -> list[float | None]:
     return out
 
 
-def gpu_estimate(tokens_per_nfe: float, block: int, path: str = GPU_ESTIMATE) -> dict:
-    """The speedup this T/NFE would give on the GPU target of ``path``: T/NFE / (TiDAR step cost / AR step cost).
+def gpu_estimate(tokens_per_nfe: float, block: int, path: str = GPU_ESTIMATE, target: str = "h100",
+                 shape: str = "qwen2.5-1.5b", batch: int = 1, context: int = 1024) -> dict:
+    """The speedup this T/NFE would give on ``target`` at the ``shape`` model: T/NFE / (TiDAR step / AR step),
+    the step ratio being the GPU cost model's estimate of the compiled programs (batch 1, context 1024: the
+    paper's setting).
 
-    ``path`` (written by the GPU cost model, not by this module) is JSON: ``{"target": ..., "shape": ...,
-    "batch": ..., "assumptions": [...], "step_cost_ratio": {"<B>": ratio, ...}}``. An estimate, never a
-    measurement; ``{"available": False, "why": ...}`` when the file or the run's block size is missing."""
+    ``path`` is written by ``benchmarks/gpu_model.py`` (the cost model's owner): JSON with ``assumptions`` and
+    flat ``rows`` of ``{target, shape, batch, context, block_size, tidar_over_ar_step}``. An estimate, never a
+    measurement; ``{"available": False, "why": ...}`` when the file or the row for this block size is missing."""
     import json
 
     if not os.path.isfile(path):
@@ -114,14 +117,17 @@ def gpu_estimate(tokens_per_nfe: float, block: int, path: str = GPU_ESTIMATE) ->
     try:
         with open(path) as f:
             model = json.load(f)
-        ratio = float(model["step_cost_ratio"][str(block)])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return {"available": False, "why": f"{os.path.relpath(path)} has no step_cost_ratio for B={block} "
-                                           f"({type(e).__name__})"}
+        row = next(r for r in model["rows"] if (r["target"], r["shape"], r["batch"], r["context"],
+                                                 r["block_size"]) == (target, shape, batch, context, block))
+        ratio = float(row["tidar_over_ar_step"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+        return {"available": False, "why": f"{os.path.relpath(path)} has no {target} {shape} batch {batch} "
+                                           f"context {context} row for B={block} ({type(e).__name__})"}
     assumptions = model.get("assumptions", [])
-    return {"available": True, "target": model.get("target"), "shape": model.get("shape"),
-            "batch": model.get("batch"), "step_cost_ratio": ratio, "speedup": tokens_per_nfe / ratio,
-            "assumptions": [assumptions] if isinstance(assumptions, str) else list(assumptions), "source": path}
+    return {"available": True, "target": target, "shape": shape, "batch": batch, "context": context,
+            "step_cost_ratio": ratio, "speedup": tokens_per_nfe / ratio,
+            "assumptions": [assumptions] if isinstance(assumptions, str) else list(assumptions), "source": path,
+            "command": model.get("command")}
 
 
 def run_demo(run_dir: str, num_prompts: int = 8, prompt_tokens: int = 48, max_new_tokens: int = 64,
