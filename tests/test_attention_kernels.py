@@ -15,35 +15,17 @@ from tidar_jax import attention, masks
 from tidar_jax.attention import blockwise, cudnn, reference, splash
 from tidar_jax.attention.schedule import tile_classes
 from tidar_jax.config import ConfigError, ModelConfig
+from kernel_cases import random_inputs, random_segments, value_and_grads
 
 H, KV, D = 4, 2, 8  # GQA: two query heads per kv head
 
 
 def _inputs(layout, n, dtype, seed=0, heads=H, kv_heads=KV, d=D):
-    rng = np.random.default_rng(seed)
-    shape_q, shape_k = (n, layout.q_len, heads, d), (n, layout.k_len, kv_heads, d)
-    q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in (shape_q, shape_k, shape_k))
-    w = jnp.asarray(rng.normal(size=shape_q), jnp.float32)  # a random cotangent for the gradients
-    return q, k, v, w
-
-
-def _value_and_grads(kernel, layout, q, k, v, w):
-    """``(out, (dq, dk, dv))`` of ``sum(out * w)``, one compile."""
-    def loss(q, k, v, lay):
-        out = kernel(q, k, v, lay)
-        return jnp.sum(out.astype(jnp.float32) * w), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, layout)
-    return out, grads
+    return random_inputs(layout, n, dtype, seed, heads, kv_heads, d)
 
 
 def _blockwise(tile):
     return lambda q, k, v, lay: blockwise.attend(q, k, v, lay, tile_q=tile, tile_k=tile)
-
-
-def _segments(n, s, seed):
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(np.cumsum(rng.random((n, s)) < 0.2, axis=1), jnp.int32)
 
 
 # (name, layout builder, batch, tile): S not a multiple of the tile in most cases
@@ -55,7 +37,7 @@ CASES = [
     _case("train-S12-B4-t5", lambda: masks.training_layout(12, 4), 2, 5),
     _case("train-S16-B4-t8", lambda: masks.training_layout(16, 4), 1, 8, slow=True),
     _case("train-S24-B8-t7", lambda: masks.training_layout(24, 8), 1, 7, slow=True),
-    _case("train-seg-S16-B4-t6", lambda: masks.training_layout(16, 4, _segments(2, 16, 1)), 2, 6),
+    _case("train-seg-S16-B4-t6", lambda: masks.training_layout(16, 4, random_segments(2, 16, 1)), 2, 6),
     _case("causal-S13-t4", lambda: masks.causal_layout(13), 2, 4, slow=True),
     _case("prefill-P9-B3-t5", lambda: masks.prefill_layout(jnp.array([9, 4]), 9, 3), 2, 5),
     _case("decode-B3-C10-t7", lambda: masks.decode_attention_layout(jnp.array([0, 6]), 3, 10), 2, 7),
@@ -68,8 +50,8 @@ CASES = [
 def test_blockwise_equals_reference_fp32(make, n, tile):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32)
-    out_ref, g_ref = _value_and_grads(reference.attend, layout, q, k, v, w)
-    out_bw, g_bw = _value_and_grads(_blockwise(tile), layout, q, k, v, w)
+    out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
+    out_bw, g_bw = value_and_grads(_blockwise(tile), layout, q, k, v, w)
     np.testing.assert_allclose(np.asarray(out_bw), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
     for a, b in zip(g_bw, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
@@ -78,11 +60,11 @@ def test_blockwise_equals_reference_fp32(make, n, tile):
 def test_blockwise_equals_reference_bf16():
     """bf16 inputs: the blockwise error against a float32 reference on the same (rounded) inputs stays within
     2x the reference kernel's own bf16 error plus 1e-2 (outputs) / 2e-2 x max|grad| (gradients)."""
-    layout = masks.training_layout(16, 4, _segments(2, 16, 3))
+    layout = masks.training_layout(16, 4, random_segments(2, 16, 3))
     q, k, v, w = _inputs(layout, 2, jnp.bfloat16, seed=2)
-    exact_out, exact_g = _value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
-    ref_out, ref_g = _value_and_grads(reference.attend, layout, q, k, v, w)
-    bw_out, bw_g = _value_and_grads(_blockwise(6), layout, q, k, v, w)
+    exact_out, exact_g = value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
+    ref_out, ref_g = value_and_grads(reference.attend, layout, q, k, v, w)
+    bw_out, bw_g = value_and_grads(_blockwise(6), layout, q, k, v, w)
     assert bw_out.dtype == jnp.bfloat16
 
     def err(a, b):
@@ -99,8 +81,8 @@ def test_blockwise_gqa_one_kv_head_and_mha():
     layout = masks.training_layout(8, 2)
     for kv_heads in (1, 4):
         q, k, v, w = _inputs(layout, 1, jnp.float32, seed=kv_heads, kv_heads=kv_heads)
-        out_ref, g_ref = _value_and_grads(reference.attend, layout, q, k, v, w)
-        out_bw, g_bw = _value_and_grads(_blockwise(4), layout, q, k, v, w)
+        out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
+        out_bw, g_bw = value_and_grads(_blockwise(4), layout, q, k, v, w)
         np.testing.assert_allclose(np.asarray(out_bw), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
         for a, b in zip(g_bw, g_ref):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
@@ -138,7 +120,7 @@ def test_tile_schedule_with_traced_data_is_a_superset_and_never_full():
     """Segments, prompt lengths and cache lengths only remove entries: every allowed entry of every row lies in a
     visited tile, and no tile is treated as full (the mask is evaluated in each visited tile)."""
     # numpy row data: the layouts then evaluate their dense masks in numpy (fast, eager)
-    layouts = [masks.TrainingLayout(16, 4, np.asarray(_segments(3, 16, 5))),
+    layouts = [masks.TrainingLayout(16, 4, np.asarray(random_segments(3, 16, 5))),
                masks.PrefillLayout(np.array([1, 6, 9]), 9, 3),
                masks.DecodeLayout(np.array([0, 4, 10]), 3, 10)]
     for layout in layouts:
@@ -261,10 +243,10 @@ def _assert_close(got, want, tol):
 
 SPLASH_CASES = [
     # S=96 -> T=192: not a multiple of the 128 block (padded queries and keys); documents via SegmentIds; GQA 2:1
-    _case("train-seg-S96-B16", lambda: masks.training_layout(96, 16, _segments(2, 96, 7)), 2, None),
+    _case("train-seg-S96-B16", lambda: masks.training_layout(96, 16, random_segments(2, 96, 7)), 2, None),
     _case("train-S128-B16", lambda: masks.training_layout(128, 16), 1, None, slow=True),
     _case("decode-B3-C100", lambda: masks.decode_attention_layout(jnp.array([0, 70]), 3, 100), 2, None),
-    _case("causal-seg-S100", lambda: masks.causal_layout(100, _segments(1, 100, 9)), 1, None, slow=True),
+    _case("causal-seg-S100", lambda: masks.causal_layout(100, random_segments(1, 100, 9)), 1, None, slow=True),
 ]
 
 
@@ -273,19 +255,19 @@ def test_splash_equals_reference_fp32(make, n, tile):
     """The real splash Pallas kernel (interpreted) against the reference, outputs and gradients, fp32."""
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32, seed=11, heads=2, kv_heads=1, d=SPLASH_D)
-    _assert_close(_value_and_grads(_splash, layout, q, k, v, w),
-                  _value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
+    _assert_close(value_and_grads(_splash, layout, q, k, v, w),
+                  value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
 
 
 @pytest.mark.slow
 def test_splash_equals_reference_bf16():
     """bf16: splash's error against a float32 reference stays within 2x the reference kernel's own bf16 error
     plus 1e-2 (outputs) / 2e-2 x max|grad| (gradients), as for blockwise."""
-    layout = masks.training_layout(64, 16, _segments(1, 64, 4))
+    layout = masks.training_layout(64, 16, random_segments(1, 64, 4))
     q, k, v, w = _inputs(layout, 1, jnp.bfloat16, seed=3, heads=2, kv_heads=1, d=SPLASH_D)
-    exact_out, exact_g = _value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
-    ref_out, ref_g = _value_and_grads(reference.attend, layout, q, k, v, w)
-    sp_out, sp_g = _value_and_grads(_splash, layout, q, k, v, w)
+    exact_out, exact_g = value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
+    ref_out, ref_g = value_and_grads(reference.attend, layout, q, k, v, w)
+    sp_out, sp_g = value_and_grads(_splash, layout, q, k, v, w)
 
     def err(a, b):
         return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
@@ -309,9 +291,9 @@ def _splash_dense(layout, t_pad, s_pad):
 
 
 @pytest.mark.parametrize("layout", [
-    masks.TrainingLayout(24, 4, np.asarray(_segments(3, 24, 2))),
+    masks.TrainingLayout(24, 4, np.asarray(random_segments(3, 24, 2))),
     masks.TrainingLayout(24, 4),
-    masks.CausalLayout(20, np.asarray(_segments(3, 20, 6))),
+    masks.CausalLayout(20, np.asarray(random_segments(3, 20, 6))),
     masks.DecodeLayout(np.array([0, 5, 11]), 3, 11),
     masks.DecodeLayout(np.array([0, 4, 9]), 1, 9, groups=False),
 ], ids=["train-seg", "train", "causal-seg", "decode", "ar-decode"])
@@ -359,8 +341,8 @@ def test_cudnn_bias_through_xla_equals_reference(make, n, tile):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32)
     xla = lambda q, k, v, lay: cudnn.attend(q, k, v, lay, implementation="xla")  # noqa: E731
-    _assert_close(_value_and_grads(xla, layout, q, k, v, w),
-                  _value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
+    _assert_close(value_and_grads(xla, layout, q, k, v, w),
+                  value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cudnn runs on an NVIDIA GPU only (none here)")
@@ -369,8 +351,8 @@ def test_cudnn_equals_reference_bf16_on_gpu(make, n, tile):
     """cuDNN fused attention (bf16, head_dim 64) against a float32 reference on the same rounded inputs."""
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.bfloat16, d=64)
-    exact = _value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
-    got = _value_and_grads(cudnn.attend, layout, q, k, v, w)
+    exact = value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
+    got = value_and_grads(cudnn.attend, layout, q, k, v, w)
     _assert_close((got[0].astype(jnp.float32), [g.astype(jnp.float32) for g in got[1]]), exact, 3e-2)
 
 

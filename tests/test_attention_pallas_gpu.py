@@ -14,35 +14,18 @@ from tidar_jax import attention, masks, targets
 from tidar_jax.attention import pallas_gpu, reference
 from tidar_jax.attention.schedule import tile_schedule
 from tidar_jax.config import ConfigError
+from kernel_cases import random_inputs, random_segments, value_and_grads
 
 H, KV, D = 4, 2, 16  # GQA: two query heads per kv head; D >= 16 as Triton's dot needs
 TILE = pallas_gpu.Tiles(16, 16, 16, 16, num_warps=4, num_stages=1)
 
 
 def _inputs(layout, n, dtype, seed=0, heads=H, kv_heads=KV, d=D):
-    rng = np.random.default_rng(seed)
-    shape_q, shape_k = (n, layout.q_len, heads, d), (n, layout.k_len, kv_heads, d)
-    q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in (shape_q, shape_k, shape_k))
-    w = jnp.asarray(rng.normal(size=shape_q), jnp.float32)  # a random cotangent for the gradients
-    return q, k, v, w
-
-
-def _value_and_grads(kernel, layout, q, k, v, w):
-    def loss(q, k, v, lay):
-        out = kernel(q, k, v, lay)
-        return jnp.sum(out.astype(w.dtype) * w), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, layout)
-    return out, grads
+    return random_inputs(layout, n, dtype, seed, heads, kv_heads, d)
 
 
 def _pallas(tiles):
     return lambda q, k, v, lay: pallas_gpu.attend(q, k, v, lay, tiles=tiles, interpret=True)
-
-
-def _segments(n, s, seed):
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(np.cumsum(rng.random((n, s)) < 0.2, axis=1), jnp.int32)
 
 
 def _case(name, make, n, tiles, slow=False, kv_heads=KV):
@@ -52,13 +35,13 @@ def _case(name, make, n, tiles, slow=False, kv_heads=KV):
 # lengths are not multiples of the tiles unless stated
 CASES = [
     _case("train-S12-B4", lambda: masks.training_layout(12, 4), 2, TILE),
-    _case("train-seg-S12-B4", lambda: masks.training_layout(12, 4, _segments(2, 12, 1)), 2, TILE),
+    _case("train-seg-S12-B4", lambda: masks.training_layout(12, 4, random_segments(2, 12, 1)), 2, TILE),
     _case("causal-S21", lambda: masks.causal_layout(21), 2, TILE),
     _case("prefill-P9-B3", lambda: masks.prefill_layout(jnp.array([9, 4]), 9, 3), 2, TILE),
     _case("train-S24-B8-fwd16x32-bwd32x16", lambda: masks.training_layout(24, 8), 1,
           pallas_gpu.Tiles(16, 32, 32, 16, 4, 1), slow=True),
     _case("train-S32-B4-multiple", lambda: masks.training_layout(32, 4), 1, TILE, slow=True),
-    _case("causal-seg-S19", lambda: masks.causal_layout(19, _segments(2, 19, 4)), 2, TILE, slow=True),
+    _case("causal-seg-S19", lambda: masks.causal_layout(19, random_segments(2, 19, 4)), 2, TILE, slow=True),
     _case("train-S12-B4-mha", lambda: masks.training_layout(12, 4), 1, TILE, slow=True, kv_heads=H),
     _case("train-S12-B4-one-kv-head", lambda: masks.training_layout(12, 4), 1, TILE, slow=True, kv_heads=1),
     _case("decode-B3-C10", lambda: masks.decode_attention_layout(jnp.array([0, 6]), 3, 10), 2, TILE, slow=True),
@@ -69,8 +52,8 @@ CASES = [
 def test_pallas_gpu_equals_reference_fp32(make, n, tiles, kv_heads):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32, kv_heads=kv_heads)
-    out_ref, g_ref = _value_and_grads(reference.attend, layout, q, k, v, w)
-    out, g = _value_and_grads(_pallas(tiles), layout, q, k, v, w)
+    out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
+    out, g = value_and_grads(_pallas(tiles), layout, q, k, v, w)
     np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
@@ -79,14 +62,14 @@ def test_pallas_gpu_equals_reference_fp32(make, n, tiles, kv_heads):
 def test_pallas_gpu_bf16_within_twice_the_reference_error():
     """bf16 inputs: the error against a float64 reference on the same (rounded) inputs is at most 2x the
     reference kernel's own bf16 error (plus 1e-3 of the output / gradient scale, for exact-zero cases)."""
-    layout = masks.training_layout(12, 4, _segments(2, 12, 3))
+    layout = masks.training_layout(12, 4, random_segments(2, 12, 3))
     q, k, v, w = _inputs(layout, 2, jnp.bfloat16, seed=2)
-    ref_out, ref_g = _value_and_grads(reference.attend, layout, q, k, v, w)
-    out, g = _value_and_grads(_pallas(TILE), layout, q, k, v, w)
+    ref_out, ref_g = value_and_grads(reference.attend, layout, q, k, v, w)
+    out, g = value_and_grads(_pallas(TILE), layout, q, k, v, w)
     assert out.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in g)
     with jax.enable_x64(True):
         w64 = w.astype(jnp.float64)
-        exact_out, exact_g = _value_and_grads(reference.attend, layout,
+        exact_out, exact_g = value_and_grads(reference.attend, layout,
                                               *(x.astype(jnp.float64) for x in (q, k, v)), w64)
 
     def err(a, b):
@@ -104,8 +87,8 @@ def test_pallas_gpu_bf16_within_twice_the_reference_error():
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", [
-    masks.TrainingLayout(12, 4, np.asarray(_segments(3, 12, 5))),
-    masks.CausalLayout(11, np.asarray(_segments(2, 11, 6))),
+    masks.TrainingLayout(12, 4, np.asarray(random_segments(3, 12, 5))),
+    masks.CausalLayout(11, np.asarray(random_segments(2, 11, 6))),
     masks.PrefillLayout(np.array([1, 6, 9]), 9, 3),
     masks.DecodeLayout(np.array([0, 4, 10]), 3, 10),
 ], ids=["train-seg", "causal-seg", "prefill", "decode"])
@@ -269,7 +252,7 @@ def test_sharded_equals_reference(mesh_shape):
     from tidar_jax.sharding import activation_mesh, make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[:8])
-    layout = masks.training_layout(12, 4, _segments(4, 12, 7))
+    layout = masks.training_layout(12, 4, random_segments(4, 12, 7))
     q, k, v, w = _inputs(layout, 4, jnp.float32)
 
     def sharded(q, k, v, lay):
@@ -278,8 +261,8 @@ def test_sharded_equals_reference(mesh_shape):
 
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
-    out, g = _value_and_grads(sharded, layout, q, k, v, w)
-    out_ref, g_ref = _value_and_grads(reference.attend, layout, q, k, v, w)
+    out, g = value_and_grads(sharded, layout, q, k, v, w)
+    out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
     np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
