@@ -53,6 +53,13 @@ class DataSection:
     # A weighted mixture of prepared dirs (same tokenizer): [{dir: ..., weight: ...}, ...]; null: data.dir alone.
     # Eval and the tokenizer come from the first source.
     sources: list | None = None
+    # Self-generated draft data (tidar_jax/train/selfgen.py), for a TiDAR run initialised from an AR model
+    # (model.init_from): selfgen_rows rows of the init model's greedy continuations of selfgen_prompt_tokens-token
+    # train-split prompts, made once in <run dir>/selfgen and mixed into the train batches at selfgen_weight.
+    # 0 rows = off (the paper's data).
+    selfgen_rows: int = 0
+    selfgen_prompt_tokens: int = 32
+    selfgen_weight: float = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +312,14 @@ def validate(cfg: TrainConfig) -> None:
                                          and not isinstance(x.get("weight", 1.0), bool)
                                          and x.get("weight", 1.0) > 0 for x in d.sources),
              "data.sources", d.sources, "must be a non-empty list of {dir: PATH, weight: NUMBER > 0}")
+    need(d.selfgen_rows >= 0, "data.selfgen_rows", d.selfgen_rows, "must be >= 0 (0 = off)")
+    if d.selfgen_rows:
+        need(t.objective == "tidar" and cfg.model.init_from is not None, "data.selfgen_rows", d.selfgen_rows,
+             "self-generated draft data needs train.objective=tidar and model.init_from (the AR model that writes it)")
+        need(0 < d.selfgen_weight < 1, "data.selfgen_weight", d.selfgen_weight, "must be in (0, 1)")
+        room = d.seq_len - (cfg.model.arch.get("block_size") or 1)
+        need(1 <= d.selfgen_prompt_tokens < room, "data.selfgen_prompt_tokens", d.selfgen_prompt_tokens,
+             f"must be in [1, data.seq_len - model.block_size = {room})")
     need(o.name in ("adamw", "adam"), "optim.name", o.name, "must be one of adamw, adam")
     need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be one of cosine, constant")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")

@@ -176,14 +176,19 @@ def resolve_packing(cfg: TrainConfig, run_dir: str) -> str:
     return "documents"
 
 
-def data_sources(cfg: TrainConfig, data_dir: str):
-    """The train iterator's ``data_dir`` argument: the dir, or ``[(dir, weight), ...]`` for a mixture."""
-    if not cfg.data.sources:
+def data_sources(cfg: TrainConfig, data_dir: str, selfgen_dir: str | None = None):
+    """The train iterator's ``data_dir`` argument: the dir, or ``[(dir, weight), ...]`` for a mixture.
+    ``selfgen_dir``: the self-generated draft data (``tidar_jax.train.selfgen``), mixed in at
+    ``data.selfgen_weight`` of the rows."""
+    if not cfg.data.sources and selfgen_dir is None:
         return data_dir
     from tidar_jax.data.pipeline import mixture_manifests, normalize_sources
 
-    sources = normalize_sources([{"dir": os.path.abspath(x["dir"]), "weight": x.get("weight", 1.0)}
-                                 for x in cfg.data.sources])
+    listed = cfg.data.sources or [{"dir": data_dir, "weight": 1.0}]
+    sources = normalize_sources([{"dir": os.path.abspath(x["dir"]), "weight": x.get("weight", 1.0)} for x in listed])
+    if selfgen_dir is not None:
+        total, w = sum(x for _, x in sources), cfg.data.selfgen_weight
+        sources = [(d, x * (1 - w) / total) for d, x in sources] + [(os.path.abspath(selfgen_dir), w)]
     mixture_manifests(sources)  # one clear error if the tokenizers differ
     return sources
 
@@ -388,7 +393,20 @@ def _setup(cfg: TrainConfig, run_dir: str, show_progress: bool, t_start: float) 
 
     # documents start on block boundaries, so a TiDAR mask block never holds two documents
     packing = {"packing": packing_mode, "block_size": mcfg.block_size or 1}
-    data_iter = make_train_iterator(data_sources(cfg, data_dir), cfg.data.seq_len, cfg.data.global_batch,
+    selfgen_dir = None
+    if cfg.data.selfgen_rows:  # made once by process 0 before any process reads it
+        from tidar_jax.train.selfgen import SELFGEN_DIR, build_selfgen
+
+        selfgen_dir = os.path.join(run_dir, SELFGEN_DIR)
+        if main:
+            build_selfgen(cfg.model.init_from, data_dir, selfgen_dir, cfg.data.selfgen_rows,
+                          cfg.data.selfgen_prompt_tokens, cfg.data.seq_len, mcfg.block_size, cfg.train.seed,
+                          log=(lambda m: print(m, flush=True)) if show else (lambda m: None))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("selfgen")
+    data_iter = make_train_iterator(data_sources(cfg, data_dir, selfgen_dir), cfg.data.seq_len, cfg.data.global_batch,
                                     cfg.train.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count(), prefetch=cfg.data.prefetch,
                                     worker_count=cfg.data.worker_count, **packing)
