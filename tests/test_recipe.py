@@ -6,6 +6,8 @@ preset (``tidar_jax/train/phases.py``).
 * An architecture, vocabulary or tokenizer that disagrees with the AR run, and an ``init_from`` that is missing, a
   file or damaged, each give one line (non-zero exit from ``train.py``).
 * A phased preset trains both phases; re-running skips the finished AR phase and resumes the TiDAR phase.
+* The TiDAR phase's self-generated draft data is the AR run's own greedy continuation of train-split prompts,
+  token for token, made once (a rerun reuses it); asking for it without an AR model to write it is one line.
 * The invariants hold for the recipe-trained model: lossless TiDAR == AR (float64), the mask half never sees
   later clean tokens, and HF transformers gives the same logits on the exported weights.
 
@@ -31,6 +33,7 @@ from tidar_jax.train.config import load_config, read_preset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 AR_STEPS, TIDAR_STEPS = 4, 4
+SELFGEN_ROWS = 8  # the TiDAR phase also trains on the AR model's own continuations, as tiny.yaml's does
 
 
 def _base(data_dir) -> dict:
@@ -59,7 +62,8 @@ def data_dir(tmp_path_factory):
 def preset(data_dir, tmp_path_factory):
     values = _base(data_dir)
     values["phases"] = [{"name": "ar", "train.objective": "ar", "train.steps": AR_STEPS},
-                        {"name": "tidar", "init_from": "ar", "train.steps": TIDAR_STEPS, "optim.lr": 1e-3}]
+                        {"name": "tidar", "init_from": "ar", "train.steps": TIDAR_STEPS, "optim.lr": 1e-3,
+                         "data.selfgen_rows": SELFGEN_ROWS, "data.selfgen_prompt_tokens": 4}]
     path = tmp_path_factory.mktemp("preset") / "recipe.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return str(path)
@@ -263,3 +267,38 @@ def test_recipe_trained_model_matches_transformers(recipe_run, tmp_path):
     model = nnx.merge(bundle.graphdef, bundle.params)
     mine = np.asarray(model(jnp.asarray(tokens, jnp.int32), jnp.arange(8)[None], causal_mask(1, 8))[0])
     np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-4)
+
+
+def test_selfgen_rows_are_the_ar_models_greedy_continuations(recipe_run, data_dir):
+    from tidar_jax.data import load_manifest
+    from tidar_jax.data.shards import TokenStream, document_spans, split_parts
+    from tidar_jax.decode import Decoder
+    from tidar_jax.loading import load_for_inference
+    from tidar_jax.train.selfgen import build_selfgen, train_prompts
+
+    out = os.path.join(recipe_run, "selfgen")
+    manifest = load_manifest(out)
+    spans = document_spans(out, manifest, "train")
+    stream = TokenStream(split_parts(out, manifest, "train"), manifest["dtype"])
+    rows = [stream.read(int(o), int(o) + int(n)).tolist() for o, n in spans]
+    seq_len, block = 16, 4
+    assert len(rows) == SELFGEN_ROWS and all(len(r) == seq_len - block for r in rows)  # row + eos = one window
+    prompts = train_prompts(data_dir, load_manifest(data_dir), SELFGEN_ROWS, 4, 0)
+    ar = Decoder.from_bundle(load_for_inference(_ar_dir(recipe_run)))
+    gen = ar.generate(prompts, mode="ar", max_new_tokens=seq_len - block - 4, eos_token_id=None)
+    assert rows == [p + list(t) for p, t in zip(prompts, gen.tokens)]
+    assert manifest["tokenizer"]["sha256"] == load_manifest(data_dir)["tokenizer"]["sha256"]
+    stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
+    build_selfgen(_ar_dir(recipe_run), data_dir, out, SELFGEN_ROWS, 4, seq_len, block)  # same settings: reused
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+
+
+@pytest.mark.parametrize("override,named", [(["train.objective=tidar"], "data.selfgen_rows=8"),
+                                            (["model.init_from=x", "data.selfgen_weight=1.0"],
+                                             "data.selfgen_weight=1.0"),
+                                            (["model.init_from=x", "data.selfgen_prompt_tokens=124"],
+                                             "data.selfgen_prompt_tokens=124")])
+def test_selfgen_bad_settings_are_one_line(data_dir, override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["data.selfgen_rows=8", *override])
+    assert str(e.value).startswith(named) and "\n" not in str(e.value)
