@@ -15,12 +15,13 @@ For one run dir it measures, on the held-out split:
 
 from __future__ import annotations
 
-import _repo_on_path  # noqa: F401  (run from a checkout without installing)
-
 import argparse
 import io
 import json
 import os
+
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
 
 import jax
 import jax.numpy as jnp
