@@ -47,16 +47,20 @@ def _fingerprint(settings: dict, source_fingerprint: str, init_meta: bytes) -> s
 
 
 def _init_identity(init_from: str) -> bytes:
-    """What pins the init model's weights: its newest checkpoint's step and meta (a run dir) or the params files."""
+    """What pins the init model's weights: its newest checkpoint's path and orbax metadata (which records when it was
+    saved, so a retrained AR run gives new data), or the path of a params/HF checkpoint."""
     from tidar_jax.checkpoint.run import run_and_steps
 
     try:
         _, steps = run_and_steps(init_from)
-        newest = steps[0]
-        meta = os.path.join(newest, "meta.json")
-        return (newest + (open(meta, "rb").read() if os.path.isfile(meta) else b"").decode("latin-1")).encode()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return os.path.abspath(init_from).encode()
+    stamp = os.path.join(steps[0], "_CHECKPOINT_METADATA")
+    saved = b""
+    if os.path.isfile(stamp):
+        with open(stamp, "rb") as f:
+            saved = f.read()
+    return steps[0].encode() + saved
 
 
 def train_prompts(data_dir: str, manifest: dict, count: int, prompt_tokens: int, seed: int) -> list[list[int]]:
