@@ -315,3 +315,16 @@ def test_recipe_levers_measures_a_recipe_run(recipe_run, tmp_path):
     assert len(r["teacher_forced"]["draft_eq_verifier"]) == r["block_size"] == 4
     rates = r["teacher_forced"]["draft_eq_verifier"] + [a for a in r["decode_slot_acceptance"] if a is not None]
     assert all(0.0 <= a <= 1.0 for a in rates) and 1.0 <= r["tnfe_b1"] <= 4.0
+
+
+def test_selfgen_source_takes_its_weight_of_the_mixture(recipe_run, data_dir):
+    from tidar_jax.train.loop import data_sources
+
+    sg = os.path.join(recipe_run, "selfgen")
+    one = load_config(TINY, [f"data.dir={data_dir}", "model.init_from=x", "data.selfgen_rows=8",
+                             "data.selfgen_weight=0.25"])
+    assert data_sources(one, data_dir) == data_dir  # no self-generated dir given: the data dir alone
+    assert data_sources(one, data_dir, sg) == [(os.path.abspath(data_dir), 0.75), (os.path.abspath(sg), 0.25)]
+    two = one.replace(**{"data.sources": [{"dir": data_dir, "weight": 3}, {"dir": sg, "weight": 1}]})
+    got = data_sources(two, data_dir, sg)
+    assert [w for _, w in got] == pytest.approx([0.5625, 0.1875, 0.25])
