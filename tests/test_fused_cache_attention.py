@@ -105,3 +105,23 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
     assert any("triton" in k.kind for k in fused.kernels())  # the Pallas kernel is in the program
     assert len([lp for lp in paged.loops() if lp.dynamic]) == cfg.num_layers
     assert paged.host_round_trips(dynamic_trips=4) > 0
+
+
+@pytest.mark.parametrize("prompts", [[[3, 5, 7, 2]],
+                                     pytest.param([[3, 5, 7, 2], [4, 4, 4, 9, 8]], marks=pytest.mark.slow)])
+def test_gpu_step_formulation_is_exact(prompts):
+    """The decode step as it is built for a GPU (deferred RMSNorm factor, a padding row at batch 1: see
+    ``tidar_jax.model.layers.defer_norm``/``pad_rows``), run here on CPU with dense cache attention in float64:
+    greedy AR emits the CPU program's tokens, and greedy TiDAR with pruned groups emits greedy AR's."""
+    from tidar_jax.decode import Decoder
+
+    with jax.enable_x64(True):
+        model = random_tiny("float64", seed=3, scale=4.0, attention="reference")
+        want = Decoder.from_model(model).generate(prompts, mode="ar", max_new_tokens=8, cache_attention="dense")
+        with targets.compiling_for("gpu"):
+            dec = Decoder.from_model(model)
+            ar = dec.generate(prompts, mode="ar", max_new_tokens=8, cache_attention="dense")
+            td = dec.generate(prompts, mode="tidar", block_size=4, groups=(1, 3), max_new_tokens=8,
+                              cache_attention="dense")
+        assert ar.tokens == want.tokens
+        assert td.tokens == ar.tokens
