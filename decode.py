@@ -278,7 +278,7 @@ def run_plan(args) -> int:
     if args.estimate:
         from tidar_jax.decode.plan import decode_estimates
 
-        summary["estimate"] = decode_estimates(programs, target.chip, args.batch, args.tokens_per_nfe)
+        summary["estimate"] = decode_estimates(programs, target.chip, args.batch, args.tokens_per_nfe, args.context)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -105,6 +105,23 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
     assert any("triton" in k.kind for k in fused.kernels())  # the Pallas kernel is in the program
     assert len([lp for lp in paged.loops() if lp.dynamic]) == cfg.num_layers
     assert paged.host_round_trips(dynamic_trips=4) > 0
+    # the cost model charges the fused kernel for one layer's live slots when it is told the live length
+    # (2 rows x 2 KV heads x 16 dims x 2 bytes per slot, K and V), and an in-graph launch cost when asked
+    from tidar_jax.compiled import cost_model
+
+    chip = targets.CHIPS["h100"]
+    whole = cost_model.estimate(fused, chip)
+    live = cost_model.estimate(fused, chip, live_cache_slots=64)
+    calls = [k for k in fused.kernels() if cost_model.fused_cache_unread_bytes(fused, k, 64) > 0]
+    assert len(calls) == cfg.num_layers
+    from tidar_jax.compiled.hlo import array_shapes
+
+    slots = next(dims[2] for t in fused.operand_types(calls[0]) for _, dims in array_shapes(t) if len(dims) == 5)
+    per_call = 2 * (cfg.num_layers * slots - 64) * 2 * cfg.head_dim * 2 * 2
+    assert whole.bytes - live.bytes == pytest.approx(cfg.num_layers * per_call)
+    graph = cost_model.estimate(fused, chip, graph=True)
+    assert graph.launch_time_s == pytest.approx(graph.launches * cost_model.GRAPH_LAUNCH_S)
+    assert graph.time_s < whole.time_s
 
 
 @pytest.mark.parametrize("prompts", [[[3, 5, 7, 2]],

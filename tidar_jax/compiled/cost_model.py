@@ -37,6 +37,12 @@ _UPDATERS = {"dynamic-update-slice": 1, "scatter": 2}  # opcode -> index of the 
 _ATTENTION_TARGET = re.compile(r"fmha|flash|attention|mha|splash|__gpu\$xla\.gpu\.triton|mosaic", re.I)
 _BACKWARD = re.compile(r"backward|bwd|_vjp|grad", re.I)
 
+# A kernel inside a CUDA graph (an XLA:GPU command buffer, which the H100 decode step compiles to: see
+# docs/decode.md) still pays a dependency gap but no host-side launch. ASSUMED, not measured: 1 us, the kernel
+# launch overhead XLA's own GpuPerformanceModel uses (/work/shared/reference/kernels.md, section 10).
+GRAPH_LAUNCH_S = 1e-6
+GRAPH_LAUNCH_SOURCE = "one CUDA graph: 1 us per kernel ASSUMED, XLA GpuPerformanceModel's launch cost"
+
 
 @dataclasses.dataclass(frozen=True)
 class Assumptions:
@@ -50,17 +56,25 @@ class Assumptions:
     launch_s: float
     host_round_trip_s: float
     dynamic_trips: int
+    launch_source: str = "eager stream launches"
+    live_cache_slots: int | None = None  # the fused cache kernel is charged for these slots per row (None: all)
 
     @classmethod
-    def of(cls, chip: Chip, dynamic_trips: int = 1) -> "Assumptions":
+    def of(cls, chip: Chip, dynamic_trips: int = 1, graph: bool = False,
+           live_cache_slots: int | None = None) -> "Assumptions":
+        """``graph``: the program runs as one CUDA graph (XLA:GPU command buffer), each kernel costing
+        ``GRAPH_LAUNCH_S`` instead of the chip's eager launch cost (``GRAPH_LAUNCH_SOURCE`` says where it is from)."""
+        launch_s, source = (GRAPH_LAUNCH_S, GRAPH_LAUNCH_SOURCE) if graph else (chip.launch_s, "eager stream launches")
         return cls(chip.name, chip.peak_bf16_flops, chip.peak_fp32_flops, chip.hbm_bytes_per_s,
-                   chip.interconnect_bytes_per_s, chip.launch_s, chip.host_round_trip_s, int(dynamic_trips))
+                   chip.interconnect_bytes_per_s, launch_s, chip.host_round_trip_s, int(dynamic_trips), source,
+                   live_cache_slots)
 
     def line(self) -> str:
         return (f"estimate for {self.chip}: bf16 peak {self.peak_bf16_flops / 1e12:.0f} TFLOP/s, f32 dots "
                 f"{self.peak_fp32_flops / 1e12:.0f} TFLOP/s, HBM {self.hbm_bytes_per_s / 1e12:.2f} TB/s, "
                 f"interconnect {self.interconnect_bytes_per_s / 1e9:.0f} GB/s, launch {self.launch_s * 1e6:.1f} us "
-                f"per kernel, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "
+                f"per kernel ({self.launch_source}), fused cache attention charged for "
+                f"{'the whole cache' if self.live_cache_slots is None else f'{self.live_cache_slots} live slots per row'}, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "
                 f"iterations assumed per data-dependent loop; no overlap of kernels, roofline per kernel")
 
 
@@ -379,6 +393,8 @@ def kernel_cost(program: HloProgram, instr: Instruction, a: Assumptions, runs: i
                           "collective")
     flops, f32 = kernel_flops(program, instr)
     read, written = kernel_bytes(program, instr)
+    if a.live_cache_slots is not None:
+        read -= fused_cache_unread_bytes(program, instr, a.live_cache_slots)
     compute = flops / (a.peak_fp32_flops if f32 else a.peak_bf16_flops)
     memory = (read + written) / a.hbm_bytes_per_s
     work = max(compute, memory)
@@ -386,9 +402,28 @@ def kernel_cost(program: HloProgram, instr: Instruction, a: Assumptions, runs: i
     return KernelCost(instr.name, instr.kind, _op_name(instr), runs, flops, read, written, work + a.launch_s, bound)
 
 
-def estimate(program: HloProgram, chip: Chip, dynamic_trips: int = 1) -> Estimate:
-    """The estimated time of one run of ``program`` on ``chip`` (see the module docstring for the model)."""
-    a = Assumptions.of(chip, dynamic_trips)
+def fused_cache_unread_bytes(program: HloProgram, instr: Instruction, live_slots: int) -> float:
+    """Bytes of its whole-cache operands ``[L, N, C, K, D]`` that one call of the fused cache attention kernel
+    (``tidar_jax.attention.fused_cache``) does not read: it reads one layer's first ``live_slots`` slots of each row
+    (its key-block loop stops at the live end), the operand shapes say the whole allocated cache. 0 for any other
+    kernel."""
+    if instr.opcode != "custom-call" or "fused_cache_attention" not in _op_name(instr):
+        return 0.0
+    unread = 0.0
+    for t in program.operand_types(instr):
+        for dt, dims in array_shapes(t):
+            if len(dims) == 5:
+                layers, rows, slots, kv, d = dims
+                unread += type_bytes(t) - type_bytes(f"{dt}[{rows},{min(live_slots, slots)},{kv},{d}]")
+    return unread
+
+
+def estimate(program: HloProgram, chip: Chip, dynamic_trips: int = 1, graph: bool = False,
+             live_cache_slots: int | None = None) -> Estimate:
+    """The estimated time of one run of ``program`` on ``chip`` (see the module docstring for the model).
+    ``graph``: launches at the in-graph cost (``Assumptions.of``); ``live_cache_slots``: the live cache length,
+    for the fused cache kernel's reads (``fused_cache_unread_bytes``)."""
+    a = Assumptions.of(chip, dynamic_trips, graph, live_cache_slots)
     kernels: list[KernelCost] = []
 
     def visit(comp: str, runs: int):
@@ -412,5 +447,5 @@ def _op_name(instr: Instruction) -> str:
     return m.group(1) if m else ""
 
 
-__all__ = ["Assumptions", "Estimate", "KernelCost", "attention_flops", "collective_bytes", "convolution_flops",
+__all__ = ["GRAPH_LAUNCH_S", "Assumptions", "fused_cache_unread_bytes", "Estimate", "KernelCost", "attention_flops", "collective_bytes", "convolution_flops",
            "dot_flops", "estimate", "kernel_bytes", "kernel_flops"]
