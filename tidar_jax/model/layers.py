@@ -130,6 +130,22 @@ def _project_out(x_NTHD, w_HDE):
     return _single_row_gemm(x_NTHD.reshape(n * t, h * d), w_HDE.reshape(h * d, e)).reshape(n, t, e)
 
 
+def _norm_heads_together(q_norm: "RMSNorm", k_norm: "RMSNorm", q_NTHD, k_NTKD):
+    """``q_norm(q), k_norm(k)`` (per-head RMSNorms, the same eps) as one norm over the heads of both: XLA:GPU
+    emits each per-head norm as its own kernel, and k's with a convert before it (issue 22); the arithmetic per
+    head is ``RMSNorm``'s, so the result is the same."""
+    h = q_NTHD.shape[2]
+    qk_NTXD = jnp.concatenate([q_NTHD, k_NTKD], axis=2)
+    d = qk_NTXD.shape[-1]
+    scale_XD = jnp.concatenate([jnp.broadcast_to(q_norm.scale[...], (h, d)),
+                                jnp.broadcast_to(k_norm.scale[...], (k_NTKD.shape[2], d))])
+    compute = jnp.promote_types(qk_NTXD.dtype, jnp.float32)
+    xf = qk_NTXD.astype(compute)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + q_norm.eps)
+    out_NTXD = scale_XD.astype(qk_NTXD.dtype) * xf.astype(qk_NTXD.dtype)
+    return out_NTXD[:, :, :h], out_NTXD[:, :, h:]
+
+
 class LayerCache(NamedTuple):
     """The whole KV cache ``[L, N, C, K, D]`` and the index of the layer being computed. Passed whole (not sliced
     per layer by the layer scan) so that decode attention can read pages of it in place."""
@@ -176,7 +192,9 @@ class Attention(nnx.Module):
         t = cos_NTD.shape[1]
         if x_NTE.shape[1] > t:  # padding rows (``pad_rows``): only the first ``t`` are tokens
             q, k, v = q[:, :t], k[:, :t], v[:, :t]
-        if self.cfg.qk_norm:
+        if self.cfg.qk_norm and row_scale_NT1 is not None:  # the GPU step: one norm kernel for q and k
+            q, k = _norm_heads_together(self.q_norm, self.k_norm, q, k)
+        elif self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_NTD, sin_NTD), apply_rope(k, cos_NTD, sin_NTD)
         if cache is None:
