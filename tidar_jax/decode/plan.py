@@ -105,13 +105,14 @@ def abstract_decode_params(cfg: ModelConfig, mesh):
 
 def decode_options(mode: str, block_size: int, max_new_tokens: int, cache_page: int = 128,
                    head: str = "one_pass", cache_dtype: str | None = None,
-                   cache_attention: str = "auto") -> DecodeOptions:
+                   cache_attention: str = "auto", groups: tuple[int, ...] | None = None) -> DecodeOptions:
     """The options ``Decoder.options`` builds for a greedy lossless run (AR normalised as the Decoder does)."""
     if mode == "ar":
         return DecodeOptions(mode="ar", block_size=1, max_new_tokens=max_new_tokens, cache_page=cache_page,
                              cache_dtype=cache_dtype, cache_attention=cache_attention).validate()
     return DecodeOptions(mode="tidar", block_size=block_size, max_new_tokens=max_new_tokens, head=head,
-                         cache_page=cache_page, cache_dtype=cache_dtype, cache_attention=cache_attention).validate()
+                         cache_page=cache_page, cache_dtype=cache_dtype, cache_attention=cache_attention,
+                         groups=groups).validate()
 
 
 def _replicated(shape, dtype, mesh):
@@ -123,7 +124,8 @@ def _replicated(shape, dtype, mesh):
 def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = 16, context: int = 1024,
                    max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
                    modes=("ar", "tidar"), mesh_shape=(1, 1, 1), cache_dtype: str | None = None,
-                   with_prefill: bool = True, cache_attention: str = "auto") -> dict[str, CompiledDecodeProgram]:
+                   with_prefill: bool = True, cache_attention: str = "auto",
+                   groups: tuple[int, ...] | None = None) -> dict[str, CompiledDecodeProgram]:
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
     ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill)."""
@@ -135,7 +137,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
     out: dict[str, CompiledDecodeProgram] = {}
     with compiling_for(platform):
         for mode in modes:
-            opts = decode_options(mode, block_size, max_new_tokens, cache_page, head, cache_dtype, cache_attention)
+            opts = decode_options(mode, block_size, max_new_tokens, cache_page, head, cache_dtype, cache_attention,
+                                  groups)
             padded = prompt_bucket(context, context)
             cache_size = engine.required_cache_size(padded, opts)
             stops = engine.Stops(_replicated((EOS_CAPACITY,), jnp.int32, mesh),
