@@ -124,8 +124,37 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
     assert graph.time_s < whole.time_s
 
 
-@pytest.mark.parametrize("prompts", [[[3, 5, 7, 2]],
-                                     pytest.param([[3, 5, 7, 2], [4, 4, 4, 9, 8]], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", [dict(qkv_bias=True), dict(qk_norm=True)])
+@pytest.mark.parametrize("rows, tokens", [(1, 1), (2, 3)])
+def test_gpu_step_forward_equals_the_cpu_forward(family, rows, tokens):
+    """The model's forward over a cache as it is built for a GPU step (deferred RMSNorm factor, one norm for q
+    and k heads, a padding row when the step is one token: ``tidar_jax.model.layers.defer_norm``/``pad_rows``)
+    equals the CPU forward in float64: hidden states and the step's K/V."""
+    from tidar_jax.model import KVCache
+
+    with jax.enable_x64(True):
+        model = random_tiny("float64", seed=5, scale=3.0, attention="reference", **family)
+        cfg = model.cfg
+        rng = np.random.default_rng(0)
+        c = 8
+        cache = KVCache(jnp.asarray(rng.normal(size=(cfg.num_layers, rows, c, cfg.num_kv_heads, cfg.head_dim))),
+                        jnp.asarray(rng.normal(size=(cfg.num_layers, rows, c, cfg.num_kv_heads, cfg.head_dim))),
+                        jnp.full((rows,), 5, jnp.int32))
+        tokens_NT = jnp.asarray(rng.integers(0, 20, size=(rows, tokens)), jnp.int32)
+        positions_NT = 5 + jnp.broadcast_to(jnp.arange(tokens), (rows, tokens))
+        mask_NTS = jnp.concatenate([jnp.broadcast_to(jnp.arange(c) < 5, (rows, tokens, c)),
+                                    jnp.broadcast_to(jnp.tril(jnp.ones((tokens, tokens), bool)),
+                                                     (rows, tokens, tokens))], axis=-1)
+        want_h, want_kv = jax.jit(lambda *a: model.hidden(*a))(tokens_NT, positions_NT, mask_NTS, cache)
+        with targets.compiling_for("gpu"):  # traced (and so built) for a GPU, run here
+            got_h, got_kv = jax.jit(lambda *a: model.hidden(*a))(tokens_NT, positions_NT, mask_NTS, cache)
+        np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), rtol=1e-10, atol=1e-10)
+        for got, want in zip(got_kv, want_kv):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompts", [[[3, 5, 7, 2]], [[3, 5, 7, 2], [4, 4, 4, 9, 8]]])
 def test_gpu_step_formulation_is_exact(prompts):
     """The decode step as it is built for a GPU (deferred RMSNorm factor, a padding row at batch 1: see
     ``tidar_jax.model.layers.defer_norm``/``pad_rows``), run here on CPU with dense cache attention in float64:
