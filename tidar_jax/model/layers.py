@@ -131,9 +131,11 @@ def _project_out(x_NTHD, w_HDE):
 
 
 def _norm_heads_together(q_norm: "RMSNorm", k_norm: "RMSNorm", q_NTHD, k_NTKD):
-    """``q_norm(q), k_norm(k)`` (per-head RMSNorms, the same eps) as one norm over the heads of both: XLA:GPU
-    emits each per-head norm as its own kernel, and k's with a convert before it (issue 22); the arithmetic per
-    head is ``RMSNorm``'s, so the result is the same."""
+    """``q_norm(q), k_norm(k)`` (per-head RMSNorms, the same eps) as one norm over the heads of both: in the
+    compiled H100 one-token step XLA:GPU emits each per-head norm as its own kernel, and k's with a convert before
+    it (3 kernels; 1 this way). With many tokens (a TiDAR step) it is the other way round (the separate norms are
+    one Triton kernel each, the joint one a reduction and a transposed rsqrt), so only one-token steps use it
+    (issue 22). The arithmetic per head is ``RMSNorm``'s, so the result is the same."""
     h = q_NTHD.shape[2]
     qk_NTXD = jnp.concatenate([q_NTHD, k_NTKD], axis=2)
     d = qk_NTXD.shape[-1]
@@ -192,7 +194,7 @@ class Attention(nnx.Module):
         t = cos_NTD.shape[1]
         if x_NTE.shape[1] > t:  # padding rows (``pad_rows``): only the first ``t`` are tokens
             q, k, v = q[:, :t], k[:, :t], v[:, :t]
-        if self.cfg.qk_norm and row_scale_NT1 is not None:  # the GPU step: one norm kernel for q and k
+        if self.cfg.qk_norm and row_scale_NT1 is not None and t == 1:  # a one-token GPU step: see the function
             q, k = _norm_heads_together(self.q_norm, self.k_norm, q, k)
         elif self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
