@@ -86,25 +86,31 @@ def h100_devices():
 
 
 @pytest.mark.parametrize("mode", ["ar", pytest.param("tidar", marks=pytest.mark.slow)])
-def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices, mode):
+def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices, mode, tmp_path):
     """A small model's decode step (the Decoder's engine.step, per-layer weights, donated state) compiled for an
-    H100: with ``auto`` (the fused kernel) no ``while`` has a data-dependent trip count and no device-to-host
-    transfer happens inside the step; with ``paged`` both happen, once per layer."""
+    H100: with ``auto`` (the fused kernel) no ``while`` has a data-dependent trip count, no device-to-host
+    transfer happens inside the step, and XLA:GPU puts the whole step in one command buffer (CUDA graph); with
+    ``paged`` the loops and round trips happen, once per layer, and the loops run outside command buffers."""
+    from tidar_jax.compiled.thunks import read_dump
     from tidar_jax.decode.plan import compile_decode
 
     cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16", num_layers=2)
-    steps = {}
+    steps, graphs = {}, {}
     for kind in ("auto", "paged"):
         programs = compile_decode(cfg, h100_devices, batch=2, block_size=4, context=64, max_new_tokens=16,
                                   cache_page=16, modes=(mode,), cache_attention=kind,
-                                  with_prefill=False)
+                                  with_prefill=False, step_compiler_options={"xla_dump_to": str(tmp_path / kind)})
         steps[kind] = programs[f"{mode} step"].program
+        graphs[kind] = read_dump(str(tmp_path / kind), "step")
     fused, paged = steps["auto"], steps["paged"]
     assert not [lp for lp in fused.loops() if lp.dynamic]
     assert fused.host_round_trips(dynamic_trips=4) == 0
     assert any("triton" in k.kind for k in fused.kernels())  # the Pallas kernel is in the program
     assert len([lp for lp in paged.loops() if lp.dynamic]) == cfg.num_layers
     assert paged.host_round_trips(dynamic_trips=4) > 0
+    assert graphs["auto"].top_level == ("kCommandBuffer",)
+    assert graphs["auto"].in_command_buffers >= len(fused.kernels()) - 2  # XLA may elide or add a copy thunk
+    assert graphs["paged"].top_level.count("kWhile") == cfg.num_layers
     # the cost model charges the fused kernel for one layer's live slots when it is told the live length
     # (2 rows x 2 KV heads x 16 dims x 2 bytes per slot, K and V), and an in-graph launch cost when asked
     from tidar_jax.compiled import cost_model

@@ -125,10 +125,12 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
                    max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
                    modes=("ar", "tidar"), mesh_shape=(1, 1, 1), cache_dtype: str | None = None,
                    with_prefill: bool = True, cache_attention: str = "auto",
-                   groups: tuple[int, ...] | None = None) -> dict[str, CompiledDecodeProgram]:
+                   groups: tuple[int, ...] | None = None,
+                   step_compiler_options: dict | None = None) -> dict[str, CompiledDecodeProgram]:
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
-    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill)."""
+    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill).
+    ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``: ``tidar_jax.compiled.thunks``)."""
     from tidar_jax.sharding import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=list(devices)[:math.prod(mesh_shape)])
@@ -166,7 +168,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)
             t0 = time.perf_counter()
-            step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile()
+            step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile(
+                compiler_options=step_compiler_options)
             step_s = time.perf_counter() - t0
             trips = max(1, -(-context // cache_page)) if cache_page else 1
             step_tokens = 1 if mode == "ar" else block_size * (1 + len(opts.group_counts))
