@@ -4,6 +4,7 @@ backward, each time beside the cost model's estimate of the same compiled progra
 
     python -m benchmarks.attention_kernels --out DIR                 # on a GPU: pallas_gpu, cudnn, blockwise
     python -m benchmarks.attention_kernels --smoke --out DIR         # CPU, tiny shapes (the test)
+    python -m benchmarks.attention_kernels --rank h100 h200 a100 b200  # the cost model's ranking auto reads
 
 Shapes: qwen2.5-1.5b attention (12 query / 2 kv heads, head_dim 128, bf16), block 16, S = 2048 and 4096 (the
 doubled sequence is 2S), batch 16 rows split into micro-batches of ``--rows`` (default 1: one device's share of a
@@ -62,6 +63,19 @@ def _time(fn, args, repeat: int) -> float:
     return best
 
 
+def programs(kernel: str, layout):
+    """``(forward, forward + backward)`` of ``kernel`` on ``layout``: what is timed and what is estimated."""
+
+    def fwd(q, k, v):
+        return attention.attend(q, k, v, layout, kernel)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(fwd, q, k, v)
+        return vjp(out)
+
+    return fwd, fwd_bwd
+
+
 def measure(kernel: str, seq_len: int, block: int, rows: int, heads: int, kv_heads: int, head_dim: int, dtype,
             repeat: int, chip) -> dict:
     """Forward and forward+backward time (best of ``repeat``) and the cost-model estimate of each program."""
@@ -72,13 +86,7 @@ def measure(kernel: str, seq_len: int, block: int, rows: int, heads: int, kv_hea
     k = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
     v = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
 
-    def fwd(q, k, v):
-        return attention.attend(q, k, v, layout, kernel)
-
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(fwd, q, k, v)
-        return vjp(out)
-
+    fwd, fwd_bwd = programs(kernel, layout)
     row = {"kernel": kernel, "seq_len": seq_len, "block": block, "rows": rows, "heads": heads,
            "kv_heads": kv_heads, "head_dim": head_dim, "dtype": jnp.dtype(dtype).name}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -109,6 +117,43 @@ def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dt
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 out["rows"].append({"kernel": kernel, "seq_len": seq_len, "error": first[:300]})
     return out
+
+
+def rank(chips, kernels=GPU_KERNELS, seq_len: int = 4096, block: int = 16, rows: int = 1) -> dict:
+    """The cost model's estimate of each kernel's forward + backward (the section's ``fwd_bwd`` program) at the
+    1.5B attention shape, compiled deviceless for each chip: the ``gpu_choice`` ranking record. A kernel that does
+    not compile there (cudnn without cuDNN installed) gets the reason instead of a time."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from tidar_jax.attention import gpu_choice
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+
+    layout = masks.training_layout(seq_len, block)
+    estimates, assumptions = {}, {}
+    for chip in chips:
+        target = targets.parse_target(chip)
+        sh = NamedSharding(Mesh(np.array(targets.target_devices(target)[:1]), ("x",)), P())
+        q = jax.ShapeDtypeStruct((rows, layout.q_len, HEADS, HEAD_DIM), jnp.bfloat16, sharding=sh)
+        k = jax.ShapeDtypeStruct((rows, layout.k_len, KV_HEADS, HEAD_DIM), jnp.bfloat16, sharding=sh)
+        estimates[chip] = {}
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            try:
+                with targets.compiling_for(target):
+                    compiled = jax.jit(programs(kernel, layout)[1]).lower(q, k, k).compile()
+            except Exception as e:  # noqa: BLE001 -- recorded: a kernel this machine cannot compile is not ranked
+                estimates[chip][kernel] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                print(f"{chip} {kernel}: not compiled: {estimates[chip][kernel]}", file=sys.stderr, flush=True)
+                continue
+            est = estimate(HloProgram.of(compiled), target.chip)
+            estimates[chip][kernel], assumptions[chip] = est.time_s, est.assumptions.line()
+            print(f"{chip} {kernel}: {est.time_s * 1e3:.3f} ms estimated (compiled in "
+                  f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    shape = {"seq_len": seq_len, "block": block, "rows": rows, "heads": HEADS, "kv_heads": KV_HEADS,
+             "head_dim": HEAD_DIM, "dtype": "bfloat16", "program": "forward + backward (fwd_bwd)"}
+    return gpu_choice.ranking_record(estimates, "python -m benchmarks.attention_kernels --rank " + " ".join(chips),
+                                     shape, assumptions)
 
 
 TRITON = ("custom-call:__gpu$xla.gpu.triton", "custom-call:triton_kernel_call_ffi")  # jax 0.10, 0.11
@@ -155,7 +200,7 @@ def train_step_estimate(config: str, target_name: str, objective: str, kernel: s
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output directory (all modes but --rank)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, pallas_gpu in the Pallas interpreter")
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
@@ -164,7 +209,24 @@ def main(argv=None) -> int:
                    help="instead of timing: the cost model's TiDAR and AR train-step estimates with pallas_gpu on "
                         "TARGET (e.g. h100x8) for --config and the attention kernels' share")
     p.add_argument("--config", default="configs/qwen2.5-1.5b-tidar.yaml")
+    p.add_argument("--rank", metavar="CHIP", nargs="+", default=None,
+                   help="instead of timing: the cost model's ranking of the GPU kernels per chip (e.g. h100 h200 "
+                        "a100 b200), written to tidar_jax/attention/gpu_ranking.json (what auto reads on a GPU "
+                        "until the suite has measured)")
     args = p.parse_args(argv)
+    if args.rank:
+        from tidar_jax.attention import gpu_choice
+
+        bad = [c for c in args.rank if c not in targets.CHIPS or targets.CHIPS[c].platform != "gpu"]
+        if bad:
+            raise SystemExit(f"--rank {bad[0]!r}: must be among "
+                             f"{', '.join(c for c, chip in targets.CHIPS.items() if chip.platform == 'gpu')}")
+        record = rank(args.rank)
+        gpu_choice.write_ranking(record)
+        print(json.dumps(record["chips"], indent=1))
+        return 0
+    if not args.out:
+        raise SystemExit("--out: required (an output directory) unless --rank is given")
     if args.estimate:
         rows = [train_step_estimate(args.config, args.estimate, obj) for obj in ("tidar", "ar")]
         rows.append({"tidar_over_ar": rows[0]["step_s"] / rows[1]["step_s"]})

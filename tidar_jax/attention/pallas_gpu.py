@@ -38,6 +38,7 @@ from jax import lax
 from tidar_jax.attention.schedule import TileSchedule, tile_schedule
 from tidar_jax.compiled.declared import with_flops
 from tidar_jax.masks import DecodeLayout, PrefillLayout
+from tidar_jax.targets import build_chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +91,9 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def tiles_for_backend() -> Tiles:
-    """The ``TILES`` entry of the local GPU when there is one, else ``DEFAULT_TARGET``'s."""
-    try:
-        kind = jax.devices()[0].device_kind.lower()
-    except RuntimeError:  # pragma: no cover - no backend at all
-        kind = ""
-    for name, tiles in TILES.items():
-        if name in kind:
-            return tiles
-    return TILES[DEFAULT_TARGET]
+    """The ``TILES`` entry of the chip being built for (``targets.build_chip``: a deviceless target's, or the
+    local GPU's), else ``DEFAULT_TARGET``'s."""
+    return TILES.get(build_chip(), TILES[DEFAULT_TARGET])
 
 
 # ----------------------------------------------------------------------------------------------------------------
