@@ -150,8 +150,12 @@ def rank(chips, kernels=GPU_KERNELS, seq_len: int = 4096, block: int = 16, rows:
             estimates[chip][kernel], assumptions[chip] = est.time_s, est.assumptions.line()
             print(f"{chip} {kernel}: {est.time_s * 1e3:.3f} ms estimated (compiled in "
                   f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    import importlib.util
+
     shape = {"seq_len": seq_len, "block": block, "rows": rows, "heads": HEADS, "kv_heads": KV_HEADS,
-             "head_dim": HEAD_DIM, "dtype": "bfloat16", "program": "forward + backward (fwd_bwd)"}
+             "head_dim": HEAD_DIM, "dtype": "bfloat16", "program": "forward + backward (fwd_bwd)",
+             # cudnn compiles only where cuDNN is importable (docs/attention.md: not in the requirements)
+             "cudnn_importable": importlib.util.find_spec("nvidia.cudnn") is not None}
     return gpu_choice.ranking_record(estimates, "python -m benchmarks.attention_kernels --rank " + " ".join(chips),
                                      shape, assumptions)
 
