@@ -125,6 +125,28 @@ def test_attention_flops_from_operand_shapes():
     assert cost_model.attention_flops([(2, 8, 128, 64), (2, 2, 512, 64)], backward=False) == 4 * 2 * 8 * 128 * 64 * 512
 
 
+_FMHA_HLO = """HloModule m
+
+ENTRY %main (q: bf16[1,128,4,64], k: bf16[1,128,2,64]) -> bf16[1,128,4,64] {
+  %q = bf16[1,128,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[1,128,2,64]{3,2,1,0} parameter(1)
+  ROOT %fmha = bf16[1,128,4,64]{3,2,1,0} custom-call(%q, %k, %k), custom_call_target="TARGET", metadata={op_name="OP"}
+}
+"""
+
+
+@pytest.mark.parametrize("target, op_name, backward", [
+    ("__cudnn$fmhaScaleBiasSoftmax", "jit(fwd_bwd)/jvp()/dot_product_attention_fwd", False),
+    ("__cudnn$fmhaScaleBiasSoftmaxBackward", "jit(fwd_bwd)/transpose(jvp())/dot_product_attention_bwd", True),
+    ("__cudnn$fmhaScaleBiasSoftmax", "jit(step)/transpose(jvp())/dot_product_attention_bwd", True)])
+def test_attention_call_is_backward_by_its_own_name(target, op_name, backward):
+    """A cuDNN attention call is a backward one by its target or its op's own name, never by the jitted
+    function's name above it (the accelerator suite's program is called ``fwd_bwd``)."""
+    program = HloProgram(_FMHA_HLO.replace("TARGET", target).replace("OP", op_name))
+    (kernel,) = cost_model.estimate(program, H100).kernels
+    assert kernel.flops == 4 * 128 * 4 * 64 * 128 * (2.5 if backward else 1.0)
+
+
 @pytest.mark.parametrize("s, b", [(16, 4), (32, 8), (24, 4)])
 def test_mfu_counts_the_pairs_the_training_mask_allows(s, b):
     from tidar_jax import masks

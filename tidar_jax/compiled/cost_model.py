@@ -218,7 +218,10 @@ def _custom_call_flops(program: HloProgram, instr: Instruction) -> float:
         return _gemm_flops(program, instr)
     if _ATTENTION_TARGET.search(target) or _ATTENTION_TARGET.search(_op_name(instr)):
         shapes = [_shape(t)[1] for t in program.operand_types(instr)]
-        return attention_flops(shapes, bool(_BACKWARD.search(target + " " + _op_name(instr))))
+        # the op's own name (``.../dot_product_attention_bwd``), not the path above it: a jitted function named
+        # ``fwd_bwd`` must not make its forward call a backward one
+        own_name = _op_name(instr).rsplit("/", 1)[-1]
+        return attention_flops(shapes, bool(_BACKWARD.search(target + " " + own_name)))
     return 0.0
 
 
