@@ -147,6 +147,21 @@ def test_attention_call_is_backward_by_its_own_name(target, op_name, backward):
     assert kernel.flops == 4 * 128 * 4 * 64 * 128 * (2.5 if backward else 1.0)
 
 
+@pytest.mark.parametrize("attrs", [
+    'metadata={op_name="jit(f)/jvp(tidar_flash_fwd__flops_123456)/pallas_call"}',  # jax 0.10 and 0.11
+    'backend_config={debug = false, grid_x = 4 : i32, ir = "ML\\EFR\\22x", name = "tidar_flash_fwd__flops_123456", '
+    'num_warps = 8 : i32}'])  # no op_name: the kernel name in the backend_config (jax 0.10's MLIR form)
+def test_pallas_kernel_is_charged_the_flops_it_declares(attrs):
+    """A kernel named by ``declared.with_flops`` is charged what it declares, not the every-pair attention count
+    its operand shapes would give."""
+    from tidar_jax.compiled.declared import with_flops
+
+    assert with_flops("tidar_flash_fwd", 123456.0) == "tidar_flash_fwd__flops_123456"
+    text = _FMHA_HLO.replace('metadata={op_name="OP"}', attrs).replace("TARGET", "__gpu$xla.gpu.triton")
+    (kernel,) = cost_model.estimate(HloProgram(text), H100).kernels
+    assert kernel.flops == 123456.0
+
+
 @pytest.mark.parametrize("s, b", [(16, 4), (32, 8), (24, 4)])
 def test_mfu_counts_the_pairs_the_training_mask_allows(s, b):
     from tidar_jax import masks

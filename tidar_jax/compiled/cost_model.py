@@ -210,12 +210,12 @@ def declared_kernel_flops(instr: Instruction) -> float | None:
 
 
 def _custom_call_flops(program: HloProgram, instr: Instruction) -> float:
-    declared = declared_kernel_flops(instr)
-    if declared is not None:
-        return declared
     target = instr.attr("custom_call_target") or ""
     if "gemm" in target or "matmul" in target:
         return _gemm_flops(program, instr)
+    declared = declared_kernel_flops(instr)
+    if declared is not None:
+        return declared
     if _ATTENTION_TARGET.search(target) or _ATTENTION_TARGET.search(_op_name(instr)):
         shapes = [_shape(t)[1] for t in program.operand_types(instr)]
         # the op's own name (``.../dot_product_attention_bwd``), not the path above it: a jitted function named
