@@ -5,8 +5,10 @@ For every kernel of the optimized HLO (``tidar_jax.compiled.hlo``: a fusion, a c
 * FLOPs: the ``dot`` and ``convolution`` instructions inside it (2 per multiply-add, from the operand and result
   shapes), a cuBLAS GEMM custom call from its dot dimension numbers, and an attention custom call (cuDNN fused
   attention, a Pallas/Triton or Mosaic kernel) from its operand shapes: ``4 N H T S D`` forward (every query-key
-  pair: an upper bound for a masked kernel that skips tiles), 2.5x that for a backward call. Elementwise work is
-  not counted (it is memory-bound; its bytes are).
+  pair: an upper bound for a masked kernel that skips tiles), 2.5x that for a backward call; a Pallas kernel that
+  declares its FLOPs in its name (``tidar_jax.compiled.declared``: the block-sparse attention kernels, from the
+  tiles their schedule visits) is charged those. Elementwise work is not counted (it is memory-bound; its bytes
+  are).
 * bytes: what it reads (each operand; an operand only sliced inside the kernel counts its slices, one only
   updated in place counts nothing) plus what it writes (each result; an in-place update counts its update).
 * time: ``max(FLOPs / peak(dtype), bytes / HBM bandwidth) + launch``; a collective moves its ring traffic
@@ -28,6 +30,7 @@ import dataclasses
 import math
 import re
 
+from tidar_jax.compiled.declared import declared_flops
 from tidar_jax.compiled.hlo import COLLECTIVES, HloProgram, Instruction, array_shapes, type_bytes
 from tidar_jax.targets import Chip
 
@@ -208,13 +211,31 @@ def attention_flops(operand_shapes: list[tuple[int, ...]], backward: bool) -> fl
     return 0.0
 
 
+def declared_kernel_flops(instr: Instruction) -> float | None:
+    """The FLOPs a Pallas kernel declares in its name (``tidar_jax.compiled.declared``), or None. The block-sparse
+    attention kernels (``tidar_jax.attention.pallas_gpu``) declare the tiles their schedule visits, so they are
+    charged for those, not for every query-key pair of their operands. Read from the op_name, else from the
+    backend_config's kernel name (text: jax 0.10 prints it as an MLIR dictionary, not JSON)."""
+    found = declared_flops(_op_name(instr))
+    if found is None:
+        m = re.search(r'\bname\s*[=:]\s*\\?"([^"\\]*)', instr.attr("backend_config") or "")
+        found = declared_flops(m.group(1)) if m else None
+    return found
+
+
 def _custom_call_flops(program: HloProgram, instr: Instruction) -> float:
     target = instr.attr("custom_call_target") or ""
     if "gemm" in target or "matmul" in target:
         return _gemm_flops(program, instr)
+    declared = declared_kernel_flops(instr)
+    if declared is not None:
+        return declared
     if _ATTENTION_TARGET.search(target) or _ATTENTION_TARGET.search(_op_name(instr)):
         shapes = [_shape(t)[1] for t in program.operand_types(instr)]
-        return attention_flops(shapes, bool(_BACKWARD.search(target + " " + _op_name(instr))))
+        # the op's own name (``.../dot_product_attention_bwd``), not the path above it: a jitted function named
+        # ``fwd_bwd`` must not make its forward call a backward one
+        own_name = _op_name(instr).rsplit("/", 1)[-1]
+        return attention_flops(shapes, bool(_BACKWARD.search(target + " " + own_name)))
     return 0.0
 
 
@@ -447,5 +468,6 @@ def _op_name(instr: Instruction) -> str:
     return m.group(1) if m else ""
 
 
-__all__ = ["GRAPH_LAUNCH_S", "Assumptions", "fused_cache_unread_bytes", "Estimate", "KernelCost", "attention_flops", "collective_bytes", "convolution_flops",
-           "dot_flops", "estimate", "kernel_bytes", "kernel_flops"]
+__all__ = ["GRAPH_LAUNCH_S", "Assumptions", "Estimate", "KernelCost", "attention_flops", "collective_bytes",
+           "convolution_flops", "declared_kernel_flops", "dot_flops", "estimate", "fused_cache_unread_bytes",
+           "kernel_bytes", "kernel_flops"]
