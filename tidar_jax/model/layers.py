@@ -71,7 +71,9 @@ def defer_norm(cache) -> bool:
     Why: XLA:GPU emits ``norm(x) @ w`` as three kernels (the residual add with the sum of squares, the scaling,
     the GEMM); written ``r * ((x * scale) @ w)`` the scaling by ``scale`` is fused into the GEMM's operand and
     ``r`` into the fusion that consumes the GEMM (RoPE, SwiGLU), so each norm costs no kernel of its own (issue
-    22). Algebraically equal; in bf16 it rounds ``x * scale`` once instead of ``x * r`` and then ``* scale``.
+    22). Algebraically equal; in bf16 it rounds ``x * scale`` and the product before ``* r`` instead of ``x * r``
+    and then ``* scale`` (the products stay in the compute dtype: a float32 GEMM output would double the bytes
+    the GEMM writes and the next fusion reads, at 272 TiDAR rows half a gigabyte per step at 1.5B).
     Only the decode step (a cache is read) on GPU: prefill, training and every CPU program are unchanged."""
     from tidar_jax.targets import build_platform
 
@@ -97,19 +99,17 @@ def apply_rope(x_NTHD, cos_NTD, sin_NTD):
     return out.astype(x_NTHD.dtype)
 
 
-def _single_row_gemm(x_RE, w_EF, wide: bool = False):
+def _single_row_gemm(x_RE, w_EF):
     """``x @ w`` for a 2-D ``x``. One row (an AR decode step at batch 1) on GPU is padded to two: XLA:GPU rewrites
     a vector-matrix product whose weight is small (under 10M elements: the 1.5B model's attention projections) into
     an elementwise multiply that writes a weight-sized product plus a reduction that reads it back, two kernels and
     three times the weight traffic in the compiled H100 step; a two-row product stays one GEMM that reads the
-    weight once. Elsewhere (CPU) the product is left as it is. ``wide``: the product in the accumulation dtype
-    (float32 or wider), for a deferred norm factor to be applied before rounding."""
+    weight once. Elsewhere (CPU) the product is left as it is."""
     from tidar_jax.targets import build_platform
 
-    out = jnp.promote_types(x_RE.dtype, jnp.float32) if wide else None
     if x_RE.shape[0] == 1 and build_platform() in ("gpu", "cuda", "rocm"):
-        return jnp.matmul(jnp.pad(x_RE, ((0, 1), (0, 0))), w_EF, preferred_element_type=out)[:1]
-    return jnp.matmul(x_RE, w_EF, preferred_element_type=out)
+        return (jnp.pad(x_RE, ((0, 1), (0, 0))) @ w_EF)[:1]
+    return x_RE @ w_EF
 
 
 def _project_in(x_NTE, w_EHD, row_scale_NT1=None):
@@ -117,7 +117,7 @@ def _project_in(x_NTE, w_EHD, row_scale_NT1=None):
     ``row_scale`` (a deferred norm factor, ``RMSNorm.deferred``) when given."""
     e, h, d = w_EHD.shape
     n, t, _ = x_NTE.shape
-    y_NTF = _single_row_gemm(x_NTE.reshape(n * t, e), w_EHD.reshape(e, h * d), row_scale_NT1 is not None)
+    y_NTF = _single_row_gemm(x_NTE.reshape(n * t, e), w_EHD.reshape(e, h * d))
     if row_scale_NT1 is not None:
         y_NTF = (y_NTF.reshape(n, t, h * d) * row_scale_NT1).astype(x_NTE.dtype)
     return y_NTF.reshape(n, t, h, d)
@@ -224,13 +224,8 @@ class MLP(nnx.Module):
     def __call__(self, x_NTE, row_scale_NT1=None):
         """``row_scale``: a deferred norm factor (``RMSNorm.deferred``) the gate and up products are multiplied by."""
         dt = x_NTE.dtype
-        if row_scale_NT1 is None:
-            gate = x_NTE @ self.gate_proj[...].astype(dt)
-            up = x_NTE @ self.up_proj[...].astype(dt)
-        else:
-            out = jnp.promote_types(dt, jnp.float32)
-            gate = (jnp.matmul(x_NTE, self.gate_proj[...].astype(dt), preferred_element_type=out)
-                    * row_scale_NT1).astype(dt)
-            up = (jnp.matmul(x_NTE, self.up_proj[...].astype(dt), preferred_element_type=out)
-                  * row_scale_NT1).astype(dt)
+        gate = x_NTE @ self.gate_proj[...].astype(dt)
+        up = x_NTE @ self.up_proj[...].astype(dt)
+        if row_scale_NT1 is not None:
+            gate, up = (gate * row_scale_NT1).astype(dt), (up * row_scale_NT1).astype(dt)
         return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
