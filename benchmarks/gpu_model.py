@@ -65,7 +65,8 @@ def decode_grid(shapes, batches, contexts, blocks, page: int, max_new: int, log)
                     b = 1 if mode == "ar" else int(name.split("B=")[1])
                     s = prog.summary(cfg.num_layers)
                     for chip in CHIPS_ESTIMATED:
-                        est = estimate(prog.program, targets.CHIPS[chip], prog.assumed_trips)
+                        est = estimate(prog.program, targets.CHIPS[chip], prog.assumed_trips,
+                                       live_cache_slots=context)
                         rows.append({
                             "target": chip, "shape": shape, "batch": batch, "context": context, "mode": mode,
                             "block_size": b, "step_s": est.time_s, "launches": est.launches,
