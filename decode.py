@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "7.45 at 1.5B, 8.25 at 8B), or per B as B=T,... (e.g. 4=3.1,8=5.0,16=7.45; with "
                            "--recommendation: all groups)")
     plan.add_argument("--acceptance", type=float, default=None,
-                      help="with --recommendation: per-slot draft acceptance rate in [0, 1) instead of --tokens-per-nfe "
-                           "(default: the paper's T/NFE at B=16 for the preset)")
-    plan.add_argument("--blocks", default="4,8,16", help="with --recommendation: block sizes to compare (default 4,8,16)")
+                      help="with --recommendation: per-slot draft acceptance rate in [0, 1) instead of "
+                           "--tokens-per-nfe (default: the paper's T/NFE at B=16 for the preset)")
+    plan.add_argument("--blocks", default="4,8,16",
+                      help="with --recommendation: block sizes to compare (default 4,8,16)")
     return p
 
 

@@ -11,8 +11,9 @@ For every kernel of the optimized HLO (``tidar_jax.compiled.hlo``: a fusion, a c
   are).
 * bytes: what it reads (each operand; an operand only sliced inside the kernel counts its slices, one only
   updated in place counts nothing) plus what it writes (each result; an in-place update counts its update).
-* time: ``max(FLOPs / peak(dtype), bytes / HBM bandwidth) + launch``; a collective moves its ring traffic
-  over the chip's interconnect instead.
+* time: ``max(FLOPs / peak(dtype), bytes / HBM bandwidth) + launch`` (the chip's eager launch cost, or with
+  ``graph=True`` the assumed cost of a kernel inside one CUDA graph, ``GRAPH_LAUNCH_S``); a collective moves its
+  ring traffic over the chip's interconnect instead.
 
 A loop's kernels count once per iteration (trip counts multiply through nesting); a loop whose trip count is only
 known at run time runs ``dynamic_trips`` iterations (an assumption) and pays a host round trip per iteration plus
@@ -73,11 +74,13 @@ class Assumptions:
                    live_cache_slots)
 
     def line(self) -> str:
+        cache = ("the whole cache" if self.live_cache_slots is None
+                 else f"{self.live_cache_slots} live slots per row")
         return (f"estimate for {self.chip}: bf16 peak {self.peak_bf16_flops / 1e12:.0f} TFLOP/s, f32 dots "
                 f"{self.peak_fp32_flops / 1e12:.0f} TFLOP/s, HBM {self.hbm_bytes_per_s / 1e12:.2f} TB/s, "
                 f"interconnect {self.interconnect_bytes_per_s / 1e9:.0f} GB/s, launch {self.launch_s * 1e6:.1f} us "
                 f"per kernel ({self.launch_source}), fused cache attention charged for "
-                f"{'the whole cache' if self.live_cache_slots is None else f'{self.live_cache_slots} live slots per row'}, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "
+                f"{cache}, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "
                 f"iterations assumed per data-dependent loop; no overlap of kernels, roofline per kernel")
 
 

@@ -130,7 +130,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
     ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill).
-    ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``: ``tidar_jax.compiled.thunks``)."""
+    ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``, read by
+    ``tidar_jax.compiled.thunks``)."""
     from tidar_jax.sharding import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=list(devices)[:math.prod(mesh_shape)])
