@@ -127,6 +127,18 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
     slots = next(dims[2] for t in fused.operand_types(calls[0]) for _, dims in array_shapes(t) if len(dims) == 5)
     per_call = 2 * (cfg.num_layers * slots - 64) * 2 * cfg.head_dim * 2 * 2
     assert whole.bytes - live.bytes == pytest.approx(cfg.num_layers * per_call)
+    # its FLOPs: every padded query row (T tokens x R heads per KV head) against the live slots plus the step's U
+    # keys, counted here from the kernel's tiling, not from the name it declares
+    from tidar_jax.attention.fused_cache import tiling
+
+    t = 1 if mode == "ar" else 4 * (1 + 4)
+    rows = tiling(2, cfg.num_kv_heads, t * cfg.num_heads // cfg.num_kv_heads, slots)["m_pad"]
+    per_slot = 4 * 2 * cfg.num_kv_heads * rows * cfg.head_dim
+    u = max(16, 1 << (t - 1).bit_length())
+    for c in calls:
+        assert cost_model.kernel_flops(fused, c)[0] + cost_model.declared_cache_slot_flops(fused, c, 64) == \
+            per_slot * (64 + u)
+    assert whole.flops - live.flops == pytest.approx(cfg.num_layers * per_slot * (slots - 64))
     graph = cost_model.estimate(fused, chip, graph=True)
     assert graph.launch_time_s == pytest.approx(graph.launches * cost_model.GRAPH_LAUNCH_S)
     assert graph.time_s < whole.time_s

@@ -7,8 +7,9 @@ For every kernel of the optimized HLO (``tidar_jax.compiled.hlo``: a fusion, a c
   attention, a Pallas/Triton or Mosaic kernel) from its operand shapes: ``4 N H T S D`` forward (every query-key
   pair: an upper bound for a masked kernel that skips tiles), 2.5x that for a backward call; a Pallas kernel that
   declares its FLOPs in its name (``tidar_jax.compiled.declared``: the block-sparse attention kernels, from the
-  tiles their schedule visits) is charged those. Elementwise work is not counted (it is memory-bound; its bytes
-  are).
+  tiles their schedule visits) is charged those; the fused cache attention declares a fixed part and FLOPs per
+  live cache slot, charged for the live length the estimate is given (every allocated slot when none).
+  Elementwise work is not counted (it is memory-bound; its bytes are).
 * bytes: what it reads (each operand; an operand only sliced inside the kernel counts its slices, one only
   updated in place counts nothing) plus what it writes (each result; an in-place update counts its update).
 * time: ``max(FLOPs / peak(dtype), bytes / HBM bandwidth) + launch`` (the chip's eager launch cost, or with
@@ -31,7 +32,7 @@ import dataclasses
 import math
 import re
 
-from tidar_jax.compiled.declared import declared_flops
+from tidar_jax.compiled.declared import declared_flops, declared_per_cache_slot
 from tidar_jax.compiled.hlo import COLLECTIVES, HloProgram, Instruction, array_shapes, type_bytes
 from tidar_jax.targets import Chip
 
@@ -221,9 +222,29 @@ def declared_kernel_flops(instr: Instruction) -> float | None:
     backend_config's kernel name (text: jax 0.10 prints it as an MLIR dictionary, not JSON)."""
     found = declared_flops(_op_name(instr))
     if found is None:
-        m = re.search(r'\bname\s*[=:]\s*\\?"([^"\\]*)', instr.attr("backend_config") or "")
-        found = declared_flops(m.group(1)) if m else None
+        found = declared_flops(_kernel_name(instr))
     return found
+
+
+def _kernel_name(instr: Instruction) -> str:
+    """A custom call's kernel name in its backend_config (text: jax 0.10 prints it as an MLIR dictionary, not
+    JSON), or ''."""
+    m = re.search(r'\bname\s*[=:]\s*\\?"([^"\\]*)', instr.attr("backend_config") or "")
+    return m.group(1) if m else ""
+
+
+def declared_cache_slot_flops(program: HloProgram, instr: Instruction, live_slots: int | None) -> float:
+    """The FLOPs a kernel declares per live cache slot (``declared.with_flops(per_cache_slot=...)``: the fused cache
+    attention) times the live slots: ``live_slots`` (an assumption of the estimate) or, when None, every allocated
+    slot of its whole-cache operand ``[L, N, C, K, D]``. 0 for a kernel that declares none."""
+    per_slot = declared_per_cache_slot(_op_name(instr))
+    if per_slot is None:
+        per_slot = declared_per_cache_slot(_kernel_name(instr))
+    if per_slot is None:
+        return 0.0
+    slots = max((dims[2] for t in program.operand_types(instr) for _, dims in array_shapes(t) if len(dims) == 5),
+                default=0)
+    return per_slot * (slots if live_slots is None else min(live_slots, slots))
 
 
 def _custom_call_flops(program: HloProgram, instr: Instruction) -> float:
@@ -416,6 +437,7 @@ def kernel_cost(program: HloProgram, instr: Instruction, a: Assumptions, runs: i
         return KernelCost(instr.name, instr.kind, _op_name(instr), runs, 0.0, moved, 0.0, t + a.launch_s,
                           "collective")
     flops, f32 = kernel_flops(program, instr)
+    flops += declared_cache_slot_flops(program, instr, a.live_cache_slots)
     read, written = kernel_bytes(program, instr)
     if a.live_cache_slots is not None:
         read -= fused_cache_unread_bytes(program, instr, a.live_cache_slots)
@@ -472,5 +494,5 @@ def _op_name(instr: Instruction) -> str:
 
 
 __all__ = ["GRAPH_LAUNCH_S", "Assumptions", "Estimate", "KernelCost", "attention_flops", "collective_bytes",
-           "convolution_flops", "declared_kernel_flops", "dot_flops", "estimate", "fused_cache_unread_bytes",
+           "convolution_flops", "declared_cache_slot_flops", "declared_kernel_flops", "dot_flops", "estimate", "fused_cache_unread_bytes",
            "kernel_bytes", "kernel_flops"]

@@ -8,7 +8,9 @@ the custom call's ``op_name`` and its backend_config ``name``. (Pallas's Triton 
 
 The name is ``<base>__flops_<integer>``: the FLOPs of one launch, computed at trace time from the shapes the call
 sees (inside ``shard_map``: one device's shard), so a call batched after tracing (``vmap`` of the kernel) would be
-undercounted; the model's kernels are not.
+undercounted; the model's kernels are not. A kernel whose work grows with a length known only at run time (the
+fused cache attention: the live cache slots) adds ``__per_cache_slot_<integer>``: its FLOPs are then the fixed part
+plus that many per live slot, the live length being an assumption of the estimate (all allocated slots if none).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import re
 
 _FLOPS = re.compile(r"__flops_(\d+)")
+_PER_SLOT = re.compile(r"__per_cache_slot_(\d+)")
 
 
-def with_flops(name: str, flops: float) -> str:
-    """``name`` carrying ``flops`` (the FLOPs of one launch) for ``declared_flops``."""
-    return f"{name}__flops_{int(flops)}"
+def with_flops(name: str, flops: float, per_cache_slot: float | None = None) -> str:
+    """``name`` carrying ``flops`` (the FLOPs of one launch; with ``per_cache_slot``, its fixed part) for
+    ``declared_flops`` and ``declared_per_cache_slot``."""
+    tail = f"__per_cache_slot_{int(per_cache_slot)}" if per_cache_slot is not None else ""
+    return f"{name}__flops_{int(flops)}{tail}"
 
 
 def declared_flops(text: str) -> float | None:
@@ -29,4 +34,10 @@ def declared_flops(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-__all__ = ["declared_flops", "with_flops"]
+def declared_per_cache_slot(text: str) -> float | None:
+    """The FLOPs per live cache slot declared by a ``with_flops`` name in ``text``, or None."""
+    m = _PER_SLOT.search(text or "")
+    return float(m.group(1)) if m else None
+
+
+__all__ = ["declared_flops", "declared_per_cache_slot", "with_flops"]
