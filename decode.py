@@ -19,6 +19,8 @@ import sys
 
 from tidar_jax.cli import OneLineArgumentParser
 
+COMPILED_RECOMMENDATION = "<compiled>"  # --recommendation without a file: recommend from the compiled steps
+
 COLOURS = ("\033[36m", "\033[33m")
 RESET = "\033[0m"
 
@@ -63,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all B)")
     p.add_argument("--head", default=None, choices=("selective", "one_pass"),
                    help="LM-head strategy per step (default one_pass)")
-    p.add_argument("--recommendation", default=None,
+    p.add_argument("--recommendation", default=None, nargs="?", const=COMPILED_RECOMMENDATION,
                    help="JSON written by benchmarks/free_slots.py: use its block size, groups and head (explicit "
-                        "--block-size/--groups/--head win)")
+                        "--block-size/--groups/--head win). Without a file, with --target and --preset: compile the "
+                        "TiDAR step for each B in --blocks (all groups and groups 1..B/2) and recommend the best by "
+                        "the cost model's projected tokens/s (docs/decode.md)")
     p.add_argument("--max-cache-len", type=int, default=4096, help="KV cache slots (prompt + new + B)")
     p.add_argument("--compare", action="store_true", help="also run AR on the same prompt and compare")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -84,9 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cache-page", type=int, default=128, help="with --plan: paged-attention page (default 128)")
     plan.add_argument("--estimate", action="store_true",
                       help="with --plan: add the cost model's step-time estimate (tidar_jax/compiled/cost_model.py)")
-    plan.add_argument("--tokens-per-nfe", type=float, default=None,
+    plan.add_argument("--tokens-per-nfe", default=None,
                       help="with --estimate: TiDAR tokens per forward to project tokens/s and the speedup (the paper: "
-                           "7.45 at 1.5B, 8.25 at 8B)")
+                           "7.45 at 1.5B, 8.25 at 8B), or per B as B=T,... (e.g. 4=3.1,8=5.0,16=7.45; with "
+                           "--recommendation: all groups)")
+    plan.add_argument("--acceptance", type=float, default=None,
+                      help="with --recommendation: per-slot draft acceptance rate in [0, 1) instead of "
+                           "--tokens-per-nfe (default: the paper's T/NFE at B=16 for the preset)")
+    plan.add_argument("--blocks", default="4,8,16",
+                      help="with --recommendation: block sizes to compare (default 4,8,16)")
     return p
 
 
@@ -242,6 +252,72 @@ def stream_text(dec, prompt, args, colour: bool):
     return stream.result
 
 
+def _plan_target_and_config(args, what: str):
+    """The target's devices and the model shape for ``--plan``/``--recommendation`` (one-line errors)."""
+    from tidar_jax.config import ConfigError
+    from tidar_jax.targets import parse_target, target_devices
+
+    if args.target is None:
+        raise SystemExit(f"{what} needs --target (e.g. h100, h200x8, v5p-8)")
+    if (args.preset is None) == (args.hf_config is None):
+        raise SystemExit(f"{what} needs exactly one of --preset (qwen2.5-1.5b, qwen3-8b) and --hf-config")
+    try:
+        target = parse_target(args.target)
+        devices = target_devices(target)
+        from tidar_jax.decode.plan import model_config_for_plan
+
+        return target, devices, model_config_for_plan(args.preset, args.hf_config, args.dtype or "bfloat16")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+
+
+def run_recommendation(args) -> int:
+    """``--recommendation`` without a file: B and groups from the compiled steps' estimates."""
+    target, devices, cfg = _plan_target_and_config(args, "--recommendation")  # before jax initialises
+    from tidar_jax.decode import recommend as rec
+
+    for flag, value in (("--batch", args.batch), ("--context", args.context)):
+        if value < 1:
+            raise SystemExit(f"{flag}={value}: must be an integer >= 1")
+    try:
+        blocks = tuple(int(b) for b in args.blocks.split(","))
+    except ValueError:
+        raise SystemExit(f"--blocks={args.blocks!r}: must be comma-separated integers >= 2 (e.g. 4,8,16)") from None
+    if not blocks or min(blocks) < 2:
+        raise SystemExit(f"--blocks={args.blocks!r}: must be comma-separated integers >= 2 (e.g. 4,8,16)")
+    try:
+        table = rec.parse_tokens_per_nfe(args.tokens_per_nfe) if args.tokens_per_nfe is not None else None
+        if isinstance(table, float):
+            raise ValueError(f"--tokens-per-nfe={args.tokens_per_nfe}: with --recommendation give B=T per block "
+                             f"(e.g. 4=3.1,8=5.0,16=7.45)")
+        accept = rec.acceptance(blocks, args.acceptance, table, args.preset)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    out = rec.recommend(cfg, devices, target.chip, batch=args.batch, context=args.context, blocks=blocks,
+                        accept=accept, max_new_tokens=args.max_new_tokens)
+    out["target"] = target.name
+    print(json.dumps(out, indent=2) if args.json else rec.format_recommendation(out, target.name))
+    return 0
+
+
+def _tokens_per_nfe_for_estimate(args, block: int) -> float | None:
+    from tidar_jax.decode.recommend import parse_tokens_per_nfe
+
+    if args.tokens_per_nfe is None:
+        return None
+    try:
+        value = parse_tokens_per_nfe(args.tokens_per_nfe)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if isinstance(value, dict):
+        if block not in value:
+            raise SystemExit(f"--tokens-per-nfe={args.tokens_per_nfe!r}: no entry for --block-size {block}")
+        value = value[block]
+    if value <= 0:
+        raise SystemExit(f"--tokens-per-nfe={args.tokens_per_nfe!r}: must be > 0")
+    return value
+
+
 def run_plan(args) -> int:
     """``--plan``: the target is parsed and the environment set before jax initialises (targets imports no jax)."""
     from tidar_jax.config import ConfigError
@@ -278,7 +354,8 @@ def run_plan(args) -> int:
     if args.estimate:
         from tidar_jax.decode.plan import decode_estimates
 
-        summary["estimate"] = decode_estimates(programs, target.chip, args.batch, args.tokens_per_nfe)
+        summary["estimate"] = decode_estimates(programs, target.chip, args.batch,
+                                               _tokens_per_nfe_for_estimate(args, block), args.context)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -294,6 +371,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.plan:
         return run_plan(args)
+    if args.recommendation == COMPILED_RECOMMENDATION:
+        return run_recommendation(args)
     if args.checkpoint is None:
         raise SystemExit("--checkpoint is required (unless --plan)")
     if args.mode not in ("tidar", "ar"):

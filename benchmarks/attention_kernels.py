@@ -4,12 +4,14 @@ backward, each time beside the cost model's estimate of the same compiled progra
 
     python -m benchmarks.attention_kernels --out DIR                 # on a GPU: pallas_gpu, cudnn, blockwise
     python -m benchmarks.attention_kernels --smoke --out DIR         # CPU, tiny shapes (the test)
+    python -m benchmarks.attention_kernels --rank h100 h200 a100 b200  # the cost model's ranking auto reads
 
 Shapes: qwen2.5-1.5b attention (12 query / 2 kv heads, head_dim 128, bf16), block 16, S = 2048 and 4096 (the
 doubled sequence is 2S), batch 16 rows split into micro-batches of ``--rows`` (default 1: one device's share of a
 16-row global batch on 8 GPUs is 2). The estimate is ``tidar_jax.compiled.cost_model`` on the compiled program
-with the local chip's figures (``None`` where the device is not a listed chip, e.g. on CPU); the cost model
-counts every attention kernel's FLOPs as dense, so for the block-sparse kernels its figure is an upper bound.
+with the local chip's figures (``None`` where the device is not a listed chip, e.g. on CPU); it charges pallas_gpu
+for the tiles it visits (the kernels declare them, ``tidar_jax.compiled.declared``) and cudnn for every query-key
+pair.
 Writes ``attention_kernels.json`` into ``--out``.
 """
 
@@ -61,6 +63,19 @@ def _time(fn, args, repeat: int) -> float:
     return best
 
 
+def programs(kernel: str, layout):
+    """``(forward, forward + backward)`` of ``kernel`` on ``layout``: what is timed and what is estimated."""
+
+    def fwd(q, k, v):
+        return attention.attend(q, k, v, layout, kernel)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(fwd, q, k, v)
+        return vjp(out)
+
+    return fwd, fwd_bwd
+
+
 def measure(kernel: str, seq_len: int, block: int, rows: int, heads: int, kv_heads: int, head_dim: int, dtype,
             repeat: int, chip) -> dict:
     """Forward and forward+backward time (best of ``repeat``) and the cost-model estimate of each program."""
@@ -71,13 +86,7 @@ def measure(kernel: str, seq_len: int, block: int, rows: int, heads: int, kv_hea
     k = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
     v = jnp.asarray(rng.normal(size=(rows, t, kv_heads, head_dim)), dtype)
 
-    def fwd(q, k, v):
-        return attention.attend(q, k, v, layout, kernel)
-
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(fwd, q, k, v)
-        return vjp(out)
-
+    fwd, fwd_bwd = programs(kernel, layout)
     row = {"kernel": kernel, "seq_len": seq_len, "block": block, "rows": rows, "heads": heads,
            "kv_heads": kv_heads, "head_dim": head_dim, "dtype": jnp.dtype(dtype).name}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -94,7 +103,7 @@ def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dt
     chip = local_chip()
     deadline = time.perf_counter() + budget_s
     out = {"device": jax.devices()[0].device_kind, "chip": chip.name if chip else None,
-           "estimates_are": "cost model (tidar_jax/compiled/cost_model.py), attention FLOPs counted dense",
+           "estimates_are": "cost model (tidar_jax/compiled/cost_model.py): pallas_gpu charged for its visited tiles, cudnn dense",
            "rows": []}
     for seq_len, block in shapes:
         for kernel in kernels:
@@ -110,7 +119,48 @@ def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dt
     return out
 
 
-TRITON = "custom-call:__gpu$xla.gpu.triton"
+def rank(chips, kernels=GPU_KERNELS, seq_len: int = 4096, block: int = 16, rows: int = 1) -> dict:
+    """The cost model's estimate of each kernel's forward + backward (the section's ``fwd_bwd`` program) at the
+    1.5B attention shape, compiled deviceless for each chip: the ``gpu_choice`` ranking record. A kernel that does
+    not compile there (cudnn without cuDNN installed) gets the reason instead of a time."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from tidar_jax.attention import gpu_choice
+    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.compiled.hlo import HloProgram
+
+    layout = masks.training_layout(seq_len, block)
+    estimates, assumptions = {}, {}
+    for chip in chips:
+        target = targets.parse_target(chip)
+        sh = NamedSharding(Mesh(np.array(targets.target_devices(target)[:1]), ("x",)), P())
+        q = jax.ShapeDtypeStruct((rows, layout.q_len, HEADS, HEAD_DIM), jnp.bfloat16, sharding=sh)
+        k = jax.ShapeDtypeStruct((rows, layout.k_len, KV_HEADS, HEAD_DIM), jnp.bfloat16, sharding=sh)
+        estimates[chip] = {}
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            try:
+                with targets.compiling_for(target):
+                    compiled = jax.jit(programs(kernel, layout)[1]).lower(q, k, k).compile()
+            except Exception as e:  # noqa: BLE001 -- recorded: a kernel this machine cannot compile is not ranked
+                estimates[chip][kernel] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                print(f"{chip} {kernel}: not compiled: {estimates[chip][kernel]}", file=sys.stderr, flush=True)
+                continue
+            est = estimate(HloProgram.of(compiled), target.chip)
+            estimates[chip][kernel], assumptions[chip] = est.time_s, est.assumptions.line()
+            print(f"{chip} {kernel}: {est.time_s * 1e3:.3f} ms estimated (compiled in "
+                  f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    import importlib.util
+
+    shape = {"seq_len": seq_len, "block": block, "rows": rows, "heads": HEADS, "kv_heads": KV_HEADS,
+             "head_dim": HEAD_DIM, "dtype": "bfloat16", "program": "forward + backward (fwd_bwd)",
+             # cudnn compiles only where cuDNN is importable (docs/attention.md: not in the requirements)
+             "cudnn_importable": importlib.util.find_spec("nvidia.cudnn") is not None}
+    return gpu_choice.ranking_record(estimates, "python -m benchmarks.attention_kernels --rank " + " ".join(chips),
+                                     shape, assumptions)
+
+
+TRITON = ("custom-call:__gpu$xla.gpu.triton", "custom-call:triton_kernel_call_ffi")  # jax 0.10, 0.11
 
 
 def visited_fraction(seq_len: int, block: int, objective: str, tile_q: int, tile_k: int) -> float:
@@ -123,8 +173,8 @@ def visited_fraction(seq_len: int, block: int, objective: str, tile_q: int, tile
 
 def train_step_estimate(config: str, target_name: str, objective: str, kernel: str = "pallas_gpu") -> dict:
     """The cost model's estimate of the real train step (``train.py --plan --target``'s program) with the
-    attention kernels' share, and the same with the Pallas kernels' time scaled to the tiles they visit (the cost
-    model counts an attention call's FLOPs dense over its operands): a hand correction, labelled as such."""
+    attention kernels' share; the Pallas kernels are charged for the tiles they visit (they declare their FLOPs
+    to the cost model, ``tidar_jax.compiled.declared``), whose share of all tile pairs is recorded beside."""
     from tidar_jax.compiled.cost_model import estimate
     from tidar_jax.compiled.hlo import HloProgram
     from tidar_jax.train.config import load_config
@@ -140,52 +190,50 @@ def train_step_estimate(config: str, target_name: str, objective: str, kernel: s
     tiles = pallas_gpu.TILES.get(target.chip.name, pallas_gpu.TILES[pallas_gpu.DEFAULT_TARGET])
     frac = {"fwd": visited_fraction(cfg.data.seq_len, mcfg.block_size, objective, tiles.fwd_q, tiles.fwd_k),
             "bwd": visited_fraction(cfg.data.seq_len, mcfg.block_size, objective, tiles.bwd_q, tiles.bwd_k)}
-    attn = [k for k in est.kernels if k.kind == TRITON and "tidar_flash" in k.op_name]
+    attn = [k for k in est.kernels if k.kind in TRITON and "tidar_flash" in k.op_name]
     attn_s = sum(k.total_time_s for k in attn)
-    # the forward kernel's counted FLOPs are exactly the dense 4 N H T S D (q and k are its first rank-4 operands);
-    # the kernels do that times the visited share: forward 2 matmuls, dQ 3 (QK^T, dO V^T, dS K), dK/dV 4
-    fwd = [k for k in attn if "fwd" in k.op_name]
-    dense = max((k.flops for k in fwd), default=0.0)
-    matmuls = {"fwd": 2, "dq": 3, "dkv": 4}
-    a = est.assumptions
-
-    def visited_time(k):
-        kind = next(m for m in ("dkv", "dq", "fwd") if f"tidar_flash_{m}" in k.op_name)
-        flops = dense * matmuls[kind] / 2 * frac["fwd" if kind == "fwd" else "bwd"]
-        return k.runs * (max(flops / a.peak_bf16_flops, (k.bytes_read + k.bytes_written) / a.hbm_bytes_per_s)
-                         + a.launch_s)
-
-    corrected_attn_s = sum(visited_time(k) for k in attn)
-    step_s, corrected_s = est.time_s, est.time_s - attn_s + corrected_attn_s
     useful = model_flops(mcfg, cfg.data.global_batch, cfg.data.seq_len, objective)
     peak = target.chip.peak_bf16_flops * target.count
     return {"config": config, "target": target.name, "objective": objective, "kernel": kernel,
-            "step_s": step_s, "mfu": useful / (step_s * peak), "attention_s": attn_s,
-            "attention_share": attn_s / step_s, "visited_fraction": frac,
-            "corrected_step_s": corrected_s, "corrected_mfu": useful / (corrected_s * peak),
-            "corrected_attention_s": corrected_attn_s, "corrected_attention_share": corrected_attn_s / corrected_s,
+            "step_s": est.time_s, "mfu": useful / (est.time_s * peak), "attention_s": attn_s,
+            "attention_share": attn_s / est.time_s, "visited_fraction": frac,
             "collective_s": est.time_by("collective"), "assumptions": est.assumptions.line(),
-            "attention_kernels": [{"op_name": k.op_name, "runs": k.runs, "counted_flops": k.flops,
-                                   "time_s": k.time_s, "bound": k.bound, "visited_time_s": visited_time(k) / k.runs}
-                                  for k in attn]}
+            "attention_kernels": [{"op_name": k.op_name, "runs": k.runs, "flops": k.flops, "time_s": k.time_s,
+                                   "bound": k.bound} for k in attn]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output directory (all modes but --rank)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, pallas_gpu in the Pallas interpreter")
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=240.0)
     p.add_argument("--estimate", metavar="TARGET", default=None,
                    help="instead of timing: the cost model's TiDAR and AR train-step estimates with pallas_gpu on "
-                        "TARGET (e.g. h100x8) for --config, attention share and the visited-tile correction")
+                        "TARGET (e.g. h100x8) for --config and the attention kernels' share")
     p.add_argument("--config", default="configs/qwen2.5-1.5b-tidar.yaml")
+    p.add_argument("--rank", metavar="CHIP", nargs="+", default=None,
+                   help="instead of timing: the cost model's ranking of the GPU kernels per chip (e.g. h100 h200 "
+                        "a100 b200), written to tidar_jax/attention/gpu_ranking.json (what auto reads on a GPU "
+                        "until the suite has measured)")
     args = p.parse_args(argv)
+    if args.rank:
+        from tidar_jax.attention import gpu_choice
+
+        bad = [c for c in args.rank if c not in targets.CHIPS or targets.CHIPS[c].platform != "gpu"]
+        if bad:
+            raise SystemExit(f"--rank {bad[0]!r}: must be among "
+                             f"{', '.join(c for c, chip in targets.CHIPS.items() if chip.platform == 'gpu')}")
+        record = rank(args.rank)
+        gpu_choice.write_ranking(record)
+        print(json.dumps(record["chips"], indent=1))
+        return 0
+    if not args.out:
+        raise SystemExit("--out: required (an output directory) unless --rank is given")
     if args.estimate:
         rows = [train_step_estimate(args.config, args.estimate, obj) for obj in ("tidar", "ar")]
-        rows.append({"tidar_over_ar": rows[0]["step_s"] / rows[1]["step_s"],
-                     "corrected_tidar_over_ar": rows[0]["corrected_step_s"] / rows[1]["corrected_step_s"]})
+        rows.append({"tidar_over_ar": rows[0]["step_s"] / rows[1]["step_s"]})
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "attention_estimate.json"), "w") as f:
             json.dump(rows, f, indent=1)

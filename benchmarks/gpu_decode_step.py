@@ -70,10 +70,14 @@ def run_preset(preset: str, block_sizes, batches, contexts, rounds: int, dtype: 
                 name = f"{mode} B={block} batch={batch} context={context}"
                 state = step_state(cfg, opts, batch, context)
                 compiled = fn.lower(params, state).compile()
-                est = estimate(HloProgram.of(compiled), chip).summary() if chip is not None else None
+                # both launch assumptions beside the measurement, so the first GPU run says which one holds
+                est, graph = ((estimate(HloProgram.of(compiled), chip, live_cache_slots=context).summary(),
+                               estimate(HloProgram.of(compiled), chip, graph=True,
+                                        live_cache_slots=context).summary()) if chip is not None else (None, None))
                 cands[name] = bc.DonatedStepper(compiled, params, state)
                 cases.append({"name": name, "mode": mode, "block_size": block, "batch": batch, "context": context,
                               "estimate_s": est["time_s"] if est else None,
+                              "estimate_graph_s": graph["time_s"] if graph else None,
                               "estimate_assumptions": est["assumptions_line"] if est else None})
     times = bc.interleaved(cands, rounds=rounds, warmup=2)
     for case in cases:

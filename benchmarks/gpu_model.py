@@ -65,7 +65,8 @@ def decode_grid(shapes, batches, contexts, blocks, page: int, max_new: int, log)
                     b = 1 if mode == "ar" else int(name.split("B=")[1])
                     s = prog.summary(cfg.num_layers)
                     for chip in CHIPS_ESTIMATED:
-                        est = estimate(prog.program, targets.CHIPS[chip], prog.assumed_trips)
+                        est = estimate(prog.program, targets.CHIPS[chip], prog.assumed_trips,
+                                       live_cache_slots=context)
                         rows.append({
                             "target": chip, "shape": shape, "batch": batch, "context": context, "mode": mode,
                             "block_size": b, "step_s": est.time_s, "launches": est.launches,
@@ -143,13 +144,20 @@ def decode_summary(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _part_command(result: dict, part: str) -> list[str]:
+    """The command of rows kept from an earlier run by ``--merge`` (none when this run made them)."""
+    if result.get(f"{part}_command"):
+        return [f"These rows: `{result[f'{part}_command']}` ({result[f'{part}_when']}).", ""]
+    return []
+
+
 def to_markdown(result: dict) -> str:
     gib = 1024 ** 3
     lines = ["# GPU estimates of the code as it stands (cost model, not measurements)", "",
              f"Command: `{result['command']}` ({result['when']}). Programs compiled by XLA:GPU on this CPU for an "
              "H100 (deviceless); times are the cost model's estimates (tidar_jax/compiled/cost_model.py).", ""]
     if result.get("train"):
-        lines += ["## Train step (8 GPUs)", "",
+        lines += ["## Train step (8 GPUs)", ""] + _part_command(result, "train") + [
                   "| shape | target | micro-batch/dev x accum | remat | attention | XLA:GPU GiB/dev | analytic GiB/dev "
                   "| est. step s | est. MFU | launches / micro-batch | launch s | collectives s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -160,7 +168,7 @@ def to_markdown(result: dict) -> str:
                          f"{r['launches_per_micro_batch']:,.0f} | {r['launch_s']:.1f} | {r['collective_s']:.2f} |")
         lines += ["", f"Assumptions: {result['train'][0]['assumptions']}", ""]
     if result.get("decode"):
-        lines += decode_summary(result["decode"])
+        lines += _part_command(result, "decode") + decode_summary(result["decode"])
         lines += ["## Decode steps (one GPU, bf16)", "",
                   "| target | shape | batch | context | mode | B | est. step ms | launches (per layer) | host round "
                   "trips | est. tokens/s | TiDAR/AR step | projected speedup (paper) |",
@@ -218,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--out", default="benchmarks/results/gpu_estimates.json")
     p.add_argument("--ratio-out", default="benchmarks/results/gpu_decode_estimate.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows this run does not make (train or decode) from the existing --out file, with "
+                        "their command (e.g. --no-decode --merge refreshes only the train rows)")
     p.add_argument("--from-json", default=None,
                    help="re-render the markdown and the ratio file from an earlier --out JSON (no compiling)")
     args = p.parse_args(argv)
@@ -227,7 +238,7 @@ def main(argv=None) -> int:
         with open(os.path.splitext(args.from_json)[0] + ".md", "w") as f:
             f.write(to_markdown(result))
         if result.get("decode"):
-            write_ratios(result, args.ratio_out)
+            write_ratios({**result, "command": result.get("decode_command", result["command"])}, args.ratio_out)
         print(to_markdown(result))
         return 0
 
@@ -255,12 +266,20 @@ def main(argv=None) -> int:
                                            args.max_new_tokens, log)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        for part in ("train", "decode"):
+            if part not in result and part in old:
+                result[part] = old[part]
+                result[f"{part}_command"] = old.get(f"{part}_command", old["command"])
+                result[f"{part}_when"] = old.get(f"{part}_when", old["when"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(to_markdown(result))
-    if result.get("decode"):
+    if result.get("decode") and not result.get("decode_command"):  # kept rows: their ratio file stands
         write_ratios(result, args.ratio_out)
     print(to_markdown(result))
     return 0

@@ -2,7 +2,8 @@
 
 The step of a model with L layers launches ``a + L * b`` kernels; compiling the same shape with two and three
 layers gives ``b`` (the kernels one layer adds) and its kinds exactly, without the fixed head/bookkeeping part.
-Also printed: data-dependent loops and device-to-host round trips of the full-depth step.
+Also printed, for a GPU target, how XLA:GPU groups the 3-layer step's thunks into command buffers (CUDA graphs),
+read from the compile's thunk dump (``tidar_jax.compiled.thunks``).
 
     python benchmarks/step_kernels.py --target h100 --preset qwen2.5-1.5b --mode ar --cache-attention fused
 """
@@ -26,19 +27,30 @@ def kind_counts(kernels) -> dict[str, int]:
 
 def per_layer(cfg, devices, mode: str, cache_attention: str, batch: int, block_size: int, context: int) -> dict:
     """Kernels one layer adds to the ``mode`` step (2- vs 3-layer compiles) and their kinds."""
+    import tempfile
+
+    from tidar_jax.compiled.thunks import read_dump
     from tidar_jax.decode.plan import compile_decode
+    from tidar_jax.targets import platform_of_devices
 
     counts = {}
-    for layers in (2, 3):
-        progs = compile_decode(cfg.replace(num_layers=layers), devices, batch=batch, block_size=block_size,
-                               context=context, max_new_tokens=256, modes=(mode,), cache_attention=cache_attention,
-                               with_prefill=False)
-        p = progs[f"{mode} step"].program
-        counts[layers] = (kind_counts(p.kernels()), len(p.kernels()),
-                          sum(len(lp.body_kernels) for lp in p.loops()) // layers)
+    graphs = None
+    with tempfile.TemporaryDirectory() as dump:
+        gpu = platform_of_devices(list(devices)) == "gpu"
+        for layers in (2, 3):
+            progs = compile_decode(cfg.replace(num_layers=layers), devices, batch=batch, block_size=block_size,
+                                   context=context, max_new_tokens=256, modes=(mode,),
+                                   cache_attention=cache_attention, with_prefill=False,
+                                   step_compiler_options={"xla_dump_to": dump} if gpu and layers == 3 else None)
+            p = progs[f"{mode} step"].program
+            counts[layers] = (kind_counts(p.kernels()), len(p.kernels()),
+                              sum(len(lp.body_kernels) for lp in p.loops()) // layers)
+        if gpu:
+            graphs = read_dump(dump, "step").summary()
     kinds = {k: counts[3][0].get(k, 0) - counts[2][0].get(k, 0) for k in set(counts[3][0]) | set(counts[2][0])}
     return {"mode": mode, "cache_attention": cache_attention, "kernels_per_layer": counts[3][1] - counts[2][1],
-            "loop_body_kernels_per_layer": counts[3][2], "kinds_per_layer": {k: v for k, v in kinds.items() if v}}
+            "loop_body_kernels_per_layer": counts[3][2], "kinds_per_layer": {k: v for k, v in kinds.items() if v},
+            "command_buffers_3_layers": graphs}
 
 
 def main(argv=None) -> int:

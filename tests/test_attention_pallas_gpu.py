@@ -183,12 +183,48 @@ def _triton_calls(program):
     return [kern for kern in program.kernels() if kern.kind == "custom-call:__gpu$xla.gpu.triton"]
 
 
+SMALL = dict(s=256, block=16, n=2, heads=4, kv_heads=2, d=64)  # the small H100 compile, default (H100) tiles
+_SMALL_PROGRAMS: dict = {}
+
+
+def _small_program(mesh, segments: bool):
+    if segments not in _SMALL_PROGRAMS:  # one compile shared by the tests that read it
+        _SMALL_PROGRAMS[segments] = compile_attention(mesh, *SMALL.values(), segments)
+    return _SMALL_PROGRAMS[segments]
+
+
 @pytest.mark.parametrize("segments", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_compiles_for_h100_small(h100_mesh, segments):
     """Forward, dQ and dK/dV: three Triton kernels, no XLA loop."""
-    program = compile_attention(h100_mesh, 256, 16, 2, 4, 2, 64, segments)
+    program = _small_program(h100_mesh, segments)
     assert program.loops() == []
     assert len(_triton_calls(program)) == 3
+
+
+def test_cost_model_charges_the_tiles_each_kernel_visits(h100_mesh):
+    """The cost model charges each Triton kernel of the compiled H100 program for the tile pairs it visits, counted
+    here from the dense mask (not from schedule.py) times the matmuls one pair and query head costs (forward 2,
+    dQ 3, dK/dV 4, each 2 x tq x tk x D): well under the every-pair count of its operands."""
+    from tidar_jax.compiled.cost_model import estimate
+
+    c = SMALL
+    t = 2 * c["s"]
+    tiles = pallas_gpu.TILES[pallas_gpu.DEFAULT_TARGET]  # what a deviceless compile uses
+    allow = np.asarray(masks.training_mask(c["s"], c["block"]))  # [T, T]
+
+    def visited(tq, tk):  # tiles holding at least one allowed pair (T is a multiple of both tiles here)
+        return int(allow.reshape(t // tq, tq, t // tk, tk).any(axis=(1, 3)).sum())
+
+    matmuls_and_tiles = {"fwd": (2, tiles.fwd_q, tiles.fwd_k), "dq": (3, tiles.bwd_q, tiles.bwd_k),
+                         "dkv": (4, tiles.bwd_q, tiles.bwd_k)}
+    est = estimate(_small_program(h100_mesh, False), targets.CHIPS["h100"])
+    charged = {kind: k.flops for k in est.kernels for kind in matmuls_and_tiles
+               if f"tidar_flash_{kind}__" in k.op_name}
+    assert set(charged) == set(matmuls_and_tiles)
+    dense_pair_flops = 2 * 2 * t * t * c["d"] * c["n"] * c["heads"]  # QK^T and PV over every pair
+    for kind, (matmuls, tq, tk) in matmuls_and_tiles.items():
+        assert charged[kind] == visited(tq, tk) * matmuls * 2 * tq * tk * c["d"] * c["n"] * c["heads"], kind
+        assert charged[kind] < 0.8 * dense_pair_flops * matmuls / 2, kind
 
 
 @pytest.mark.slow

@@ -125,6 +125,43 @@ def test_attention_flops_from_operand_shapes():
     assert cost_model.attention_flops([(2, 8, 128, 64), (2, 2, 512, 64)], backward=False) == 4 * 2 * 8 * 128 * 64 * 512
 
 
+_FMHA_HLO = """HloModule m
+
+ENTRY %main (q: bf16[1,128,4,64], k: bf16[1,128,2,64]) -> bf16[1,128,4,64] {
+  %q = bf16[1,128,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[1,128,2,64]{3,2,1,0} parameter(1)
+  ROOT %fmha = bf16[1,128,4,64]{3,2,1,0} custom-call(%q, %k, %k), custom_call_target="TARGET", metadata={op_name="OP"}
+}
+"""
+
+
+@pytest.mark.parametrize("target, op_name, backward", [
+    ("__cudnn$fmhaScaleBiasSoftmax", "jit(fwd_bwd)/jvp()/dot_product_attention_fwd", False),
+    ("__cudnn$fmhaScaleBiasSoftmaxBackward", "jit(fwd_bwd)/transpose(jvp())/dot_product_attention_bwd", True),
+    ("__cudnn$fmhaScaleBiasSoftmax", "jit(step)/transpose(jvp())/dot_product_attention_bwd", True)])
+def test_attention_call_is_backward_by_its_own_name(target, op_name, backward):
+    """A cuDNN attention call is a backward one by its target or its op's own name, never by the jitted
+    function's name above it (the accelerator suite's program is called ``fwd_bwd``)."""
+    program = HloProgram(_FMHA_HLO.replace("TARGET", target).replace("OP", op_name))
+    (kernel,) = cost_model.estimate(program, H100).kernels
+    assert kernel.flops == 4 * 128 * 4 * 64 * 128 * (2.5 if backward else 1.0)
+
+
+@pytest.mark.parametrize("attrs", [
+    'metadata={op_name="jit(f)/jvp(tidar_flash_fwd__flops_123456)/pallas_call"}',  # jax 0.10 and 0.11
+    'backend_config={debug = false, grid_x = 4 : i32, ir = "ML\\EFR\\22x", name = "tidar_flash_fwd__flops_123456", '
+    'num_warps = 8 : i32}'])  # no op_name: the kernel name in the backend_config (jax 0.10's MLIR form)
+def test_pallas_kernel_is_charged_the_flops_it_declares(attrs):
+    """A kernel named by ``declared.with_flops`` is charged what it declares, not the every-pair attention count
+    its operand shapes would give."""
+    from tidar_jax.compiled.declared import with_flops
+
+    assert with_flops("tidar_flash_fwd", 123456.0) == "tidar_flash_fwd__flops_123456"
+    text = _FMHA_HLO.replace('metadata={op_name="OP"}', attrs).replace("TARGET", "__gpu$xla.gpu.triton")
+    (kernel,) = cost_model.estimate(HloProgram(text), H100).kernels
+    assert kernel.flops == 123456.0
+
+
 @pytest.mark.parametrize("s, b", [(16, 4), (32, 8), (24, 4)])
 def test_mfu_counts_the_pairs_the_training_mask_allows(s, b):
     from tidar_jax import masks

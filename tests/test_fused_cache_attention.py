@@ -16,9 +16,10 @@ from tidar_jax import attention, masks, targets
 from tidar_jax.attention import fused_cache
 
 
-@pytest.mark.parametrize("cache_size,lengths,counts", [
-    (30, [0, 30, 7, 24], (1, 3)), pytest.param(300, [300, 129, 1, 255], None, marks=pytest.mark.slow)])
-def test_fused_equals_reference_through_the_interface(cache_size, lengths, counts):
+@pytest.mark.parametrize("cache_size,lengths,counts,one_split", [
+    (30, [0, 30, 7, 24], (1, 3), False), (16, [0, 16, 5], (2,), True),
+    pytest.param(300, [300, 129, 1, 255], None, False, marks=pytest.mark.slow)])
+def test_fused_equals_reference_through_the_interface(cache_size, lengths, counts, one_split):
     with jax.enable_x64(True):
         block, n_layers, h, kv, d = 3, 3, 4, 2, 8
         length_N = jnp.asarray(lengths, jnp.int32)
@@ -27,7 +28,8 @@ def test_fused_equals_reference_through_the_interface(cache_size, lengths, count
                                               cache_kernel="fused")
         t, n = dense.q_len, len(lengths)
         tiles = fused_cache.tiling(n, kv, t * h // kv, cache_size)
-        assert tiles["splits"] > 1  # the log-sum-exp merge over splits is exercised
+        # the log-sum-exp merge over splits is exercised, or the kernel's own normalisation with one split
+        assert (tiles["splits"] == 1) == one_split
         ks = jax.random.split(jax.random.key(cache_size), 5)
         q = jax.random.normal(ks[0], (n, t, h, d), jnp.float64)
         k = jax.random.normal(ks[1], (n, t, kv, d), jnp.float64)
@@ -86,22 +88,106 @@ def h100_devices():
 
 
 @pytest.mark.parametrize("mode", ["ar", pytest.param("tidar", marks=pytest.mark.slow)])
-def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices, mode):
+def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices, mode, tmp_path):
     """A small model's decode step (the Decoder's engine.step, per-layer weights, donated state) compiled for an
-    H100: with ``auto`` (the fused kernel) no ``while`` has a data-dependent trip count and no device-to-host
-    transfer happens inside the step; with ``paged`` both happen, once per layer."""
+    H100: with ``auto`` (the fused kernel) no ``while`` has a data-dependent trip count, no device-to-host
+    transfer happens inside the step, and XLA:GPU puts the whole step in one command buffer (CUDA graph); with
+    ``paged`` the loops and round trips happen, once per layer, and the loops run outside command buffers."""
+    from tidar_jax.compiled.thunks import read_dump
     from tidar_jax.decode.plan import compile_decode
 
     cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16", num_layers=2)
-    steps = {}
+    steps, graphs = {}, {}
     for kind in ("auto", "paged"):
         programs = compile_decode(cfg, h100_devices, batch=2, block_size=4, context=64, max_new_tokens=16,
                                   cache_page=16, modes=(mode,), cache_attention=kind,
-                                  with_prefill=False)
+                                  with_prefill=False, step_compiler_options={"xla_dump_to": str(tmp_path / kind)})
         steps[kind] = programs[f"{mode} step"].program
+        graphs[kind] = read_dump(str(tmp_path / kind), "step")
     fused, paged = steps["auto"], steps["paged"]
     assert not [lp for lp in fused.loops() if lp.dynamic]
     assert fused.host_round_trips(dynamic_trips=4) == 0
     assert any("triton" in k.kind for k in fused.kernels())  # the Pallas kernel is in the program
     assert len([lp for lp in paged.loops() if lp.dynamic]) == cfg.num_layers
     assert paged.host_round_trips(dynamic_trips=4) > 0
+    assert graphs["auto"].top_level == ("kCommandBuffer",)
+    assert graphs["auto"].in_command_buffers >= len(fused.kernels()) - 2  # XLA may elide or add a copy thunk
+    assert graphs["paged"].top_level.count("kWhile") == cfg.num_layers
+    # the cost model charges the fused kernel for one layer's live slots when it is told the live length
+    # (2 rows x 2 KV heads x 16 dims x 2 bytes per slot, K and V), and an in-graph launch cost when asked
+    from tidar_jax.compiled import cost_model
+
+    chip = targets.CHIPS["h100"]
+    whole = cost_model.estimate(fused, chip)
+    live = cost_model.estimate(fused, chip, live_cache_slots=64)
+    calls = [k for k in fused.kernels() if cost_model.fused_cache_unread_bytes(fused, k, 64) > 0]
+    assert len(calls) == cfg.num_layers
+    from tidar_jax.compiled.hlo import array_shapes
+
+    slots = next(dims[2] for t in fused.operand_types(calls[0]) for _, dims in array_shapes(t) if len(dims) == 5)
+    per_call = 2 * (cfg.num_layers * slots - 64) * 2 * cfg.head_dim * 2 * 2
+    assert whole.bytes - live.bytes == pytest.approx(cfg.num_layers * per_call)
+    # its FLOPs: every padded query row (T tokens x R heads per KV head) against the live slots plus the step's U
+    # keys, counted here from the kernel's tiling, not from the name it declares
+    from tidar_jax.attention.fused_cache import tiling
+
+    t = 1 if mode == "ar" else 4 * (1 + 4)
+    rows = tiling(2, cfg.num_kv_heads, t * cfg.num_heads // cfg.num_kv_heads, slots)["m_pad"]
+    per_slot = 4 * 2 * cfg.num_kv_heads * rows * cfg.head_dim
+    u = max(16, 1 << (t - 1).bit_length())
+    for c in calls:
+        assert cost_model.kernel_flops(fused, c)[0] + cost_model.declared_cache_slot_flops(fused, c, 64) == \
+            per_slot * (64 + u)
+    assert whole.flops - live.flops == pytest.approx(cfg.num_layers * per_slot * (slots - 64))
+    graph = cost_model.estimate(fused, chip, graph=True)
+    assert graph.launch_time_s == pytest.approx(graph.launches * cost_model.GRAPH_LAUNCH_S)
+    assert graph.time_s < whole.time_s
+
+
+@pytest.mark.parametrize("family", [dict(qkv_bias=True), dict(qk_norm=True)])
+@pytest.mark.parametrize("rows, tokens", [(1, 1), (2, 3)])
+def test_gpu_step_forward_equals_the_cpu_forward(family, rows, tokens):
+    """The model's forward over a cache as it is built for a GPU step (deferred RMSNorm factor, one norm for q
+    and k heads, a padding row when the step is one token: ``tidar_jax.model.layers.defer_norm``/``pad_rows``)
+    equals the CPU forward in float64: hidden states and the step's K/V."""
+    from tidar_jax.model import KVCache
+
+    with jax.enable_x64(True):
+        model = random_tiny("float64", seed=5, scale=3.0, attention="reference", **family)
+        cfg = model.cfg
+        rng = np.random.default_rng(0)
+        c = 8
+        cache = KVCache(jnp.asarray(rng.normal(size=(cfg.num_layers, rows, c, cfg.num_kv_heads, cfg.head_dim))),
+                        jnp.asarray(rng.normal(size=(cfg.num_layers, rows, c, cfg.num_kv_heads, cfg.head_dim))),
+                        jnp.full((rows,), 5, jnp.int32))
+        tokens_NT = jnp.asarray(rng.integers(0, 20, size=(rows, tokens)), jnp.int32)
+        positions_NT = 5 + jnp.broadcast_to(jnp.arange(tokens), (rows, tokens))
+        mask_NTS = jnp.concatenate([jnp.broadcast_to(jnp.arange(c) < 5, (rows, tokens, c)),
+                                    jnp.broadcast_to(jnp.tril(jnp.ones((tokens, tokens), bool)),
+                                                     (rows, tokens, tokens))], axis=-1)
+        want_h, want_kv = jax.jit(lambda *a: model.hidden(*a))(tokens_NT, positions_NT, mask_NTS, cache)
+        with targets.compiling_for("gpu"):  # traced (and so built) for a GPU, run here
+            got_h, got_kv = jax.jit(lambda *a: model.hidden(*a))(tokens_NT, positions_NT, mask_NTS, cache)
+        np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), rtol=1e-10, atol=1e-10)
+        for got, want in zip(got_kv, want_kv):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompts", [[[3, 5, 7, 2]], [[3, 5, 7, 2], [4, 4, 4, 9, 8]]])
+def test_gpu_step_formulation_is_exact(prompts):
+    """The decode step as it is built for a GPU (deferred RMSNorm factor, a padding row at batch 1: see
+    ``tidar_jax.model.layers.defer_norm``/``pad_rows``), run here on CPU with dense cache attention in float64:
+    greedy AR emits the CPU program's tokens, and greedy TiDAR with pruned groups emits greedy AR's."""
+    from tidar_jax.decode import Decoder
+
+    with jax.enable_x64(True):
+        model = random_tiny("float64", seed=3, scale=4.0, attention="reference")
+        want = Decoder.from_model(model).generate(prompts, mode="ar", max_new_tokens=8, cache_attention="dense")
+        with targets.compiling_for("gpu"):
+            dec = Decoder.from_model(model)
+            ar = dec.generate(prompts, mode="ar", max_new_tokens=8, cache_attention="dense")
+            td = dec.generate(prompts, mode="tidar", block_size=4, groups=(1, 3), max_new_tokens=8,
+                              cache_attention="dense")
+        assert ar.tokens == want.tokens
+        assert td.tokens == ar.tokens

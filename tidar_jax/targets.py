@@ -236,18 +236,44 @@ def target_devices(target: Target | str) -> list:
 
 
 _BUILD_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("tidar_build_platform", default=None)
+_BUILD_CHIP: contextvars.ContextVar[str | None] = contextvars.ContextVar("tidar_build_chip", default=None)
 
 
 @contextlib.contextmanager
 def compiling_for(platform: str | Target | None):
-    """Kernel choices made inside this block are for ``platform`` ("gpu", "tpu", "cpu" or a Target), whatever
-    ``jax.default_backend()`` says. Wrap the lowering of a program for a deviceless target in it."""
+    """Kernel choices made inside this block are for ``platform`` ("gpu", "tpu", "cpu" or a Target, which also
+    names the chip: ``build_chip``), whatever ``jax.default_backend()`` says. Wrap the lowering of a program for a
+    deviceless target in it."""
     value = platform.platform if isinstance(platform, Target) else platform
     token = _BUILD_PLATFORM.set(value)
+    chip_token = _BUILD_CHIP.set(platform.chip.name if isinstance(platform, Target) else None)
     try:
         yield
     finally:
+        _BUILD_CHIP.reset(chip_token)
         _BUILD_PLATFORM.reset(token)
+
+
+def chip_of_device_kind(kind: str) -> str | None:
+    """The ``CHIPS`` name of a jax ``device_kind`` (e.g. "NVIDIA H100 80GB HBM3" -> "h100"), or None."""
+    kind = kind.lower()
+    exact = next((c.name for c in CHIPS.values() if c.description.lower() == kind), None)
+    return exact or next((c.name for c in CHIPS.values() if c.platform == "gpu" and c.name in kind), None)
+
+
+def build_chip() -> str | None:
+    """The ``CHIPS`` name of the chip the program being traced is built for: ``compiling_for``'s target's, else
+    the local device's when it is on the build platform; None when unknown (CPU, an unlisted chip, a
+    platform-only ``compiling_for`` on another platform)."""
+    chip = _BUILD_CHIP.get()
+    if chip is not None:
+        return chip
+    import jax
+
+    device = jax.devices()[0]
+    if platform_of_devices([device]) != build_platform():
+        return None
+    return chip_of_device_kind(device.device_kind)
 
 
 def build_platform() -> str:
@@ -266,5 +292,6 @@ def platform_of_devices(devices) -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
-__all__ = ["CHIPS", "Chip", "Target", "TargetError", "build_platform", "compiling_for", "gpu_target_config",
-           "missing_install", "parse_target", "platform_of_devices", "prepare_environment", "target_devices"]
+__all__ = ["CHIPS", "Chip", "Target", "TargetError", "build_chip", "build_platform", "chip_of_device_kind",
+           "compiling_for", "gpu_target_config", "missing_install", "parse_target", "platform_of_devices",
+           "prepare_environment", "target_devices"]

@@ -5,7 +5,8 @@ boolean ``[N|1, T, S]`` mask, which always runs the ``reference`` kernel); ``ker
 value. Each kernel is a function ``(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`` registered by name and derives
 what it needs (dense mask, tile schedule, per-tile mask) from the layout.
 
-``auto`` resolves per backend to the first usable kernel of ``AUTO_PREFERENCE``. A kernel that needs particular
+``auto`` resolves per backend to the first usable kernel of ``AUTO_PREFERENCE``; on a GPU, of the ranking
+``gpu_choice`` gives for the chip (measured by the accelerator suite, else the cost model's, else a fixed order). A kernel that needs particular
 hardware (``splash``: TPU, ``cudnn``: GPU) registers an ``unavailable(backend) -> reason | None`` check; asking for
 it elsewhere raises one ``ConfigError`` line with the reason, and ``auto`` skips it. Their modules import the
 hardware-specific JAX pieces lazily, so this package imports everywhere.
@@ -18,18 +19,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.attention import blockwise, cudnn, fused_cache, paged, pallas_gpu, reference, splash
+from tidar_jax.attention import blockwise, cudnn, fused_cache, gpu_choice, paged, pallas_gpu, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
-from tidar_jax.targets import build_platform
+from tidar_jax.targets import build_chip, build_platform
 
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
-# On GPU ``pallas_gpu`` (block-sparse, one fused kernel per direction) by the cost model until the accelerator
-# suite measures (docs/attention.md: ~18x under ``blockwise``'s launch-bound tile loops at the 1.5B shape);
-# ``cudnn`` (dense compute, fused) stays an explicit choice.
-AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": ("pallas_gpu", "blockwise"), "cpu": ("blockwise",)}
+# On GPU the order is ``gpu_choice``'s (per chip: measured, else the cost model's ranking, else its FALLBACK, which
+# is this entry); ``blockwise`` always runs, so it closes every order.
+AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": gpu_choice.FALLBACK, "cpu": ("blockwise",)}
 # Decode-step cache attention (``DecodeOptions.cache_attention``), the one owner of its ``auto``: on GPU one
 # fixed-shape split-K kernel per layer (``paged``'s while loop over live pages copies its predicate to the host
 # every page on XLA:GPU); elsewhere ``paged`` (on CPU a loop iteration costs nothing extra and it reads only live
@@ -63,8 +63,8 @@ def resolve(kernel: str, backend: str | None = None) -> str:
     ``tidar_jax.targets.build_platform()``: jax's default backend, or a deviceless target's platform)."""
     kind = _backend_kind(backend or build_platform())
     if kernel == "auto":
-        prefs = AUTO_PREFERENCE.get(kind, ("blockwise",))
-        return next(name for name in prefs if name in KERNELS and _reason(name, kind) is None)
+        prefs = auto_preference(kind)
+        return next(name for name in prefs + ("blockwise",) if name in KERNELS and _reason(name, kind) is None)
     if kernel not in KERNELS:
         if kernel in ATTENTION_KERNELS:
             raise ConfigError(f"model.attention={kernel!r}: not available in this build; available: auto, "
@@ -74,6 +74,14 @@ def resolve(kernel: str, backend: str | None = None) -> str:
     if reason is not None:
         raise ConfigError(reason)
     return kernel
+
+
+def auto_preference(kind: str) -> tuple[str, ...]:
+    """The kernels ``auto`` tries, in order, on backend ``kind`` ("gpu", "tpu", "cpu") for the chip being built
+    for; ``gpu_choice.preference`` says where a GPU order comes from."""
+    if kind == "gpu":
+        return gpu_choice.preference(build_chip())[0]
+    return AUTO_PREFERENCE.get(kind, ("blockwise",))
 
 
 def resolve_cache_attention(name: str, backend: str | None = None) -> str:
@@ -116,5 +124,5 @@ def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, laye
     return attend(q_NTHD, keys, values, layout, kernel)
 
 
-__all__ = ["AUTO_PREFERENCE", "CACHE_AUTO", "KERNELS", "UNAVAILABLE", "attend", "attend_with_cache", "register",
+__all__ = ["AUTO_PREFERENCE", "CACHE_AUTO", "KERNELS", "UNAVAILABLE", "attend", "auto_preference", "attend_with_cache", "register",
            "resolve", "resolve_cache_attention"]

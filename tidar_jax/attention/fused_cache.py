@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tidar_jax.compiled.declared import with_flops
+
 MAX_BLOCK_K = 128  # key slots per inner iteration (a Triton tile; a power of two)
 MAX_BLOCK_M = 64  # folded query rows per program
 TARGET_PROGRAMS = 256  # about two waves on a 132-SM H100: enough splits to fill the GPU at batch 1
@@ -74,7 +76,7 @@ def _update(carry, s_MY, v_YD, io):
 
 
 def _kernel(layer_ref, length_ref, q_ref, kc_ref, vc_ref, local_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-            block_k, split_len, cache_size, compute):
+            block_k, split_len, cache_size, compute, normalize):
     from jax.experimental import pallas as pl
 
     n, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(3)
@@ -110,15 +112,16 @@ def _kernel(layer_ref, length_ref, q_ref, kc_ref, vc_ref, local_ref, k_ref, v_re
 
     # the in-kernel loop stops at the live end: blocks past it are never loaded (a split past it does no work)
     acc_MD, m_M, l_M = jax.lax.fori_loop(0, (live + block_k - 1) // block_k, body, carry)
-    o_ref[...] = acc_MD
+    # one split: it is the whole result, normalised here (no merge after the kernel; padding rows have l = 0)
+    o_ref[...] = jnp.where(l_M[:, None] > 0, acc_MD / l_M[:, None], 0) if normalize else acc_MD
     m_ref[...] = m_M
     l_ref[...] = l_M
 
 
 def split_partials(q_NKMD, k_NTKD, v_NTKD, local_MT, cache_k_LNCKD, cache_v_LNCKD, layer, length_N,
                    interpret: bool):
-    """Per split: unnormalised output ``[N, K, S, Mp, D]``, running max and sum ``[N, K, S, Mp]`` (compute
-    dtype: float32 or wider) of the folded queries ``q [N, K, M, D]`` (already scaled) over layer ``layer``'s cache
+    """Per split: unnormalised output ``[N, K, S, Mp, D]`` (normalised when there is one split), running max and
+    sum ``[N, K, S, Mp]`` (compute dtype: float32 or wider) of the folded queries ``q [N, K, M, D]`` (already scaled) over layer ``layer``'s cache
     slots ``< length`` and, in split 0, the step's own ``k, v [N, T, K, D]`` where ``local [M, T]`` allows.
     Rows past ``M`` are padding (they see nothing)."""
     from jax.experimental import pallas as pl
@@ -140,7 +143,7 @@ def split_partials(q_NKMD, k_NTKD, v_NTKD, local_MT, cache_k_LNCKD, cache_v_LNCK
     grid = (n, kv, t["q_blocks"], t["splits"])
     bm = t["block_m"]
     kernel = functools.partial(_kernel, block_k=t["block_k"], split_len=t["split_len"], cache_size=c,
-                               compute=compute)
+                               compute=compute, normalize=t["splits"] == 1)
     whole = pl.no_block_spec  # the whole cache: key blocks are indexed by layer, row and KV head inside the kernel
     out_shape = [jax.ShapeDtypeStruct((n, kv, t["splits"], t["m_pad"], d), compute),
                  jax.ShapeDtypeStruct((n, kv, t["splits"], t["m_pad"]), compute),
@@ -166,7 +169,10 @@ def split_partials(q_NKMD, k_NTKD, v_NTKD, local_MT, cache_k_LNCKD, cache_v_LNCK
                    pl.BlockSpec((None, None, None, bm), lambda i, h, b, s: (i, h, s, b))],
         out_shape=out_shape,
         interpret=interpret,
-        name="fused_cache_attention",
+        # the cost model reads its work from the name: every (padded) query row against the step's U keys, plus
+        # per live cache slot (only the live length, a run-time value, decides how many slots it visits)
+        name=with_flops("fused_cache_attention", 4 * n * kv * t["m_pad"] * d * u,
+                        per_cache_slot=4 * n * kv * t["m_pad"] * d),
     )(jnp.asarray(layer, jnp.int32).reshape(1), length_N.astype(jnp.int32).reshape(n, 1), qkv_NKZD, qkv_NKZD,
       qkv_NKZD, jnp.asarray(local_MU), cache_k_LNCKD, cache_v_LNCKD)
 
@@ -188,9 +194,13 @@ def cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer
     local_MT = np.repeat(np.asarray(local_TT, bool), r, axis=0)
     acc_NKSMD, m_NKSM, l_NKSM = split_partials(q_NKMD, k_NTKD.astype(io), v_NTKD.astype(io), local_MT,
                                                cache_k_LNCKD, cache_v_LNCKD, layer, length_N, interpret)
+    splits = m_NKSM.shape[2]
+    if splits == 1:  # the kernel normalised it: no merge kernel (one fewer per layer)
+        out_NKMD = acc_NKSMD[:, :, 0, :t * r]
+        return (jnp.transpose(out_NKMD.reshape(n, kv, t, r, d), (0, 2, 1, 3, 4)).reshape(n, t, h, d)
+                .astype(q_NTHD.dtype))
     # the merge over the (few, static) splits written elementwise, so XLA emits it as one loop fusion with the
     # output projection's input (a max and a sum reduction would be two more kernels per layer)
-    splits = m_NKSM.shape[2]
     m_NKM = functools.reduce(jnp.maximum, [m_NKSM[:, :, i, :t * r] for i in range(splits)])
     w = [jnp.exp(m_NKSM[:, :, i, :t * r] - m_NKM) for i in range(splits)]
     l_NKM = functools.reduce(jnp.add, [w[i] * l_NKSM[:, :, i, :t * r] for i in range(splits)])

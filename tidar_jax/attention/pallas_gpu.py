@@ -36,7 +36,9 @@ import numpy as np
 from jax import lax
 
 from tidar_jax.attention.schedule import TileSchedule, tile_schedule
+from tidar_jax.compiled.declared import with_flops
 from tidar_jax.masks import DecodeLayout, PrefillLayout
+from tidar_jax.targets import build_chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +91,9 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def tiles_for_backend() -> Tiles:
-    """The ``TILES`` entry of the local GPU when there is one, else ``DEFAULT_TARGET``'s."""
-    try:
-        kind = jax.devices()[0].device_kind.lower()
-    except RuntimeError:  # pragma: no cover - no backend at all
-        kind = ""
-    for name, tiles in TILES.items():
-        if name in kind:
-            return tiles
-    return TILES[DEFAULT_TARGET]
+    """The ``TILES`` entry of the chip being built for (``targets.build_chip``: a deviceless target's, or the
+    local GPU's), else ``DEFAULT_TARGET``'s."""
+    return TILES.get(build_chip(), TILES[DEFAULT_TARGET])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,6 +314,24 @@ def pl_ds(start, size):
 # pallas_calls
 # ----------------------------------------------------------------------------------------------------------------
 
+# Matmuls per visited tile pair and query head (each 2 x tq x tk x D FLOPs): the forward QK^T and PV; dQ recomputes
+# QK^T, then dO V^T and dS K; dK/dV recomputes QK^T and dO V^T, then P^T dO and dS^T Q.
+MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def kernel_flops(sched: TileSchedule, kernel: str, rows: int, heads: int, head_dim: int) -> int:
+    """FLOPs of one launch of ``kernel`` ("fwd", "dq", "dkv") over ``rows`` batch rows and ``heads`` query heads:
+    the tile pairs ``sched`` visits times the matmuls each pair costs (masking and softmax are not counted, as the
+    cost model counts no elementwise work)."""
+    return sched.visited_pairs * rows * heads * MATMULS[kernel] * 2 * sched.tile_q * sched.tile_k * head_dim
+
+
+def _name(kernel: str, sched: TileSchedule, q_shape) -> str:
+    """The pallas_call's name: ``tidar_flash_<kernel>`` declaring its visited-tile FLOPs to the cost model."""
+    n, _, h, d = q_shape
+    return with_flops(f"tidar_flash_{kernel}", kernel_flops(sched, kernel, n, h, d))
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, st: _Static, name: str):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -355,7 +369,7 @@ def _forward(st: _Static, sched: TileSchedule, q, k, v, ids):
                  pl.BlockSpec((None, None, tq), lambda i, b, j: (b, j, i))]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((n, h, tp), _cd(q.dtype))]
     return _call(functools.partial(_fwd_kernel, st=st, wf=wf), (tp // tq, n, h), in_specs, out_specs, out_shape,
-                 st, "tidar_flash_fwd")(*args)
+                 st, _name("fwd", sched, q.shape))(*args)
 
 
 def _backward(st: _Static, sched: TileSchedule, q, k, v, ids, out, lse, do):
@@ -383,7 +397,7 @@ def _backward(st: _Static, sched: TileSchedule, q, k, v, ids, out, lse, do):
         args += list(ids)
     dq = _call(functools.partial(_dq_kernel, st=st, wf=wf), (tp // tq, n, h), in_specs,
                pl.BlockSpec((None, tq, None, d), lambda i, b, j: (b, i, j, 0)),
-               jax.ShapeDtypeStruct(q.shape, q.dtype), st, "tidar_flash_dq")(*args)
+               jax.ShapeDtypeStruct(q.shape, q.dtype), st, _name("dq", sched, q.shape))(*args)
 
     # dK, dV over the transposed schedule; the GQA head group is summed in-kernel
     table, wf = tile_table(sched, True, sp // tk)
@@ -403,7 +417,7 @@ def _backward(st: _Static, sched: TileSchedule, q, k, v, ids, out, lse, do):
     kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, b, j: (b, i, j, 0))
     dk, dv = _call(functools.partial(_dkv_kernel, st=st, wf=wf, group=group), (sp // tk, n, kv), in_specs,
                    [kv_spec, kv_spec], [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                   st, "tidar_flash_dkv")(*args)
+                   st, _name("dkv", sched, q.shape))(*args)
     return dq, dk, dv
 
 

@@ -25,9 +25,14 @@ class TileSchedule:
     partial_pairs: np.ndarray  # [pairs, 2]
 
     @property
+    def visited_pairs(self) -> int:
+        """The (query tile, key tile) pairs a kernel following this schedule visits: full plus partial."""
+        return len(self.full_pairs) + len(self.partial_pairs)
+
+    @property
     def visited_fraction(self) -> float:
         """Visited tile pairs over all tile pairs (dense attention visits 1.0)."""
-        return (len(self.full_pairs) + len(self.partial_pairs)) / (self.num_q_tiles * self.num_k_tiles)
+        return self.visited_pairs / (self.num_q_tiles * self.num_k_tiles)
 
 
 def tile_classes(layout, tile_q: int, tile_k: int):

@@ -5,12 +5,16 @@ For every kernel of the optimized HLO (``tidar_jax.compiled.hlo``: a fusion, a c
 * FLOPs: the ``dot`` and ``convolution`` instructions inside it (2 per multiply-add, from the operand and result
   shapes), a cuBLAS GEMM custom call from its dot dimension numbers, and an attention custom call (cuDNN fused
   attention, a Pallas/Triton or Mosaic kernel) from its operand shapes: ``4 N H T S D`` forward (every query-key
-  pair: an upper bound for a masked kernel that skips tiles), 2.5x that for a backward call. Elementwise work is
-  not counted (it is memory-bound; its bytes are).
+  pair: an upper bound for a masked kernel that skips tiles), 2.5x that for a backward call; a Pallas kernel that
+  declares its FLOPs in its name (``tidar_jax.compiled.declared``: the block-sparse attention kernels, from the
+  tiles their schedule visits) is charged those; the fused cache attention declares a fixed part and FLOPs per
+  live cache slot, charged for the live length the estimate is given (every allocated slot when none).
+  Elementwise work is not counted (it is memory-bound; its bytes are).
 * bytes: what it reads (each operand; an operand only sliced inside the kernel counts its slices, one only
   updated in place counts nothing) plus what it writes (each result; an in-place update counts its update).
-* time: ``max(FLOPs / peak(dtype), bytes / HBM bandwidth) + launch``; a collective moves its ring traffic
-  over the chip's interconnect instead.
+* time: ``max(FLOPs / peak(dtype), bytes / HBM bandwidth) + launch`` (the chip's eager launch cost, or with
+  ``graph=True`` the assumed cost of a kernel inside one CUDA graph, ``GRAPH_LAUNCH_S``); a collective moves its
+  ring traffic over the chip's interconnect instead.
 
 A loop's kernels count once per iteration (trip counts multiply through nesting); a loop whose trip count is only
 known at run time runs ``dynamic_trips`` iterations (an assumption) and pays a host round trip per iteration plus
@@ -28,6 +32,7 @@ import dataclasses
 import math
 import re
 
+from tidar_jax.compiled.declared import declared_flops, declared_per_cache_slot
 from tidar_jax.compiled.hlo import COLLECTIVES, HloProgram, Instruction, array_shapes, type_bytes
 from tidar_jax.targets import Chip
 
@@ -36,6 +41,12 @@ _SLICERS = frozenset({"dynamic-slice", "slice", "gather"})
 _UPDATERS = {"dynamic-update-slice": 1, "scatter": 2}  # opcode -> index of the update operand
 _ATTENTION_TARGET = re.compile(r"fmha|flash|attention|mha|splash|__gpu\$xla\.gpu\.triton|mosaic", re.I)
 _BACKWARD = re.compile(r"backward|bwd|_vjp|grad", re.I)
+
+# A kernel inside a CUDA graph (an XLA:GPU command buffer, which the H100 decode step compiles to: see
+# docs/decode.md) still pays a dependency gap but no host-side launch. ASSUMED, not measured: 1 us, the kernel
+# launch overhead XLA's own GpuPerformanceModel uses (/work/shared/reference/kernels.md, section 10).
+GRAPH_LAUNCH_S = 1e-6
+GRAPH_LAUNCH_SOURCE = "one CUDA graph: 1 us per kernel ASSUMED, XLA GpuPerformanceModel's launch cost"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +61,27 @@ class Assumptions:
     launch_s: float
     host_round_trip_s: float
     dynamic_trips: int
+    launch_source: str = "eager stream launches"
+    live_cache_slots: int | None = None  # the fused cache kernel is charged for these slots per row (None: all)
 
     @classmethod
-    def of(cls, chip: Chip, dynamic_trips: int = 1) -> "Assumptions":
+    def of(cls, chip: Chip, dynamic_trips: int = 1, graph: bool = False,
+           live_cache_slots: int | None = None) -> "Assumptions":
+        """``graph``: the program runs as one CUDA graph (XLA:GPU command buffer), each kernel costing
+        ``GRAPH_LAUNCH_S`` instead of the chip's eager launch cost (``GRAPH_LAUNCH_SOURCE`` says where it is from)."""
+        launch_s, source = (GRAPH_LAUNCH_S, GRAPH_LAUNCH_SOURCE) if graph else (chip.launch_s, "eager stream launches")
         return cls(chip.name, chip.peak_bf16_flops, chip.peak_fp32_flops, chip.hbm_bytes_per_s,
-                   chip.interconnect_bytes_per_s, chip.launch_s, chip.host_round_trip_s, int(dynamic_trips))
+                   chip.interconnect_bytes_per_s, launch_s, chip.host_round_trip_s, int(dynamic_trips), source,
+                   live_cache_slots)
 
     def line(self) -> str:
+        cache = ("the whole cache" if self.live_cache_slots is None
+                 else f"{self.live_cache_slots} live slots per row")
         return (f"estimate for {self.chip}: bf16 peak {self.peak_bf16_flops / 1e12:.0f} TFLOP/s, f32 dots "
                 f"{self.peak_fp32_flops / 1e12:.0f} TFLOP/s, HBM {self.hbm_bytes_per_s / 1e12:.2f} TB/s, "
                 f"interconnect {self.interconnect_bytes_per_s / 1e9:.0f} GB/s, launch {self.launch_s * 1e6:.1f} us "
-                f"per kernel, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "
+                f"per kernel ({self.launch_source}), fused cache attention charged for "
+                f"{cache}, host round trip {self.host_round_trip_s * 1e6:.0f} us, {self.dynamic_trips} "
                 f"iterations assumed per data-dependent loop; no overlap of kernels, roofline per kernel")
 
 
@@ -194,13 +215,51 @@ def attention_flops(operand_shapes: list[tuple[int, ...]], backward: bool) -> fl
     return 0.0
 
 
+def declared_kernel_flops(instr: Instruction) -> float | None:
+    """The FLOPs a Pallas kernel declares in its name (``tidar_jax.compiled.declared``), or None. The block-sparse
+    attention kernels (``tidar_jax.attention.pallas_gpu``) declare the tiles their schedule visits, so they are
+    charged for those, not for every query-key pair of their operands. Read from the op_name, else from the
+    backend_config's kernel name (text: jax 0.10 prints it as an MLIR dictionary, not JSON)."""
+    found = declared_flops(_op_name(instr))
+    if found is None:
+        found = declared_flops(_kernel_name(instr))
+    return found
+
+
+def _kernel_name(instr: Instruction) -> str:
+    """A custom call's kernel name in its backend_config (text: jax 0.10 prints it as an MLIR dictionary, not
+    JSON), or ''."""
+    m = re.search(r'\bname\s*[=:]\s*\\?"([^"\\]*)', instr.attr("backend_config") or "")
+    return m.group(1) if m else ""
+
+
+def declared_cache_slot_flops(program: HloProgram, instr: Instruction, live_slots: int | None) -> float:
+    """The FLOPs a kernel declares per live cache slot (``declared.with_flops(per_cache_slot=...)``: the fused cache
+    attention) times the live slots: ``live_slots`` (an assumption of the estimate) or, when None, every allocated
+    slot of its whole-cache operand ``[L, N, C, K, D]``. 0 for a kernel that declares none."""
+    per_slot = declared_per_cache_slot(_op_name(instr))
+    if per_slot is None:
+        per_slot = declared_per_cache_slot(_kernel_name(instr))
+    if per_slot is None:
+        return 0.0
+    slots = max((dims[2] for t in program.operand_types(instr) for _, dims in array_shapes(t) if len(dims) == 5),
+                default=0)
+    return per_slot * (slots if live_slots is None else min(live_slots, slots))
+
+
 def _custom_call_flops(program: HloProgram, instr: Instruction) -> float:
     target = instr.attr("custom_call_target") or ""
     if "gemm" in target or "matmul" in target:
         return _gemm_flops(program, instr)
+    declared = declared_kernel_flops(instr)
+    if declared is not None:
+        return declared
     if _ATTENTION_TARGET.search(target) or _ATTENTION_TARGET.search(_op_name(instr)):
         shapes = [_shape(t)[1] for t in program.operand_types(instr)]
-        return attention_flops(shapes, bool(_BACKWARD.search(target + " " + _op_name(instr))))
+        # the op's own name (``.../dot_product_attention_bwd``), not the path above it: a jitted function named
+        # ``fwd_bwd`` must not make its forward call a backward one
+        own_name = _op_name(instr).rsplit("/", 1)[-1]
+        return attention_flops(shapes, bool(_BACKWARD.search(target + " " + own_name)))
     return 0.0
 
 
@@ -378,7 +437,10 @@ def kernel_cost(program: HloProgram, instr: Instruction, a: Assumptions, runs: i
         return KernelCost(instr.name, instr.kind, _op_name(instr), runs, 0.0, moved, 0.0, t + a.launch_s,
                           "collective")
     flops, f32 = kernel_flops(program, instr)
+    flops += declared_cache_slot_flops(program, instr, a.live_cache_slots)
     read, written = kernel_bytes(program, instr)
+    if a.live_cache_slots is not None:
+        read -= fused_cache_unread_bytes(program, instr, a.live_cache_slots)
     compute = flops / (a.peak_fp32_flops if f32 else a.peak_bf16_flops)
     memory = (read + written) / a.hbm_bytes_per_s
     work = max(compute, memory)
@@ -386,9 +448,28 @@ def kernel_cost(program: HloProgram, instr: Instruction, a: Assumptions, runs: i
     return KernelCost(instr.name, instr.kind, _op_name(instr), runs, flops, read, written, work + a.launch_s, bound)
 
 
-def estimate(program: HloProgram, chip: Chip, dynamic_trips: int = 1) -> Estimate:
-    """The estimated time of one run of ``program`` on ``chip`` (see the module docstring for the model)."""
-    a = Assumptions.of(chip, dynamic_trips)
+def fused_cache_unread_bytes(program: HloProgram, instr: Instruction, live_slots: int) -> float:
+    """Bytes of its whole-cache operands ``[L, N, C, K, D]`` that one call of the fused cache attention kernel
+    (``tidar_jax.attention.fused_cache``) does not read: it reads one layer's first ``live_slots`` slots of each row
+    (its key-block loop stops at the live end), the operand shapes say the whole allocated cache. 0 for any other
+    kernel."""
+    if instr.opcode != "custom-call" or "fused_cache_attention" not in _op_name(instr):
+        return 0.0
+    unread = 0.0
+    for t in program.operand_types(instr):
+        for dt, dims in array_shapes(t):
+            if len(dims) == 5:
+                layers, rows, slots, kv, d = dims
+                unread += type_bytes(t) - type_bytes(f"{dt}[{rows},{min(live_slots, slots)},{kv},{d}]")
+    return unread
+
+
+def estimate(program: HloProgram, chip: Chip, dynamic_trips: int = 1, graph: bool = False,
+             live_cache_slots: int | None = None) -> Estimate:
+    """The estimated time of one run of ``program`` on ``chip`` (see the module docstring for the model).
+    ``graph``: launches at the in-graph cost (``Assumptions.of``); ``live_cache_slots``: the live cache length,
+    for the fused cache kernel's reads (``fused_cache_unread_bytes``)."""
+    a = Assumptions.of(chip, dynamic_trips, graph, live_cache_slots)
     kernels: list[KernelCost] = []
 
     def visit(comp: str, runs: int):
@@ -412,5 +493,6 @@ def _op_name(instr: Instruction) -> str:
     return m.group(1) if m else ""
 
 
-__all__ = ["Assumptions", "Estimate", "KernelCost", "attention_flops", "collective_bytes", "convolution_flops",
-           "dot_flops", "estimate", "kernel_bytes", "kernel_flops"]
+__all__ = ["GRAPH_LAUNCH_S", "Assumptions", "Estimate", "KernelCost", "attention_flops", "collective_bytes",
+           "convolution_flops", "declared_cache_slot_flops", "declared_kernel_flops", "dot_flops", "estimate", "fused_cache_unread_bytes",
+           "kernel_bytes", "kernel_flops"]

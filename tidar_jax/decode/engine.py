@@ -277,7 +277,7 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     next_NB = layout.next_drafts(source_NB, shift_N, token_N, opts.slot0 == "verifier" or not opts.greedy)
 
     # Commit: drafts' K/V go to slots L..L+B-1; only the accepted k become visible. Mask K/V is never written.
-    cache = kvops.write_tokens(cache, step_kv, b, length_N)
+    cache = kvops.write_tokens(cache, kvops.after(step_kv, accepted_N), b, length_N)
     cache = kvops.advance(cache, jnp.where(active_N, accepted_N, 0))
 
     j_B = jnp.arange(b)[None]
@@ -320,7 +320,7 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     logits_NV = model.logits(hidden_N1E)[:, 0]
     key, sub = jax.random.split(state.key)
     next_N = _next_token(logits_NV, opts, jax.random.uniform(sub, (n,), logits_NV.dtype))
-    cache = kvops.advance(kvops.write_tokens(cache, step_kv, 1, length_N), active_N)
+    cache = kvops.advance(kvops.write_tokens(cache, kvops.after(step_kv, next_N), 1, length_N), active_N)
     ones_N = jnp.ones((n,), jnp.int32)
     state = state._replace(
         cache=cache, pending_NB=jnp.where(active_N[:, None], next_N[:, None], token_N1), key=key,

@@ -8,6 +8,7 @@ committed K/V). Callers size the cache so that nothing visible is ever dropped.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from tidar_jax.model import KVCache, StepKV
@@ -18,6 +19,21 @@ def write_slots(cache_LNCKD, new_LNTKD, start_N):
     rows_N1 = jnp.arange(n)[:, None]
     slots_NT = start_N[:, None] + jnp.arange(t)[None, :]
     return cache_LNCKD.at[:, rows_N1, slots_NT].set(new_LNTKD.astype(cache_LNCKD.dtype), mode="drop")
+
+
+def after(step_kv: StepKV, dependency) -> StepKV:
+    """``step_kv``, made to wait (on GPU) for ``dependency``, a value computed from the step's logits.
+
+    Why: the write updates the donated cache in place, and XLA may only do that after every kernel that reads the
+    cache (each layer's cache attention). When the write's inputs do not depend on the last layers' attention,
+    XLA:GPU keeps the old cache alive for them instead: the compiled H100 TiDAR step copied the whole K and V
+    cache twice each (issue 22). Depending on the logits orders the write after every read. CPU programs are
+    unchanged."""
+    from tidar_jax.targets import build_platform
+
+    if build_platform() not in ("gpu", "cuda", "rocm"):
+        return step_kv
+    return jax.lax.optimization_barrier((step_kv, dependency))[0]
 
 
 def write_tokens(cache: KVCache, step_kv: StepKV, count: int, start_N) -> KVCache:

@@ -105,13 +105,14 @@ def abstract_decode_params(cfg: ModelConfig, mesh):
 
 def decode_options(mode: str, block_size: int, max_new_tokens: int, cache_page: int = 128,
                    head: str = "one_pass", cache_dtype: str | None = None,
-                   cache_attention: str = "auto") -> DecodeOptions:
+                   cache_attention: str = "auto", groups: tuple[int, ...] | None = None) -> DecodeOptions:
     """The options ``Decoder.options`` builds for a greedy lossless run (AR normalised as the Decoder does)."""
     if mode == "ar":
         return DecodeOptions(mode="ar", block_size=1, max_new_tokens=max_new_tokens, cache_page=cache_page,
                              cache_dtype=cache_dtype, cache_attention=cache_attention).validate()
     return DecodeOptions(mode="tidar", block_size=block_size, max_new_tokens=max_new_tokens, head=head,
-                         cache_page=cache_page, cache_dtype=cache_dtype, cache_attention=cache_attention).validate()
+                         cache_page=cache_page, cache_dtype=cache_dtype, cache_attention=cache_attention,
+                         groups=groups).validate()
 
 
 def _replicated(shape, dtype, mesh):
@@ -123,10 +124,14 @@ def _replicated(shape, dtype, mesh):
 def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = 16, context: int = 1024,
                    max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
                    modes=("ar", "tidar"), mesh_shape=(1, 1, 1), cache_dtype: str | None = None,
-                   with_prefill: bool = True, cache_attention: str = "auto") -> dict[str, CompiledDecodeProgram]:
+                   with_prefill: bool = True, cache_attention: str = "auto",
+                   groups: tuple[int, ...] | None = None,
+                   step_compiler_options: dict | None = None) -> dict[str, CompiledDecodeProgram]:
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
-    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill)."""
+    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill).
+    ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``, read by
+    ``tidar_jax.compiled.thunks``)."""
     from tidar_jax.sharding import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=list(devices)[:math.prod(mesh_shape)])
@@ -135,7 +140,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
     out: dict[str, CompiledDecodeProgram] = {}
     with compiling_for(platform):
         for mode in modes:
-            opts = decode_options(mode, block_size, max_new_tokens, cache_page, head, cache_dtype, cache_attention)
+            opts = decode_options(mode, block_size, max_new_tokens, cache_page, head, cache_dtype, cache_attention,
+                                  groups)
             padded = prompt_bucket(context, context)
             cache_size = engine.required_cache_size(padded, opts)
             stops = engine.Stops(_replicated((EOS_CAPACITY,), jnp.int32, mesh),
@@ -163,7 +169,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)
             t0 = time.perf_counter()
-            step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile()
+            step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile(
+                compiler_options=step_compiler_options)
             step_s = time.perf_counter() - t0
             trips = max(1, -(-context // cache_page)) if cache_page else 1
             step_tokens = 1 if mode == "ar" else block_size * (1 + len(opts.group_counts))
@@ -230,43 +237,54 @@ def format_plan(summary: dict) -> str:
 
 
 def decode_estimates(programs: dict[str, CompiledDecodeProgram], chip, batch: int,
-                     tokens_per_nfe: float | None = None) -> dict:
+                     tokens_per_nfe: float | None = None, context: int | None = None) -> dict:
     """The cost model's estimate of every program (``tidar_jax.compiled.cost_model``; assumptions carried), the
     TiDAR/AR step-time ratio, AR tokens/s (one token per row per step) and, given a TiDAR tokens-per-forward, the
-    TiDAR tokens/s and the speedup it projects."""
+    TiDAR tokens/s and the speedup it projects. Twice: with eager launches (``programs``, the chip's launch cost)
+    and with the whole program as one CUDA graph (``graph``: the in-graph launch cost, an assumption). ``context``:
+    the live cache length of the steps, so the fused cache kernel is charged for the live slots it reads."""
     from tidar_jax.compiled.cost_model import estimate
 
-    out: dict[str, Any] = {"programs": {}}
-    for name, prog in programs.items():
-        est = estimate(prog.program, chip, prog.assumed_trips)
-        out["programs"][name] = est.summary()
-    steps = out["programs"]
-    if "ar step" in steps:
-        out["ar_tokens_per_s"] = batch / steps["ar step"]["time_s"]
-    if "ar step" in steps and "tidar step" in steps:
-        ratio = steps["tidar step"]["time_s"] / steps["ar step"]["time_s"]
-        out["tidar_over_ar_step"] = ratio
-        if tokens_per_nfe:
-            out["tokens_per_nfe"] = tokens_per_nfe
-            out["tidar_tokens_per_s"] = batch * tokens_per_nfe / steps["tidar step"]["time_s"]
-            out["projected_speedup"] = tokens_per_nfe / ratio
+    out: dict[str, Any] = {}
+    for key, graph in (("programs", False), ("graph", True)):
+        out[key] = {}
+        for name, prog in programs.items():
+            live = context if name.endswith("step") else None
+            out[key][name] = estimate(prog.program, chip, prog.assumed_trips, graph=graph,
+                                      live_cache_slots=live).summary()
+        steps = out[key]
+        ratios = out if key == "programs" else out.setdefault("graph_ratios", {})
+        if "ar step" in steps:
+            ratios["ar_tokens_per_s"] = batch / steps["ar step"]["time_s"]
+        if "ar step" in steps and "tidar step" in steps:
+            ratio = steps["tidar step"]["time_s"] / steps["ar step"]["time_s"]
+            ratios["tidar_over_ar_step"] = ratio
+            if tokens_per_nfe:
+                ratios["tokens_per_nfe"] = tokens_per_nfe
+                ratios["tidar_tokens_per_s"] = batch * tokens_per_nfe / steps["tidar step"]["time_s"]
+                ratios["projected_speedup"] = tokens_per_nfe / ratio
     return out
 
 
 def format_decode_estimates(est: dict) -> str:
     lines = []
-    for name, s in est["programs"].items():
-        lines.append(f"{name}: ESTIMATE {s['time_s'] * 1e3:.3f} ms ({s['launches']} launches, "
-                     f"{s['host_round_trips']} host round trips, {s['flops'] / 1e9:.2f} GFLOP, "
-                     f"{s['bytes'] / 1e9:.3f} GB)")
-    if "tidar_over_ar_step" in est:
-        lines.append(f"TiDAR step / AR step: {est['tidar_over_ar_step']:.2f}; AR {est['ar_tokens_per_s']:.0f} tokens/s")
-    if "projected_speedup" in est:
-        lines.append(f"at {est['tokens_per_nfe']:.2f} tokens per forward: TiDAR {est['tidar_tokens_per_s']:.0f} "
-                     f"tokens/s, projected speedup {est['projected_speedup']:.2f}x")
-    steps = [v for k, v in est["programs"].items() if k.endswith("step")] or list(est["programs"].values())
-    lines.append(f"assumptions (steps; prefill assumes 1 iteration per data-dependent loop): "
-                 f"{steps[-1]['assumptions_line']}")
+    for key, label in (("programs", "eager launches"), ("graph", "one CUDA graph")):
+        if key not in est:
+            continue
+        r = est if key == "programs" else est.get("graph_ratios", {})
+        for name, s in est[key].items():
+            lines.append(f"{name} ({label}): ESTIMATE {s['time_s'] * 1e3:.3f} ms ({s['launches']} launches "
+                         f"{s['launch_time_s'] * 1e3:.3f} ms, {s['host_round_trips']} host round trips, "
+                         f"{s['flops'] / 1e9:.2f} GFLOP, {s['bytes'] / 1e9:.3f} GB)")
+        if "tidar_over_ar_step" in r:
+            lines.append(f"TiDAR step / AR step ({label}): {r['tidar_over_ar_step']:.2f}; AR "
+                         f"{r['ar_tokens_per_s']:.0f} tokens/s")
+        if "projected_speedup" in r:
+            lines.append(f"at {r['tokens_per_nfe']:.2f} tokens per forward ({label}): TiDAR "
+                         f"{r['tidar_tokens_per_s']:.0f} tokens/s, projected speedup {r['projected_speedup']:.2f}x")
+        steps = [v for k, v in est[key].items() if k.endswith("step")] or list(est[key].values())
+        lines.append(f"assumptions ({label}; prefill assumes 1 iteration per data-dependent loop): "
+                     f"{steps[-1]['assumptions_line']}")
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.model.layers import MLP, Attention, LayerCache, RMSNorm, _normal, param, rope_tables
+from tidar_jax.model.layers import MLP, Attention, LayerCache, RMSNorm, _normal, defer_norm, pad_rows, param, rope_tables
 from tidar_jax.model.remat import policy_name, rematerialize
 from tidar_jax.scan_options import scan_unroll
 from tidar_jax.sharding import constrain
@@ -95,6 +95,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_NTE, cos, sin, mask_NTS, cache: LayerCache | None = None):
+        if defer_norm(cache):
+            xs_NTE, r_NT1 = self.attn_norm.deferred(x_NTE)
+            attn_out, k, v = self.attn(xs_NTE, cos, sin, mask_NTS, cache, r_NT1)
+            x_NTE = x_NTE + attn_out
+            return x_NTE + self.mlp(*self.mlp_norm.deferred(x_NTE)), k, v
         attn_out, k, v = self.attn(self.attn_norm(x_NTE), cos, sin, mask_NTS, cache)
         x_NTE = x_NTE + attn_out
         x_NTE = x_NTE + self.mlp(self.mlp_norm(x_NTE))
@@ -156,6 +161,8 @@ class Transformer(nnx.Module):
             x_NTE, k_NTKD, v_NTKD = layer(x_NTE, cos, sin, mask_NTS, layer_cache)
             return x_NTE, (k_NTKD, v_NTKD)
 
+        t = x_NTE.shape[1]
+        x_NTE = jnp.pad(x_NTE, ((0, 0), (0, pad_rows(cache, x_NTE)), (0, 0)))
         if layer_states is not None:
             kv = []
             for i, state in enumerate(layer_states):
@@ -166,7 +173,7 @@ class Transformer(nnx.Module):
             layer_index_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             x_NTE, (k_LNTKD, v_LNTKD) = jax.lax.scan(rematerialize(one_layer, self.remat), x_NTE,
                                                      (layer_state, layer_index_L), unroll=scan_unroll())
-        x_NTE = constrain(x_NTE, ACTIVATION_AXES, "final activations")
+        x_NTE = constrain(x_NTE[:, :t], ACTIVATION_AXES, "final activations")
         return self.final_norm(x_NTE), StepKV(k_LNTKD, v_LNTKD)
 
     def logits(self, hidden_NTE):
