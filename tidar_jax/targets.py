@@ -276,22 +276,27 @@ def build_chip() -> str | None:
     return chip_of_device_kind(device.device_kind)
 
 
+def platform_kind(platform: str) -> str:
+    """"gpu" for any GPU platform name jax uses ("gpu", "cuda", "rocm"); other names ("tpu", "cpu") as they are."""
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
 def build_platform() -> str:
-    """The platform the program being traced is built for: ``compiling_for``'s, else jax's default backend."""
+    """The platform kind (``platform_kind``) the program being traced is built for: ``compiling_for``'s, else jax's
+    default backend's."""
     value = _BUILD_PLATFORM.get()
     if value is not None:
-        return value
+        return platform_kind(value)
     import jax
 
-    return jax.default_backend()
+    return platform_kind(jax.default_backend())
 
 
 def platform_of_devices(devices) -> str:
     """"gpu" / "tpu" / "cpu" for a list of (possibly deviceless) devices."""
-    platform = devices[0].platform if devices else "cpu"
-    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+    return platform_kind(devices[0].platform if devices else "cpu")
 
 
 __all__ = ["CHIPS", "Chip", "Target", "TargetError", "build_chip", "build_platform", "chip_of_device_kind",
-           "compiling_for", "gpu_target_config", "missing_install", "parse_target", "platform_of_devices",
+           "compiling_for", "gpu_target_config", "missing_install", "parse_target", "platform_kind", "platform_of_devices",
            "prepare_environment", "target_devices"]

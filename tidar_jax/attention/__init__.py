@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from tidar_jax.attention import blockwise, cudnn, fused_cache, gpu_choice, paged, pallas_gpu, reference, splash
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
-from tidar_jax.targets import build_chip, build_platform
+from tidar_jax.targets import build_chip, build_platform, platform_kind
 
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
@@ -54,14 +54,10 @@ register("cudnn", cudnn.attend, cudnn.unavailable_reason)
 register("pallas_gpu", pallas_gpu.attend, pallas_gpu.unavailable_reason)
 
 
-def _backend_kind(backend: str) -> str:
-    return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
-
-
 def resolve(kernel: str, backend: str | None = None) -> str:
     """The registered kernel name that ``kernel`` means on ``backend`` (default: the platform being built for,
     ``tidar_jax.targets.build_platform()``: jax's default backend, or a deviceless target's platform)."""
-    kind = _backend_kind(backend or build_platform())
+    kind = platform_kind(backend or build_platform())
     if kernel == "auto":
         prefs = auto_preference(kind)
         return next(name for name in prefs + ("blockwise",) if name in KERNELS and _reason(name, kind) is None)
@@ -89,7 +85,7 @@ def resolve_cache_attention(name: str, backend: str | None = None) -> str:
     (default: the platform being built for)."""
     if name != "auto":
         return name
-    return CACHE_AUTO.get(_backend_kind(backend or build_platform()), "paged")
+    return CACHE_AUTO.get(platform_kind(backend or build_platform()), "paged")
 
 
 def _reason(name: str, kind: str) -> str | None:
@@ -112,7 +108,7 @@ def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, laye
     boolean mask)."""
     if isinstance(layout, DecodeLayout) and layout.cache_page and layout.cache_kernel == "fused":
         # the GPU kernel; anywhere else it runs in Pallas interpret mode (the CPU tests of it)
-        interpret = _backend_kind(build_platform()) != "gpu"
+        interpret = build_platform() != "gpu"
         return fused_cache.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, interpret)
     if isinstance(layout, DecodeLayout) and layout.cache_page:
         return paged.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout)

@@ -56,8 +56,9 @@ def _capacity(n: int, minimum: int) -> int:
 def default_dtype(cfg, platform: str | None = None) -> str:
     """Decode weight/compute dtype when none is asked for: bf16 on GPU/TPU (half the weight bytes per step);
     on CPU the checkpoint's own compute dtype when it is float32/float64, else float32."""
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm", "tpu"):
+    from tidar_jax.targets import platform_kind
+
+    if platform_kind(platform or jax.default_backend()) in ("gpu", "tpu"):
         return "bfloat16"
     return cfg.dtype if cfg.dtype in ("float32", "float64") else "float32"
 

@@ -31,7 +31,7 @@ def after(step_kv: StepKV, dependency) -> StepKV:
     unchanged."""
     from tidar_jax.targets import build_platform
 
-    if build_platform() not in ("gpu", "cuda", "rocm"):
+    if build_platform() != "gpu":
         return step_kv
     return jax.lax.optimization_barrier((step_kv, dependency))[0]
 

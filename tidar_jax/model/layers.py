@@ -77,7 +77,7 @@ def defer_norm(cache) -> bool:
     Only the decode step (a cache is read) on GPU: prefill, training and every CPU program are unchanged."""
     from tidar_jax.targets import build_platform
 
-    return cache is not None and build_platform() in ("gpu", "cuda", "rocm")
+    return cache is not None and build_platform() == "gpu"
 
 
 def rope_tables(positions_NT, head_dim: int, theta: float, dtype):
@@ -107,7 +107,7 @@ def _single_row_gemm(x_RE, w_EF):
     weight once. Elsewhere (CPU) the product is left as it is."""
     from tidar_jax.targets import build_platform
 
-    if x_RE.shape[0] == 1 and build_platform() in ("gpu", "cuda", "rocm"):
+    if x_RE.shape[0] == 1 and build_platform() == "gpu":
         return (jnp.pad(x_RE, ((0, 1), (0, 0))) @ w_EF)[:1]
     return x_RE @ w_EF
 
