@@ -14,3 +14,16 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def train_corpus(tmp_path_factory) -> str:
+    """A small prepared corpus (30 stdlib files, a 384-token vocabulary), made once per session for the training
+    tests."""
+    from tidar_jax.data import prepare_corpus
+
+    path = tmp_path_factory.getbasetemp() / "train_corpus"
+    prepare_corpus(path, max_files=30, vocab_size=384)
+    return str(path)

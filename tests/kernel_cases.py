@@ -28,3 +28,14 @@ def random_segments(n, s, seed):
     """Packed-document segment ids ``[n, s]``: a new document starts with probability 0.2 at each position."""
     rng = np.random.default_rng(seed)
     return jnp.asarray(np.cumsum(rng.random((n, s)) < 0.2, axis=1), jnp.int32)
+
+
+def assert_close(got, want, tol, relative_grad_atol=True):
+    """``got`` and ``want`` (each ``(out, grads)``): outputs within ``tol`` (rtol and atol), gradients within rtol
+    ``tol`` and atol ``tol``, times the reference gradient's largest magnitude when ``relative_grad_atol``."""
+    out, grads = got
+    out_ref, grads_ref = want
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=tol, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        atol = tol * float(jnp.max(jnp.abs(b))) if relative_grad_atol else tol
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=atol)

@@ -15,7 +15,7 @@ from tidar_jax import attention, masks
 from tidar_jax.attention import blockwise, cudnn, reference, splash
 from tidar_jax.attention.schedule import tile_classes
 from tidar_jax.config import ConfigError, ModelConfig
-from kernel_cases import random_inputs, random_segments, value_and_grads
+from kernel_cases import assert_close, random_inputs, random_segments, value_and_grads
 
 H, KV, D = 4, 2, 8  # GQA: two query heads per kv head
 
@@ -50,11 +50,8 @@ CASES = [
 def test_blockwise_equals_reference_fp32(make, n, tile):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32)
-    out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
-    out_bw, g_bw = value_and_grads(_blockwise(tile), layout, q, k, v, w)
-    np.testing.assert_allclose(np.asarray(out_bw), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_bw, g_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert_close(value_and_grads(_blockwise(tile), layout, q, k, v, w),
+                 value_and_grads(reference.attend, layout, q, k, v, w), 1e-5, relative_grad_atol=False)
 
 
 def test_blockwise_equals_reference_bf16():
@@ -81,11 +78,8 @@ def test_blockwise_gqa_one_kv_head_and_mha():
     layout = masks.training_layout(8, 2)
     for kv_heads in (1, 4):
         q, k, v, w = _inputs(layout, 1, jnp.float32, seed=kv_heads, kv_heads=kv_heads)
-        out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
-        out_bw, g_bw = value_and_grads(_blockwise(4), layout, q, k, v, w)
-        np.testing.assert_allclose(np.asarray(out_bw), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
-        for a, b in zip(g_bw, g_ref):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        assert_close(value_and_grads(_blockwise(4), layout, q, k, v, w),
+                     value_and_grads(reference.attend, layout, q, k, v, w), 1e-5, relative_grad_atol=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,14 +227,6 @@ def _splash(q, k, v, lay):
     return splash.attend(q, k, v, lay, interpret=True)
 
 
-def _assert_close(got, want, tol):
-    out, grads = got
-    out_ref, grads_ref = want
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=tol, atol=tol)
-    for a, b in zip(grads, grads_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * float(jnp.max(jnp.abs(b))))
-
-
 SPLASH_CASES = [
     # S=96 -> T=192: not a multiple of the 128 block (padded queries and keys); documents via SegmentIds; GQA 2:1
     _case("train-seg-S96-B16", lambda: masks.training_layout(96, 16, random_segments(2, 96, 7)), 2, None),
@@ -255,7 +241,7 @@ def test_splash_equals_reference_fp32(make, n, tile):
     """The real splash Pallas kernel (interpreted) against the reference, outputs and gradients, fp32."""
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32, seed=11, heads=2, kv_heads=1, d=SPLASH_D)
-    _assert_close(value_and_grads(_splash, layout, q, k, v, w),
+    assert_close(value_and_grads(_splash, layout, q, k, v, w),
                   value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
 
 
@@ -341,7 +327,7 @@ def test_cudnn_bias_through_xla_equals_reference(make, n, tile):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32)
     xla = lambda q, k, v, lay: cudnn.attend(q, k, v, lay, implementation="xla")  # noqa: E731
-    _assert_close(value_and_grads(xla, layout, q, k, v, w),
+    assert_close(value_and_grads(xla, layout, q, k, v, w),
                   value_and_grads(reference.attend, layout, q, k, v, w), 1e-5)
 
 
@@ -353,7 +339,7 @@ def test_cudnn_equals_reference_bf16_on_gpu(make, n, tile):
     q, k, v, w = _inputs(layout, n, jnp.bfloat16, d=64)
     exact = value_and_grads(reference.attend, layout, *(x.astype(jnp.float32) for x in (q, k, v)), w)
     got = value_and_grads(cudnn.attend, layout, q, k, v, w)
-    _assert_close((got[0].astype(jnp.float32), [g.astype(jnp.float32) for g in got[1]]), exact, 3e-2)
+    assert_close((got[0].astype(jnp.float32), [g.astype(jnp.float32) for g in got[1]]), exact, 3e-2)
 
 
 def test_unavailable_kernels_fail_with_one_line():

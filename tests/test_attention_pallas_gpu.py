@@ -14,7 +14,7 @@ from tidar_jax import attention, masks, targets
 from tidar_jax.attention import pallas_gpu, reference
 from tidar_jax.attention.schedule import tile_schedule
 from tidar_jax.config import ConfigError
-from kernel_cases import random_inputs, random_segments, value_and_grads
+from kernel_cases import assert_close, random_inputs, random_segments, value_and_grads
 
 H, KV, D = 4, 2, 16  # GQA: two query heads per kv head; D >= 16 as Triton's dot needs
 TILE = pallas_gpu.Tiles(16, 16, 16, 16, num_warps=4, num_stages=1)
@@ -52,11 +52,8 @@ CASES = [
 def test_pallas_gpu_equals_reference_fp32(make, n, tiles, kv_heads):
     layout = make()
     q, k, v, w = _inputs(layout, n, jnp.float32, kv_heads=kv_heads)
-    out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
-    out, g = value_and_grads(_pallas(tiles), layout, q, k, v, w)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert_close(value_and_grads(_pallas(tiles), layout, q, k, v, w),
+                 value_and_grads(reference.attend, layout, q, k, v, w), 1e-5, relative_grad_atol=False)
 
 
 def test_pallas_gpu_bf16_within_twice_the_reference_error():
@@ -297,11 +294,8 @@ def test_sharded_equals_reference(mesh_shape):
 
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
-    out, g = value_and_grads(sharded, layout, q, k, v, w)
-    out_ref, g_ref = value_and_grads(reference.attend, layout, q, k, v, w)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert_close(value_and_grads(sharded, layout, q, k, v, w),
+                 value_and_grads(reference.attend, layout, q, k, v, w), 1e-5, relative_grad_atol=False)
 
 
 def test_kernels_run_on_each_devices_rows_on_8_h100(h100_mesh):

@@ -40,16 +40,13 @@ def test_v1_checkpoint_loads_for_inference(path):
     nnx.merge(bundle.graphdef, bundle.params)  # a usable model
 
 
-def test_v1_run_dir_resumes(tmp_path_factory, tmp_path):
-    from tidar_jax.data import prepare_corpus
+def test_v1_run_dir_resumes(train_corpus, tmp_path):
     from tidar_jax.train.config import load_config
     from tidar_jax.train.loop import train
 
-    data_dir = tmp_path_factory.getbasetemp() / "train_corpus"
-    prepare_corpus(data_dir, max_files=30, vocab_size=384)  # the fixture's corpus (shared with test_train_*)
     run_dir = str(tmp_path / "run")
     shutil.copytree(RUN_V1, run_dir)
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), [f"data.dir={data_dir}", "train.steps=3"])
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), [f"data.dir={train_corpus}", "train.steps=3"])
     result = train(cfg, run_dir, show_progress=False)
     assert result.resumed and (result.start_step, result.final_step) == (2, 3)
     assert np.isfinite(result.losses[0][1]) and [s for s, _ in result.losses] == [3]

@@ -98,9 +98,8 @@ def test_every_cli_checks_its_output_first(tmp_path, capsys):
                    "model_config.json cannot be read")
 
 
-def test_setup_failure_leaves_no_run_dir(tmp_path, tmp_path_factory):
+def test_setup_failure_leaves_no_run_dir(tmp_path, train_corpus):
     from tidar_jax.config import ConfigError
-    from tidar_jax.data import prepare_corpus
     from tidar_jax.train.config import load_config
     from tidar_jax.train.loop import train
 
@@ -110,9 +109,7 @@ def test_setup_failure_leaves_no_run_dir(tmp_path, tmp_path_factory):
     with pytest.raises(ConfigError, match="holds no prepared corpus"):
         train(bad_data, str(run_dir), show_progress=False)
     assert not run_dir.exists()
-    corpus = tmp_path_factory.getbasetemp() / "train_corpus"
-    prepare_corpus(corpus, max_files=30, vocab_size=384)  # shared with the test_train_* modules
-    bad_model = load_config(tiny, [f"data.dir={corpus}", "model.vocab_size=256"])
+    bad_model = load_config(tiny, [f"data.dir={train_corpus}", "model.vocab_size=256"])
     with pytest.raises(ConfigError, match="model.vocab_size=256: smaller than the data tokenizer"):
         train(bad_model, str(run_dir), show_progress=False)
     assert not run_dir.exists()

@@ -36,12 +36,12 @@ AR_STEPS, TIDAR_STEPS = 4, 4
 SELFGEN_ROWS = 8  # the TiDAR phase also trains on the AR model's own continuations, as tiny.yaml's does
 
 
-def _base(data_dir) -> dict:
+def _base(train_corpus) -> dict:
     """tiny.yaml's base sections shrunk to a test model on the test corpus."""
     values = read_preset(TINY)
     values.pop("phases", None)
     values["model"].update(vocab_size=384, hidden_size=32, num_layers=1, mlp_size=64, num_heads=4, num_kv_heads=2)
-    values["data"].update(dir=data_dir, vocab_size=384, seq_len=16, global_batch=8, eval_batch_size=8,
+    values["data"].update(dir=train_corpus, vocab_size=384, seq_len=16, global_batch=8, eval_batch_size=8,
                           eval_batches=1)
     values["checkpoint"] = {"every": 2, "keep": 2, "async_save": False}
     values["logging"] = {"every": 1, "eval_every": 0, "tensorboard": False, "decode_probe_prompts": 0}
@@ -50,17 +50,8 @@ def _base(data_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tidar_jax.data import prepare_corpus
-
-    path = tmp_path_factory.getbasetemp() / "train_corpus"
-    prepare_corpus(path, max_files=30, vocab_size=384)  # idempotent: shared with the test_train_* modules
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def preset(data_dir, tmp_path_factory):
-    values = _base(data_dir)
+def preset(train_corpus, tmp_path_factory):
+    values = _base(train_corpus)
     values["phases"] = [{"name": "ar", "train.objective": "ar", "train.steps": AR_STEPS},
                         {"name": "tidar", "init_from": "ar", "train.steps": TIDAR_STEPS, "optim.lr": 1e-3,
                          "data.selfgen_rows": SELFGEN_ROWS, "data.selfgen_prompt_tokens": 4}]
@@ -269,7 +260,7 @@ def test_recipe_trained_model_matches_transformers(recipe_run, tmp_path):
     np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-4)
 
 
-def test_selfgen_rows_are_the_ar_models_greedy_continuations(recipe_run, data_dir):
+def test_selfgen_rows_are_the_ar_models_greedy_continuations(recipe_run, train_corpus):
     from tidar_jax.data import load_manifest
     from tidar_jax.data.shards import TokenStream, document_spans, split_parts
     from tidar_jax.decode import Decoder
@@ -283,13 +274,13 @@ def test_selfgen_rows_are_the_ar_models_greedy_continuations(recipe_run, data_di
     rows = [stream.read(int(o), int(o) + int(n)).tolist() for o, n in spans]
     seq_len, block = 16, 4
     assert len(rows) == SELFGEN_ROWS and all(len(r) == seq_len - block for r in rows)  # row + eos = one window
-    prompts = train_prompts(data_dir, load_manifest(data_dir), SELFGEN_ROWS, 4, 0)
+    prompts = train_prompts(train_corpus, load_manifest(train_corpus), SELFGEN_ROWS, 4, 0)
     ar = Decoder.from_bundle(load_for_inference(_ar_dir(recipe_run)))
     gen = ar.generate(prompts, mode="ar", max_new_tokens=seq_len - block - 4, eos_token_id=None)
     assert rows == [p + list(t) for p, t in zip(prompts, gen.tokens)]
-    assert manifest["tokenizer"]["sha256"] == load_manifest(data_dir)["tokenizer"]["sha256"]
+    assert manifest["tokenizer"]["sha256"] == load_manifest(train_corpus)["tokenizer"]["sha256"]
     stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
-    build_selfgen(_ar_dir(recipe_run), data_dir, out, SELFGEN_ROWS, 4, seq_len, block)  # same settings: reused
+    build_selfgen(_ar_dir(recipe_run), train_corpus, out, SELFGEN_ROWS, 4, seq_len, block)  # same settings: reused
     assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
 
 
@@ -298,7 +289,7 @@ def test_selfgen_rows_are_the_ar_models_greedy_continuations(recipe_run, data_di
                                              "data.selfgen_weight=1.0"),
                                             (["model.init_from=x", "data.selfgen_prompt_tokens=124"],
                                              "data.selfgen_prompt_tokens=124")])
-def test_selfgen_bad_settings_are_one_line(data_dir, override, named):
+def test_selfgen_bad_settings_are_one_line(train_corpus, override, named):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["data.selfgen_rows=8", *override])
     assert str(e.value).startswith(named) and "\n" not in str(e.value)
@@ -317,14 +308,14 @@ def test_recipe_levers_measures_a_recipe_run(recipe_run, tmp_path):
     assert all(0.0 <= a <= 1.0 for a in rates) and 1.0 <= r["tnfe_b1"] <= 4.0
 
 
-def test_selfgen_source_takes_its_weight_of_the_mixture(recipe_run, data_dir):
+def test_selfgen_source_takes_its_weight_of_the_mixture(recipe_run, train_corpus):
     from tidar_jax.train.loop import data_sources
 
     sg = os.path.join(recipe_run, "selfgen")
-    one = load_config(TINY, [f"data.dir={data_dir}", "model.init_from=x", "data.selfgen_rows=8",
+    one = load_config(TINY, [f"data.dir={train_corpus}", "model.init_from=x", "data.selfgen_rows=8",
                              "data.selfgen_weight=0.25"])
-    assert data_sources(one, data_dir) == data_dir  # no self-generated dir given: the data dir alone
-    assert data_sources(one, data_dir, sg) == [(os.path.abspath(data_dir), 0.75), (os.path.abspath(sg), 0.25)]
-    two = one.replace(**{"data.sources": [{"dir": data_dir, "weight": 3}, {"dir": sg, "weight": 1}]})
-    got = data_sources(two, data_dir, sg)
+    assert data_sources(one, train_corpus) == train_corpus  # no self-generated dir given: the data dir alone
+    assert data_sources(one, train_corpus, sg) == [(os.path.abspath(train_corpus), 0.75), (os.path.abspath(sg), 0.25)]
+    two = one.replace(**{"data.sources": [{"dir": train_corpus, "weight": 3}, {"dir": sg, "weight": 1}]})
+    got = data_sources(two, train_corpus, sg)
     assert [w for _, w in got] == pytest.approx([0.5625, 0.1875, 0.25])

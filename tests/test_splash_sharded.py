@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tidar_jax import masks
 from tidar_jax.attention import reference, splash
 from tidar_jax.sharding import activation_mesh, make_mesh
+from kernel_cases import assert_close
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), pytest.param((4, 1, 2), marks=pytest.mark.slow),
@@ -37,6 +38,4 @@ def test_sharded_splash_equals_reference(mesh_shape):
         q, k, v)
     (_, out_ref), grads_ref = jax.value_and_grad(lambda *a: loss(reference.attend, *a), argnums=(0, 1, 2),
                                                  has_aux=True)(q, k, v)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, grads_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert_close((out, grads), (out_ref, grads_ref), 1e-5)

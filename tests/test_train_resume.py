@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 
 
-def _overrides(data_dir):
-    return [f"data.dir={data_dir}", "data.vocab_size=384", "model.vocab_size=384", "model.hidden_size=32",
+def _overrides(train_corpus):
+    return [f"data.dir={train_corpus}", "data.vocab_size=384", "model.vocab_size=384", "model.hidden_size=32",
             "model.num_layers=1", "model.mlp_size=64", "model.num_heads=4", "model.num_kv_heads=2",
             "data.seq_len=16", "data.global_batch=8", "data.eval_batch_size=8", "data.eval_batches=1",
             "checkpoint.every=4", "checkpoint.keep=5", "logging.every=1", f"logging.eval_every={STEPS}",
@@ -32,20 +32,11 @@ def _overrides(data_dir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tidar_jax.data import prepare_corpus
-
-    path = tmp_path_factory.getbasetemp() / "train_corpus"
-    prepare_corpus(path, max_files=30, vocab_size=384)  # idempotent: shared by the test_train_* modules
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
+def reference(train_corpus, tmp_path_factory):
     from tidar_jax.train.loop import train
 
     run_dir = str(tmp_path_factory.mktemp("ref") / "run")
-    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), _overrides(data_dir))
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), _overrides(train_corpus))
     result = train(cfg, run_dir, show_progress=False)
     return cfg, run_dir, result
 
@@ -102,17 +93,17 @@ def test_tensorboard_events_are_readable(reference):
     np.testing.assert_allclose([v for _, v in logged], [v for _, v in result.losses], rtol=1e-6)
 
 
-def _train_cmd(data_dir, run_dir):
+def _train_cmd(train_corpus, run_dir):
     return [sys.executable, os.path.join(REPO, "train.py"), "--no-phases", "--config",
-            os.path.join(REPO, "configs", "tiny.yaml"), "--run-dir", run_dir, *_overrides(data_dir)]
+            os.path.join(REPO, "configs", "tiny.yaml"), "--run-dir", run_dir, *_overrides(train_corpus)]
 
 
 @pytest.mark.slow  # two train.py subprocesses: ~40 s on an idle 2-core machine, minutes when it is busy
-def test_kill9_then_rerun_is_bitwise_equal_to_uninterrupted(reference, data_dir, tmp_path):
+def test_kill9_then_rerun_is_bitwise_equal_to_uninterrupted(reference, train_corpus, tmp_path):
     _, ref_dir, ref_result = reference
     run_dir = str(tmp_path / "run")
     env = dict(os.environ, TIDAR_TRAIN_STEP_SLEEP="0.3", PYTHONPATH=REPO)
-    proc = subprocess.Popen(_train_cmd(data_dir, run_dir), env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_cmd(train_corpus, run_dir), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     first = os.path.join(run_dir, "checkpoints", "4")
@@ -126,7 +117,7 @@ def test_kill9_then_rerun_is_bitwise_equal_to_uninterrupted(reference, data_dir,
     assert done and max(done) < STEPS, done
 
     env.pop("TIDAR_TRAIN_STEP_SLEEP")
-    rerun = subprocess.run(_train_cmd(data_dir, run_dir), env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(_train_cmd(train_corpus, run_dir), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"resumed at {max(done)}" in rerun.stdout
     # the resumed steps saw exactly the batches of the uninterrupted run (same per-step losses)
@@ -229,11 +220,11 @@ def test_resume_on_a_different_mesh_continues_training(reference, tmp_path):
         assert loss == pytest.approx(ref[step], rel=1e-4)
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
+def test_nan_loss_stops_with_last_good_checkpoint(train_corpus, tmp_path):
     from tidar_jax.train.loop import TrainingDiverged, train
 
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
-                      _overrides(data_dir) + ["optim.lr=1e30", "optim.min_lr=1e30", "optim.warmup_frac=0",
+                      _overrides(train_corpus) + ["optim.lr=1e30", "optim.min_lr=1e30", "optim.warmup_frac=0",
                                               "optim.clip_norm=null", "checkpoint.every=1", "train.steps=6",
                                               "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"])
     run_dir = str(tmp_path / "run")
@@ -254,7 +245,7 @@ def _free_port():
 
 
 @pytest.mark.slow  # two jax.distributed processes (gloo) that each compile the step: ~1 min idle, more when busy
-def test_two_processes_match_one_process_with_eight_devices(reference, data_dir, tmp_path):
+def test_two_processes_match_one_process_with_eight_devices(reference, train_corpus, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on localhost) == 1 process x 8 devices: same per-step losses,
     and the final params agree."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -267,7 +258,7 @@ def test_two_processes_match_one_process_with_eight_devices(reference, data_dir,
         env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
                    XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    TIDAR_COORDINATOR=f"127.0.0.1:{port}", TIDAR_NUM_PROCESSES="2", TIDAR_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(_train_cmd(data_dir, run_dir) + ["distributed.initialization_timeout=120"],
+        procs.append(subprocess.Popen(_train_cmd(train_corpus, run_dir) + ["distributed.initialization_timeout=120"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     try:
@@ -292,10 +283,10 @@ def test_two_processes_match_one_process_with_eight_devices(reference, data_dir,
 
 
 @pytest.mark.slow  # one train.py subprocess
-def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits(train_corpus, tmp_path):
     run_dir = str(tmp_path / "run")
     env = dict(os.environ, TIDAR_TRAIN_STEP_SLEEP="0.3", PYTHONPATH=REPO)
-    proc = subprocess.Popen(_train_cmd(data_dir, run_dir) + ["checkpoint.every=100"], env=env,
+    proc = subprocess.Popen(_train_cmd(train_corpus, run_dir) + ["checkpoint.every=100"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tb = os.path.join(run_dir, "tb")  # created just before the loop installs its signal handlers
     deadline = time.time() + 240
@@ -310,7 +301,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     assert len(saved) == 1 and 0 < saved[0] < STEPS
 
 
-def test_init_from_params_checkpoint_starts_from_those_weights(reference, data_dir, tmp_path):
+def test_init_from_params_checkpoint_starts_from_those_weights(reference, train_corpus, tmp_path):
     """``model.init_from`` = a params checkpoint: the first step's loss is the loss of those weights on batch 0."""
     from tidar_jax.data import make_train_iterator
     from tidar_jax.checkpoint.params import save_params
@@ -325,7 +316,7 @@ def test_init_from_params_checkpoint_starts_from_those_weights(reference, data_d
     fresh = cfg.replace(**{"model.init_from": params_dir, "train.steps": 1, "data.eval_batches": 0})
     result = train(fresh, str(tmp_path / "run"), show_progress=False)
     # a new run packs documents (data.packing: null -> documents), starting on block boundaries
-    batch0 = next(make_train_iterator(data_dir, cfg.data.seq_len, cfg.data.global_batch, cfg.train.seed,
+    batch0 = next(make_train_iterator(train_corpus, cfg.data.seq_len, cfg.data.global_batch, cfg.train.seed,
                                       packing="documents", block_size=bundle.config.block_size))
     from flax import nnx
 
