@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --plan: prompt length and the live cache length of the step (default 1024)")
     plan.add_argument("--cache-page", type=int, default=128, help="with --plan: paged-attention page (default 128)")
     plan.add_argument("--estimate", action="store_true",
-                      help="with --plan: add the cost model's step-time estimate (tidar_jax/compiled/cost_model.py)")
+                      help="with --plan: add the cost model's step-time estimate (tidar_jax/analysis/cost_model.py)")
     plan.add_argument("--tokens-per-nfe", default=None,
                       help="with --estimate: TiDAR tokens per forward to project tokens/s and the speedup (the paper: "
                            "7.45 at 1.5B, 8.25 at 8B), or per B as B=T,... (e.g. 4=3.1,8=5.0,16=7.45; with "
@@ -264,7 +264,7 @@ def _plan_target_and_config(args, what: str):
     try:
         target = parse_target(args.target)
         devices = target_devices(target)
-        from tidar_jax.decode.plan import model_config_for_plan
+        from tidar_jax.analysis.decode_plan import model_config_for_plan
 
         return target, devices, model_config_for_plan(args.preset, args.hf_config, args.dtype or "bfloat16")
     except ConfigError as e:
@@ -274,7 +274,7 @@ def _plan_target_and_config(args, what: str):
 def run_recommendation(args) -> int:
     """``--recommendation`` without a file: B and groups from the compiled steps' estimates."""
     target, devices, cfg = _plan_target_and_config(args, "--recommendation")  # before jax initialises
-    from tidar_jax.decode import recommend as rec
+    from tidar_jax.analysis import recommend as rec
 
     for flag, value in (("--batch", args.batch), ("--context", args.context)):
         if value < 1:
@@ -301,7 +301,7 @@ def run_recommendation(args) -> int:
 
 
 def _tokens_per_nfe_for_estimate(args, block: int) -> float | None:
-    from tidar_jax.decode.recommend import parse_tokens_per_nfe
+    from tidar_jax.analysis.recommend import parse_tokens_per_nfe
 
     if args.tokens_per_nfe is None:
         return None
@@ -334,7 +334,7 @@ def run_plan(args) -> int:
     try:
         target = parse_target(args.target)
         devices = target_devices(target)
-        from tidar_jax.decode.plan import compile_decode, format_plan, model_config_for_plan, plan_summary
+        from tidar_jax.analysis.decode_plan import compile_decode, format_plan, model_config_for_plan, plan_summary
 
         cfg = model_config_for_plan(args.preset, args.hf_config, args.dtype or "bfloat16")
         block = args.block_size or cfg.block_size or 16
@@ -352,7 +352,7 @@ def run_plan(args) -> int:
     summary = plan_summary(cfg, programs, target=target.name, batch=args.batch, block_size=block,
                            context=args.context, cache_page=args.cache_page)
     if args.estimate:
-        from tidar_jax.decode.plan import decode_estimates
+        from tidar_jax.analysis.decode_plan import decode_estimates
 
         summary["estimate"] = decode_estimates(programs, target.chip, args.batch,
                                                _tokens_per_nfe_for_estimate(args, block), args.context)
@@ -361,7 +361,7 @@ def run_plan(args) -> int:
     else:
         print(format_plan(summary))
         if args.estimate:
-            from tidar_jax.decode.plan import format_decode_estimates
+            from tidar_jax.analysis.decode_plan import format_decode_estimates
 
             print(format_decode_estimates(summary["estimate"]))
     return 0

@@ -53,7 +53,7 @@ def _plan(cfg, args) -> int:
 
     from tidar_jax.config import ConfigError
     from tidar_jax.sharding import ShardingError
-    from tidar_jax.train.plan import format_plan, json_summary, run_plan, to_builtin
+    from tidar_jax.analysis.train_plan import format_plan, json_summary, run_plan, to_builtin
 
     try:
         result = run_plan(cfg, args.plan_devices, target=getattr(args, "parsed_target", None))

@@ -5,12 +5,13 @@ backward, each time beside the cost model's estimate of the same compiled progra
     python -m benchmarks.attention_kernels --out DIR                 # on a GPU: pallas_gpu, cudnn, blockwise
     python -m benchmarks.attention_kernels --smoke --out DIR         # CPU, tiny shapes (the test)
     python -m benchmarks.attention_kernels --rank h100 h200 a100 b200  # the cost model's ranking auto reads
+    python -m benchmarks.attention_kernels --record-measured accelerator.json  # a lent device's ranking instead
 
 Shapes: qwen2.5-1.5b attention (12 query / 2 kv heads, head_dim 128, bf16), block 16, S = 2048 and 4096 (the
 doubled sequence is 2S), batch 16 rows split into micro-batches of ``--rows`` (default 1: one device's share of a
-16-row global batch on 8 GPUs is 2). The estimate is ``tidar_jax.compiled.cost_model`` on the compiled program
+16-row global batch on 8 GPUs is 2). The estimate is ``tidar_jax.analysis.cost_model`` on the compiled program
 with the local chip's figures (``None`` where the device is not a listed chip, e.g. on CPU); it charges pallas_gpu
-for the tiles it visits (the kernels declare them, ``tidar_jax.compiled.declared``) and cudnn for every query-key
+for the tiles it visits (the kernels declare them, ``tidar_jax.analysis.kernel_costs``) and cudnn for every query-key
 pair.
 Writes ``attention_kernels.json`` into ``--out``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tidar_jax import attention, masks, targets  # noqa: E402
-from tidar_jax.attention import pallas_gpu  # noqa: E402
+from tidar_jax.attention import gpu_choice, pallas_gpu  # noqa: E402
 
 GPU_KERNELS = ("pallas_gpu", "cudnn", "blockwise")
 SHAPES = ((2048, 16), (4096, 16))  # (S, block)
@@ -47,8 +49,8 @@ def local_chip():
 def _estimate(compiled, chip) -> float | None:
     if chip is None:
         return None
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.hlo import HloProgram
 
     return estimate(HloProgram.of(compiled), chip).time_s
 
@@ -103,7 +105,7 @@ def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dt
     chip = local_chip()
     deadline = time.perf_counter() + budget_s
     out = {"device": jax.devices()[0].device_kind, "chip": chip.name if chip else None,
-           "estimates_are": "cost model (tidar_jax/compiled/cost_model.py): pallas_gpu charged for its visited tiles, cudnn dense",
+           "estimates_are": "cost model (tidar_jax/analysis/cost_model.py): pallas_gpu charged for its visited tiles, cudnn dense",
            "rows": []}
     for seq_len, block in shapes:
         for kernel in kernels:
@@ -126,8 +128,8 @@ def rank(chips, kernels=GPU_KERNELS, seq_len: int = 4096, block: int = 16, rows:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from tidar_jax.attention import gpu_choice
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.hlo import HloProgram
 
     layout = masks.training_layout(seq_len, block)
     estimates, assumptions = {}, {}
@@ -174,12 +176,12 @@ def visited_fraction(seq_len: int, block: int, objective: str, tile_q: int, tile
 def train_step_estimate(config: str, target_name: str, objective: str, kernel: str = "pallas_gpu") -> dict:
     """The cost model's estimate of the real train step (``train.py --plan --target``'s program) with the
     attention kernels' share; the Pallas kernels are charged for the tiles they visit (they declare their FLOPs
-    to the cost model, ``tidar_jax.compiled.declared``), whose share of all tile pairs is recorded beside."""
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.compiled.hlo import HloProgram
+    to the cost model, ``tidar_jax.analysis.kernel_costs``), whose share of all tile pairs is recorded beside."""
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.hlo import HloProgram
     from tidar_jax.train.config import load_config
     from tidar_jax.train.flops import model_flops
-    from tidar_jax.train.plan import compile_train_step
+    from tidar_jax.analysis.train_plan import compile_train_step
 
     target = targets.parse_target(target_name)
     cfg = load_config(config, [f"model.attention={kernel}", f"train.objective={objective}"])
@@ -193,13 +195,63 @@ def train_step_estimate(config: str, target_name: str, objective: str, kernel: s
     attn = [k for k in est.kernels if k.kind in TRITON and "tidar_flash" in k.op_name]
     attn_s = sum(k.total_time_s for k in attn)
     useful = model_flops(mcfg, cfg.data.global_batch, cfg.data.seq_len, objective)
-    peak = target.chip.peak_bf16_flops * target.count
+    from tidar_jax.analysis.chips import chip_costs
+
+    peak = chip_costs(target.chip).peak_bf16_flops * target.count
     return {"config": config, "target": target.name, "objective": objective, "kernel": kernel,
             "step_s": est.time_s, "mfu": useful / (est.time_s * peak), "attention_s": attn_s,
             "attention_share": attn_s / est.time_s, "visited_fraction": frac,
             "collective_s": est.time_by("collective"), "assumptions": est.assumptions.line(),
             "attention_kernels": [{"op_name": k.op_name, "runs": k.runs, "flops": k.flops, "time_s": k.time_s,
                                    "bound": k.bound} for k in attn]}
+
+
+def _section(data: dict | None) -> dict | None:
+    """The attention section: inside the suite's ``accelerator.json``, or a standalone ``attention_kernels.json``."""
+    if not isinstance(data, dict):
+        return None
+    if "sections" in data:
+        sec = data["sections"].get("attention_kernels") or {}
+        return sec if sec.get("status") == "ok" else None
+    return data if "rows" in data else None
+
+
+def measured_order(section: dict, chip: str | None) -> tuple[str, ...] | None:
+    """The ranking the measurement gives for ``chip`` (None when the section is for another chip or ran
+    nothing): kernels that ran, fastest forward + backward first; then the fallback kernels it has no time for;
+    then kernels that only failed there."""
+    if chip is None or section.get("chip") != chip:
+        return None
+    times: dict[str, dict[int, float]] = {}
+    failed = set()
+    for row in section.get("rows", []):
+        if isinstance(row.get("fwd_bwd_s"), (int, float)) and math.isfinite(row["fwd_bwd_s"]):
+            times.setdefault(row["kernel"], {})[row["seq_len"]] = row["fwd_bwd_s"]
+        elif "error" in row:
+            failed.add(row["kernel"])
+    if not times:
+        return None
+    common = set.intersection(*(set(t) for t in times.values()))
+    if not common:  # no sequence length every kernel ran: compare the longest each ran (a coarser ranking)
+        total = {k: t[max(t)] for k, t in times.items()}
+    else:
+        total = {k: sum(t[s] for s in common) for k, t in times.items()}
+    ran = tuple(sorted(total, key=total.get))
+    failed -= set(ran)
+    rest = tuple(k for k in gpu_choice.FALLBACK if k not in ran and k not in failed)
+    return ran + rest + tuple(sorted(failed))
+
+
+def record_measurement(record: dict, section: dict, command: str) -> dict:
+    """``record`` (a ``gpu_ranking.json`` record) with the chip of the accelerator suite's attention ``section``
+    ranked by that measurement (``measured_order``); unchanged when the section ranks nothing."""
+    chip = section.get("chip")
+    order = measured_order(section, chip)
+    if not order:
+        return record
+    chips = dict(record.get("chips", {}))
+    chips[chip] = {"ranking": list(order), "measured_on": section.get("device"), "command": command}
+    return {**record, "chips": chips}
 
 
 def main(argv=None) -> int:
@@ -215,9 +267,25 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/qwen2.5-1.5b-tidar.yaml")
     p.add_argument("--rank", metavar="CHIP", nargs="+", default=None,
                    help="instead of timing: the cost model's ranking of the GPU kernels per chip (e.g. h100 h200 "
-                        "a100 b200), written to tidar_jax/attention/gpu_ranking.json (what auto reads on a GPU "
-                        "until the suite has measured)")
+                        "a100 b200), written to tidar_jax/attention/gpu_ranking.json (what auto reads on a GPU)")
+    p.add_argument("--record-measured", metavar="RESULTS_JSON", default=None,
+                   help="take the measured ranking of an accelerator.json (or attention_kernels.json) from a lent "
+                        "device into tidar_jax/attention/gpu_ranking.json, for its chip")
     args = p.parse_args(argv)
+    if args.record_measured:
+        from tidar_jax.attention import gpu_choice
+
+        with open(args.record_measured) as f:
+            section = _section(json.load(f))
+        if section is None or not measured_order(section, section.get("chip")):
+            raise SystemExit(f"--record-measured {args.record_measured!r}: no attention section that ran a kernel "
+                             "on a listed chip")
+        with open(gpu_choice.RANKING_FILE) as f:
+            record = json.load(f)
+        command = "python -m benchmarks.attention_kernels --record-measured " + os.path.basename(args.record_measured)
+        gpu_choice.write_ranking(record_measurement(record, section, command))
+        print(json.dumps(record_measurement(record, section, command)["chips"][section["chip"]], indent=1))
+        return 0
     if args.rank:
         from tidar_jax.attention import gpu_choice
 

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from tidar_jax.scan_options import unrolled_scans
     from tidar_jax.train.config import load_config
-    from tidar_jax.train.plan import compile_train_step
+    from tidar_jax.analysis.train_plan import compile_train_step
 
     import contextlib
     candidates = [(n, mode) for mode in (["scan"] + ([] if args.no_unrolled else ["unrolled"]))

@@ -6,7 +6,7 @@ and Qwen3-8B shapes (random weights: a step's time does not depend on their valu
 Each case builds the engine's step (per-layer weights, ``cache_attention="auto"``, the state donated and fed back
 as the decode loop does) with a cache whose rows are live up to the context, times it interleaved with the other
 cases of the same model, and, where the device is a known chip (``tidar_jax.targets.CHIPS`` by device kind), puts
-``tidar_jax.compiled.cost_model.estimate`` of that very compiled step beside the time.
+``tidar_jax.analysis.cost_model.estimate`` of that very compiled step beside the time.
 
     python benchmarks/gpu_decode_step.py [--presets qwen2.5-1.5b,qwen3-8b] [--rounds 20] [--out benchmarks/results]
 
@@ -53,8 +53,8 @@ def chip_of_device(device):
 
 
 def run_preset(preset: str, block_sizes, batches, contexts, rounds: int, dtype: str) -> list[dict]:
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.hlo import HloProgram
     from tidar_jax.decode.api import cast_params
 
     bundle = bc.random_bundle(preset, dtype=dtype, param_dtype=dtype)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ESTIMATES of the code as it stands on NVIDIA GPUs: the cost model (tidar_jax/compiled/cost_model.py) applied to
+"""ESTIMATES of the code as it stands on NVIDIA GPUs: the cost model (tidar_jax/analysis/cost_model.py) applied to
 the programs XLA:GPU compiles here for an H100 (deviceless: no GPU is used or needed).
 
     nice -n 10 python benchmarks/gpu_model.py [--shapes qwen2.5-1.5b qwen3-8b] [--no-train] [--no-decode]
@@ -16,7 +16,7 @@ the programs XLA:GPU compiles here for an H100 (deviceless: no GPU is used or ne
 Every figure is an estimate of a model whose assumptions (peaks, bandwidth, launch and host round-trip costs, the
 trip count assumed for data-dependent loops) are written beside it; the accelerator suite records the same
 estimate beside its measurements so the first GPU run calibrates it. Writes benchmarks/results/gpu_estimates.json
-and .md, and benchmarks/results/gpu_decode_estimate.json (TiDAR/AR step ratio per target, shape and B).
+and .md, and tidar_jax/analysis/decode_step_ratios.json (TiDAR/AR step ratio per target, shape and B).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ CHIPS_ESTIMATED = ("h100", "h200")
 
 def decode_grid(shapes, batches, contexts, blocks, page: int, max_new: int, log) -> list[dict]:
     from tidar_jax import targets
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.decode.plan import compile_decode, model_config_for_plan
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.decode_plan import compile_decode, model_config_for_plan
 
     devices = targets.target_devices("h100")
     rows = []
@@ -101,7 +101,7 @@ def _derive(rows):
 def train_rows(shapes, target_name: str, log, overrides=()) -> list[dict]:
     from tidar_jax.targets import parse_target
     from tidar_jax.train.config import load_config
-    from tidar_jax.train.plan import run_plan
+    from tidar_jax.analysis.train_plan import run_plan
 
     target = parse_target(target_name)
     rows = []
@@ -155,7 +155,7 @@ def to_markdown(result: dict) -> str:
     gib = 1024 ** 3
     lines = ["# GPU estimates of the code as it stands (cost model, not measurements)", "",
              f"Command: `{result['command']}` ({result['when']}). Programs compiled by XLA:GPU on this CPU for an "
-             "H100 (deviceless); times are the cost model's estimates (tidar_jax/compiled/cost_model.py).", ""]
+             "H100 (deviceless); times are the cost model's estimates (tidar_jax/analysis/cost_model.py).", ""]
     if result.get("train"):
         lines += ["## Train step (8 GPUs)", ""] + _part_command(result, "train") + [
                   "| shape | target | micro-batch/dev x accum | remat | attention | XLA:GPU GiB/dev | analytic GiB/dev "
@@ -193,7 +193,7 @@ def to_markdown(result: dict) -> str:
 
 
 def write_ratios(result: dict, path: str) -> None:
-    """benchmarks/results/gpu_decode_estimate.json: the ESTIMATED TiDAR/AR step-time ratio per (target, shape, B),
+    """tidar_jax/analysis/decode_step_ratios.json: the ESTIMATED TiDAR/AR step-time ratio per (target, shape, B),
     nested by batch and context and as flat rows (the demo reads it)."""
     ratios, rows = {}, []
     for r in result["decode"]:
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                    help="dotted config overrides for the train rows (e.g. optim.grad_accum=16 to size the presets)")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--out", default="benchmarks/results/gpu_estimates.json")
-    p.add_argument("--ratio-out", default="benchmarks/results/gpu_decode_estimate.json")
+    p.add_argument("--ratio-out", default="tidar_jax/analysis/decode_step_ratios.json")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows this run does not make (train or decode) from the existing --out file, with "
                         "their command (e.g. --no-decode --merge refreshes only the train rows)")

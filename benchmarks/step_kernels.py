@@ -3,7 +3,7 @@
 The step of a model with L layers launches ``a + L * b`` kernels; compiling the same shape with two and three
 layers gives ``b`` (the kernels one layer adds) and its kinds exactly, without the fixed head/bookkeeping part.
 Also printed, for a GPU target, how XLA:GPU groups the 3-layer step's thunks into command buffers (CUDA graphs),
-read from the compile's thunk dump (``tidar_jax.compiled.thunks``).
+read from the compile's thunk dump (``tidar_jax.analysis.thunks``).
 
     python benchmarks/step_kernels.py --target h100 --preset qwen2.5-1.5b --mode ar --cache-attention fused
 """
@@ -29,8 +29,8 @@ def per_layer(cfg, devices, mode: str, cache_attention: str, batch: int, block_s
     """Kernels one layer adds to the ``mode`` step (2- vs 3-layer compiles) and their kinds."""
     import tempfile
 
-    from tidar_jax.compiled.thunks import read_dump
-    from tidar_jax.decode.plan import compile_decode
+    from tidar_jax.analysis.thunks import read_dump
+    from tidar_jax.analysis.decode_plan import compile_decode
     from tidar_jax.targets import platform_of_devices
 
     counts = {}
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from tidar_jax.targets import parse_target, target_devices
 
     devices = target_devices(parse_target(args.target))
-    from tidar_jax.decode.plan import model_config_for_plan
+    from tidar_jax.analysis.decode_plan import model_config_for_plan
 
     cfg = model_config_for_plan(args.preset, None, "bfloat16")
     out = per_layer(cfg, devices, args.mode, args.cache_attention, args.batch, args.block_size, args.context)

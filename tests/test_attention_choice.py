@@ -1,7 +1,8 @@
-"""``model.attention=auto`` on a GPU (``tidar_jax.attention.gpu_choice``): it follows the accelerator suite's
-measurement for the chip being built for when a results file is present (written here by the suite's own writer),
-else the cost model's recorded ranking, else the fixed order; the chip comes from the deviceless target (or the
-local GPU), and so do the Pallas kernel's tile sizes. No device and no compile."""
+"""``model.attention=auto`` on a GPU (``tidar_jax.attention.gpu_choice``): it follows the recorded ranking that
+ships with the package for the chip being built for (the cost model's, or a lent device's measurement once it is
+taken into the table by ``benchmarks.attention_kernels --record-measured``; a results file in the checkout alone
+changes nothing), else the fixed order; the chip comes from the deviceless target (or the local GPU), and so do
+the Pallas kernel's tile sizes. No device and no compile."""
 
 from __future__ import annotations
 
@@ -44,12 +45,24 @@ def _auto_for(target: str) -> str:
         return attention.resolve("auto")
 
 
-def test_auto_follows_the_measurement(tmp_path, monkeypatch):
+def _record(results: str, ranking) -> None:
+    """The deliberate step: ``--record-measured`` takes ``results`` into the table at ``ranking``."""
+    from benchmarks import attention_kernels
+
+    assert attention_kernels.main(["--record-measured", results]) == 0
+
+
+def test_auto_follows_a_recorded_measurement(tmp_path, monkeypatch):
     rows = [_row("pallas_gpu", 2048, 0.004), _row("pallas_gpu", 4096, 0.012),
             _row("blockwise", 2048, 0.003), _row("blockwise", 4096, 0.010),
             {"kernel": "cudnn", "seq_len": 2048, "error": "cuDNN could not build the graph"}]
+    ranking = tmp_path / "gpu_ranking.json"
+    ranking.write_text(open(gpu_choice.RANKING_FILE).read())
+    monkeypatch.setattr(gpu_choice, "RANKING_FILE", str(ranking))
+    before = gpu_choice.preference("h100")
     path = _write_suite_results(tmp_path, "h100", H100_KIND, rows)
-    monkeypatch.setenv(gpu_choice.MEASURED_ENV, path)
+    assert gpu_choice.preference("h100") == before  # a results file alone is never read
+    _record(path, ranking)
     order, source = gpu_choice.preference("h100")
     assert order == ("blockwise", "pallas_gpu", "cudnn") and source.startswith("measured on " + H100_KIND)
     assert _auto_for("h100x8") == "blockwise"
@@ -57,22 +70,22 @@ def test_auto_follows_the_measurement(tmp_path, monkeypatch):
     for r in rows:  # the measurement the other way round: the choice turns with it
         if r["kernel"] == "pallas_gpu":
             r["fwd_bwd_s"] /= 10
-    _write_suite_results(tmp_path, "h100", H100_KIND, rows)
+    _record(_write_suite_results(tmp_path, "h100", H100_KIND, rows), ranking)
     assert gpu_choice.preference("h100")[0][0] == "pallas_gpu"
     assert _auto_for("h100") == "pallas_gpu"
 
-    # a chip the file did not measure takes the cost model's ranking (or the fixed order)
-    ranked = gpu_choice.ranked_order(json.load(open(gpu_choice.RANKING_FILE)), "a100") \
-        if os.path.exists(gpu_choice.RANKING_FILE) else None
-    assert gpu_choice.preference("a100")[0] == (ranked or gpu_choice.FALLBACK)
+    # a chip the measurement did not cover keeps its recorded ranking (or the fixed order)
+    shipped = json.load(open(os.path.join(os.path.dirname(gpu_choice.__file__), "gpu_ranking.json")))
+    assert gpu_choice.preference("a100")[0] == (gpu_choice.ranked_order(shipped, "a100") or gpu_choice.FALLBACK)
 
 
 def test_measurement_compares_the_lengths_every_kernel_ran(tmp_path):
     """A kernel timed at a length another one never reached is compared on the shared lengths only."""
+    from benchmarks.attention_kernels import measured_order
+
     rows = [_row("pallas_gpu", 2048, 0.004), _row("blockwise", 2048, 0.005), _row("pallas_gpu", 4096, 9.0),
             {"kernel": "blockwise", "seq_len": 4096, "skipped": "section budget spent"}]
-    path = _write_suite_results(tmp_path, "h100", H100_KIND, rows)
-    assert gpu_choice.preference("h100", measured_path=path)[0][:2] == ("pallas_gpu", "blockwise")
+    assert measured_order({"chip": "h100", "rows": rows}, "h100")[:2] == ("pallas_gpu", "blockwise")
 
 
 def test_auto_follows_the_cost_model_ranking_until_measured(tmp_path, monkeypatch):
@@ -81,7 +94,6 @@ def test_auto_follows_the_cost_model_ranking_until_measured(tmp_path, monkeypatc
     ranking = tmp_path / "gpu_ranking.json"
     gpu_choice.write_ranking(record, str(ranking))
     monkeypatch.setattr(gpu_choice, "RANKING_FILE", str(ranking))
-    monkeypatch.setenv(gpu_choice.MEASURED_ENV, str(tmp_path / "no-such-file.json"))
     order, source = gpu_choice.preference("h100")
     assert order == ("blockwise", "pallas_gpu") and source.startswith("cost model")
     assert _auto_for("h100") == "blockwise"
@@ -97,6 +109,8 @@ def test_checked_in_ranking_orders_its_own_estimates():
         record = json.load(f)
     assert record["command"].startswith("python -m benchmarks.attention_kernels --rank")
     for chip, entry in record["chips"].items():
+        if entry.get("measured_on"):  # a recorded measurement: its ranking is the measurement's
+            continue
         timed = {k: v for k, v in entry["estimate_s"].items() if isinstance(v, (int, float))}
         assert entry["ranking"] == sorted(timed, key=timed.get), chip
         assert chip in targets.CHIPS and entry["assumptions"].startswith(f"estimate for {chip}")

@@ -160,7 +160,7 @@ def compile_attention(mesh, s, block, n, heads, kv_heads, d, segments: bool, til
     """HloProgram of forward + backward of ``pallas_gpu`` on the training layout, compiled for the mesh's GPU."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.hlo import HloProgram
 
     sh = NamedSharding(mesh, P())
     q = jax.ShapeDtypeStruct((n, 2 * s, heads, d), jnp.bfloat16, sharding=sh)
@@ -202,7 +202,7 @@ def test_cost_model_charges_the_tiles_each_kernel_visits(h100_mesh):
     """The cost model charges each Triton kernel of the compiled H100 program for the tile pairs it visits, counted
     here from the dense mask (not from schedule.py) times the matmuls one pair and query head costs (forward 2,
     dQ 3, dK/dV 4, each 2 x tq x tk x D): well under the every-pair count of its operands."""
-    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.analysis.cost_model import estimate
 
     c = SMALL
     t = 2 * c["s"]
@@ -235,7 +235,7 @@ def test_compiles_for_h100_at_the_1_5b_shape(h100_mesh):
 
 def compile_train_step(mesh, kernel, seq_len=256, layers=3):
     """HloProgram of a small model's whole TiDAR train step (packed segments, bf16) compiled for the mesh's GPU."""
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.hlo import HloProgram
     from tidar_jax.config import ModelConfig
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.sharding import make_mesh
@@ -302,7 +302,7 @@ def test_kernels_run_on_each_devices_rows_on_8_h100(h100_mesh):
     """On 8 x H100 with the batch over fsdp, each device's Triton calls see its own rows (2 of 16), not all."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.hlo import HloProgram
     from tidar_jax.sharding import activation_mesh, make_mesh
 
     mesh = make_mesh(1, 8, 1, devices=targets.target_devices("h100x8"))
@@ -325,6 +325,6 @@ def test_kernels_run_on_each_devices_rows_on_8_h100(h100_mesh):
 
 
 def _rank4_operands(program, call):
-    from tidar_jax.compiled.hlo import array_shapes
+    from tidar_jax.analysis.hlo import array_shapes
 
     return [shape for t in program.operand_types(call) for _, shape in array_shapes(t) if len(shape) >= 4]

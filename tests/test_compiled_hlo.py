@@ -1,11 +1,11 @@
-"""The compiled-program reader (tidar_jax/compiled/hlo.py) on a real XLA:GPU program compiled for an H100 here:
+"""The compiled-program reader (tidar_jax/analysis/hlo.py) on a real XLA:GPU program compiled for an H100 here:
 kernels, loops with known and data-dependent trip counts, launches and host round trips."""
 
 import numpy as np
 import pytest
 
 from tidar_jax import targets
-from tidar_jax.compiled.hlo import HloProgram, type_bytes
+from tidar_jax.analysis.hlo import HloProgram, type_bytes
 
 
 def test_type_bytes():

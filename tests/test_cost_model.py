@@ -1,4 +1,4 @@
-"""The cost model (tidar_jax/compiled/cost_model.py) against independent counts, on programs compiled here for an
+"""The cost model (tidar_jax/analysis/cost_model.py) against independent counts, on programs compiled here for an
 H100 and a TPU v5e: the FLOPs of a model forward's dots equal the analytic count of the model (through the layer
 scan's trip count), a transpose copy's bytes equal its size, a data-dependent loop costs its kernels plus a host
 round trip per assumed iteration, an all-gather moves its ring traffic. Skip with the reason without the optional
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from tidar_jax import targets
-from tidar_jax.compiled import cost_model
-from tidar_jax.compiled.hlo import HloProgram
+from tidar_jax.analysis import cost_model
+from tidar_jax.analysis.chips import chip_costs
+from tidar_jax.analysis.hlo import HloProgram
 
 H100 = targets.CHIPS["h100"]
+H100_COSTS = chip_costs(H100)
 
 
 def _devices(name):
@@ -69,7 +71,7 @@ def test_transpose_copy_bytes_equal_its_size():
     assert read == written == 512 * 1024 * 2
     est = cost_model.estimate(program, H100)
     (k,) = est.kernels
-    assert k.flops == 0 and k.time_s == pytest.approx(2 * 512 * 1024 * 2 / H100.hbm_bytes_per_s + H100.launch_s)
+    assert k.flops == 0 and k.time_s == pytest.approx(2 * 512 * 1024 * 2 / H100.hbm_bytes_per_s + H100_COSTS.launch_s)
 
 
 def test_matmul_flops_on_gpu_and_tpu():
@@ -96,7 +98,7 @@ def test_dynamic_loop_costs_a_round_trip_per_assumed_iteration():
     (loop,) = program.loops()
     per_iteration = sum(cost_model.kernel_cost(program, k, one.assumptions, 1).time_s for k in loop.body_kernels)
     assert five.host_round_trips - one.host_round_trips == 4
-    assert five.time_s - one.time_s == pytest.approx(4 * (per_iteration + H100.host_round_trip_s))
+    assert five.time_s - one.time_s == pytest.approx(4 * (per_iteration + H100_COSTS.host_round_trip_s))
     assert five.flops - one.flops == 4 * 2 * 64 ** 3
     assert "5 iterations assumed" in five.assumptions.line()
 
@@ -147,19 +149,22 @@ def test_attention_call_is_backward_by_its_own_name(target, op_name, backward):
     assert kernel.flops == 4 * 128 * 4 * 64 * 128 * (2.5 if backward else 1.0)
 
 
-@pytest.mark.parametrize("attrs", [
-    'metadata={op_name="jit(f)/jvp(tidar_flash_fwd__flops_123456)/pallas_call"}',  # jax 0.10 and 0.11
-    'backend_config={debug = false, grid_x = 4 : i32, ir = "ML\\EFR\\22x", name = "tidar_flash_fwd__flops_123456", '
-    'num_warps = 8 : i32}'])  # no op_name: the kernel name in the backend_config (jax 0.10's MLIR form)
-def test_pallas_kernel_is_charged_the_flops_it_declares(attrs):
-    """A kernel named by ``declared.with_flops`` is charged what it declares, not the every-pair attention count
-    its operand shapes would give."""
-    from tidar_jax.compiled.declared import with_flops
+_NAMED = "tidar_flash_fwd__pairs_3__tq_16__tk_32__rows_2__heads_4__dim_8"
 
-    assert with_flops("tidar_flash_fwd", 123456.0) == "tidar_flash_fwd__flops_123456"
+
+@pytest.mark.parametrize("attrs", [
+    f'metadata={{op_name="jit(f)/jvp({_NAMED})/pallas_call"}}',  # jax 0.10 and 0.11
+    f'backend_config={{debug = false, grid_x = 4 : i32, ir = "ML\\EFR\\22x", name = "{_NAMED}", '
+    'num_warps = 8 : i32}'])  # no op_name: the kernel name in the backend_config (jax 0.10's MLIR form)
+def test_pallas_kernel_is_charged_the_work_its_name_gives(attrs):
+    """A kernel named by ``kernel_names.work_name`` is charged the work of its visited tiles (3 pairs of 16 x 32,
+    2 forward matmuls each, per row and head), not the every-pair attention count its operand shapes would give."""
+    from tidar_jax.attention.kernel_names import work_name
+
+    assert work_name("tidar_flash_fwd", pairs=3, tq=16, tk=32, rows=2, heads=4, dim=8) == _NAMED
     text = _FMHA_HLO.replace('metadata={op_name="OP"}', attrs).replace("TARGET", "__gpu$xla.gpu.triton")
     (kernel,) = cost_model.estimate(HloProgram(text), H100).kernels
-    assert kernel.flops == 123456.0
+    assert kernel.flops == 3 * 2 * 4 * 2 * 2 * 16 * 32 * 8
 
 
 @pytest.mark.parametrize("s, b", [(16, 4), (32, 8), (24, 4)])

@@ -93,8 +93,8 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
     H100: with ``auto`` (the fused kernel) no ``while`` has a data-dependent trip count, no device-to-host
     transfer happens inside the step, and XLA:GPU puts the whole step in one command buffer (CUDA graph); with
     ``paged`` the loops and round trips happen, once per layer, and the loops run outside command buffers."""
-    from tidar_jax.compiled.thunks import read_dump
-    from tidar_jax.decode.plan import compile_decode
+    from tidar_jax.analysis.thunks import read_dump
+    from tidar_jax.analysis.decode_plan import compile_decode
 
     cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16", num_layers=2)
     steps, graphs = {}, {}
@@ -115,14 +115,14 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
     assert graphs["paged"].top_level.count("kWhile") == cfg.num_layers
     # the cost model charges the fused kernel for one layer's live slots when it is told the live length
     # (2 rows x 2 KV heads x 16 dims x 2 bytes per slot, K and V), and an in-graph launch cost when asked
-    from tidar_jax.compiled import cost_model
+    from tidar_jax.analysis import cost_model
 
     chip = targets.CHIPS["h100"]
     whole = cost_model.estimate(fused, chip)
     live = cost_model.estimate(fused, chip, live_cache_slots=64)
     calls = [k for k in fused.kernels() if cost_model.fused_cache_unread_bytes(fused, k, 64) > 0]
     assert len(calls) == cfg.num_layers
-    from tidar_jax.compiled.hlo import array_shapes
+    from tidar_jax.analysis.hlo import array_shapes
 
     slots = next(dims[2] for t in fused.operand_types(calls[0]) for _, dims in array_shapes(t) if len(dims) == 5)
     per_call = 2 * (cfg.num_layers * slots - 64) * 2 * cfg.head_dim * 2 * 2

@@ -11,7 +11,7 @@ from tidar_jax.train.config import load_config
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    from tidar_jax.train.plan import run_plan
+    from tidar_jax.analysis.train_plan import run_plan
 
     cfg = load_config("configs/tiny.yaml", ["model.mask_token_id=4095"])
     return cfg, run_plan(cfg, 8)
@@ -19,7 +19,7 @@ def tiny_plan():
 
 def test_plan_bytes_match_an_independent_count(tiny_plan):
     cfg, result = tiny_plan
-    from tidar_jax.train.plan import plan_model_config
+    from tidar_jax.analysis.train_plan import plan_model_config
 
     m = plan_model_config(cfg)
     # independent parameter count from the architecture (Qwen2: qkv bias, tied embeddings)
@@ -72,7 +72,7 @@ class _Args:
 
 
 def test_plan_json_keys(tiny_plan):
-    from tidar_jax.train.plan import json_summary, to_builtin
+    from tidar_jax.analysis.train_plan import json_summary, to_builtin
 
     doc = json.loads(json.dumps(to_builtin(json_summary(tiny_plan[1]))))
     for key in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "flops"):

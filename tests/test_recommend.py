@@ -6,7 +6,7 @@ import pytest
 
 from test_decode_support import tiny_config
 from tidar_jax import targets
-from tidar_jax.decode import recommend as rec
+from tidar_jax.analysis import recommend as rec
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8846, 0.99])

@@ -28,7 +28,7 @@ def _need(name):
 def test_train_step_compiles_for_the_target(name):
     from tidar_jax.attention import resolve
     from tidar_jax.train.config import load_config
-    from tidar_jax.train.plan import run_plan
+    from tidar_jax.analysis.train_plan import run_plan
 
     target = _need(name)
     attention = resolve("auto", target.platform)  # TPU: splash on the multi-chip mesh
@@ -42,7 +42,7 @@ def test_train_step_compiles_for_the_target(name):
     assert 0 < p["total_bytes"] <= 1.5 * a["total_bytes"] + 2 ** 20
     assert p["total_bytes"] < target.chip.hbm_bytes
     if target.platform == "tpu":  # XLA:TPU records no loop trip counts: no estimate, and the plan says why
-        from tidar_jax.train.plan import format_plan
+        from tidar_jax.analysis.train_plan import format_plan
 
         assert e is None and "no ESTIMATE for a TPU target" in format_plan(result)
         return
@@ -56,7 +56,7 @@ def test_train_step_compiles_for_the_target(name):
 @pytest.mark.parametrize("name", ["h100", "v5e-4"])
 def test_prefill_and_decode_step_compile_for_the_target(name):
     from tidar_jax.config import ModelConfig
-    from tidar_jax.decode.plan import compile_decode, decode_estimates, plan_summary
+    from tidar_jax.analysis.decode_plan import compile_decode, decode_estimates, plan_summary
 
     target = _need(name)
     # head_dim 128 as on the real models: XLA:TPU pads a smaller minor dimension to 128 lanes

@@ -48,8 +48,8 @@ def _show_chunks(decoder, chunks: list[list[int]], tty: bool) -> str:
     return "".join(parts)
 
 
-GPU_ESTIMATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
-                            "gpu_decode_estimate.json")
+# the recorded TiDAR/AR step-cost estimates (written by ``python -m benchmarks.gpu_model``), shipped with the package
+GPU_ESTIMATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis", "decode_step_ratios.json")
 
 
 def _batches(prompts, size):
@@ -107,7 +107,7 @@ def gpu_estimate(tokens_per_nfe: float, block: int, path: str = GPU_ESTIMATE, ta
     the step ratio being the GPU cost model's estimate of the compiled programs (batch 1, context 1024: the
     paper's setting).
 
-    ``path`` is written by ``benchmarks/gpu_model.py`` (the cost model's owner): JSON with ``assumptions`` and
+    ``path`` is the recorded table ``benchmarks/gpu_model.py`` writes: JSON with ``assumptions`` and
     flat ``rows`` of ``{target, shape, batch, context, block_size, tidar_over_ar_step}``. An estimate, never a
     measurement; ``{"available": False, "why": ...}`` when the file or the row for this block size is missing."""
     import json

@@ -4,8 +4,8 @@ XLA builds a GPU or TPU program on a machine that has neither ("deviceless" ahea
 topology description stands in for the chips, ``jit(...).lower(...).compile()`` runs XLA:GPU's or XLA:TPU's real
 pipeline, and ``memory_analysis()`` / ``as_text()`` show the program the hardware would run. This module owns:
 
-* what each chip is (``CHIPS``): the compiler's device description and the datasheet figures the cost model uses
-  (peak dense matmul rate, HBM bandwidth and size, assumed per-kernel launch and host round-trip costs);
+* what each chip is (``CHIPS``): the compiler's device description (its cost data is
+  ``tidar_jax.analysis.chips``'s);
 * the ``--target NAME[xN]`` syntax (``h100x8``, ``h200``, ``v5p-8``) and its one-line errors;
 * the environment switches a deviceless compile needs, set by code (``prepare_environment``), and the optional
   installs it needs, checked with a one-line error naming the requirements file;
@@ -39,18 +39,15 @@ TPU_COMPILE_REQUIREMENTS = "requirements-tpu-compile.txt"
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator. Rates are dense (no sparsity), per chip, from the vendor datasheet; ``launch_s`` and
-    ``host_round_trip_s`` are assumptions of the cost model, printed beside every estimate."""
+    """One accelerator as the compiler sees it: its platform, the ``device_kind`` it reports, and what XLA's
+    deviceless topology needs to schedule and tile for it. What a program would cost on it (peak rates, launch
+    costs) is the analysis layer's (``tidar_jax.analysis.chips``)."""
 
     name: str
     platform: str  # "gpu" | "tpu"
     description: str  # the device_kind the compiled program reports
-    peak_bf16_flops: float
-    peak_fp32_flops: float  # f32 dots: TF32 tensor cores on NVIDIA (XLA's default precision), the MXU on TPU
-    hbm_bytes_per_s: float
+    hbm_bytes_per_s: float  # datasheet HBM bandwidth (XLA's GpuTargetConfig reads it)
     hbm_bytes: float
-    launch_s: float  # per kernel: launch plus the gap between dependent kernels (no CUDA graph)
-    host_round_trip_s: float  # one device->host copy of a loop predicate and the host's decision
     # GPU only: what XLA's GpuTargetConfig needs to schedule and tile for this chip
     sm_count: int = 0
     compute_capability: tuple[int, int] = (0, 0)
@@ -59,43 +56,28 @@ class Chip:
     shared_memory_per_sm: int = 0
     shared_memory_per_block_optin: int = 0
     fpus_per_sm: int = 0
-    # per chip, one direction, for the collectives' ring traffic (NVLink / ICI datasheet figures; an assumption of
-    # the cost model like the launch cost)
-    interconnect_bytes_per_s: float = 0.0
     # TPU only: chips per topology name (Cloud TPU slice names count TensorCores for v5p, chips for v5e/v6e)
     tpu_family: str = ""
     tpu_topologies: tuple[tuple[int, str], ...] = ()
 
 
-# Launch cost: 4 us per kernel is the usual launch-plus-dependency gap of XLA:GPU without CUDA graphs on Hopper;
-# a host round trip (cudaMemcpy D2H of a predicate + stream sync + next launch) is assumed 20 us. TPUs run a whole
-# program per launch: per-op overhead is a small fraction of a microsecond (assumed 0.5 us).
+_HOPPER = dict(sm_count=132, compute_capability=(9, 0), l2_bytes=50 * 2 ** 20, clock_ghz=1.98,
+               shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128)
 CHIPS: dict[str, Chip] = {
-    "h100": Chip("h100", "gpu", "NVIDIA H100 80GB HBM3", 989.4e12, 494.7e12, 3.35e12, 80e9, 4e-6, 20e-6,
-                 sm_count=132, compute_capability=(9, 0), l2_bytes=50 * 2 ** 20, clock_ghz=1.98,
-                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128,
-                 interconnect_bytes_per_s=450e9),
-    "h200": Chip("h200", "gpu", "NVIDIA H200 141GB HBM3e", 989.4e12, 494.7e12, 4.8e12, 141e9, 4e-6, 20e-6,
-                 sm_count=132, compute_capability=(9, 0), l2_bytes=50 * 2 ** 20, clock_ghz=1.98,
-                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128,
-                 interconnect_bytes_per_s=450e9),
-    "a100": Chip("a100", "gpu", "NVIDIA A100-SXM4-80GB", 312e12, 156e12, 2.039e12, 80e9, 4e-6, 20e-6,
+    "h100": Chip("h100", "gpu", "NVIDIA H100 80GB HBM3", 3.35e12, 80e9, **_HOPPER),
+    "h200": Chip("h200", "gpu", "NVIDIA H200 141GB HBM3e", 4.8e12, 141e9, **_HOPPER),
+    "a100": Chip("a100", "gpu", "NVIDIA A100-SXM4-80GB", 2.039e12, 80e9,
                  sm_count=108, compute_capability=(8, 0), l2_bytes=40 * 2 ** 20, clock_ghz=1.41,
-                 shared_memory_per_sm=167936, shared_memory_per_block_optin=166912, fpus_per_sm=64,
-                 interconnect_bytes_per_s=300e9),
-    "b200": Chip("b200", "gpu", "NVIDIA B200", 2.25e15, 1.1e15, 8.0e12, 180e9, 4e-6, 20e-6,
+                 shared_memory_per_sm=167936, shared_memory_per_block_optin=166912, fpus_per_sm=64),
+    "b200": Chip("b200", "gpu", "NVIDIA B200", 8.0e12, 180e9,
                  sm_count=148, compute_capability=(10, 0), l2_bytes=126 * 2 ** 20, clock_ghz=1.965,
-                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128,
-                 interconnect_bytes_per_s=900e9),
-    "v5e": Chip("v5e", "tpu", "TPU v5 lite", 197e12, 197e12, 819e9, 16e9, 0.5e-6, 20e-6, tpu_family="v5e",
-                tpu_topologies=((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4")),
-                 interconnect_bytes_per_s=200e9),
-    "v5p": Chip("v5p", "tpu", "TPU v5", 459e12, 459e12, 2.765e12, 95e9, 0.5e-6, 20e-6, tpu_family="v5p",
-                tpu_topologies=((4, "v5p:2x2x1"), (8, "v5p:2x2x2"), (16, "v5p:2x2x4")),
-                 interconnect_bytes_per_s=600e9),
-    "v6e": Chip("v6e", "tpu", "TPU v6 lite", 918e12, 918e12, 1.64e12, 32e9, 0.5e-6, 20e-6, tpu_family="v6e",
-                tpu_topologies=((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4")),
-                 interconnect_bytes_per_s=400e9),
+                 shared_memory_per_sm=233472, shared_memory_per_block_optin=232448, fpus_per_sm=128),
+    "v5e": Chip("v5e", "tpu", "TPU v5 lite", 819e9, 16e9, tpu_family="v5e",
+                tpu_topologies=((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4"))),
+    "v5p": Chip("v5p", "tpu", "TPU v5", 2.765e12, 95e9, tpu_family="v5p",
+                tpu_topologies=((4, "v5p:2x2x1"), (8, "v5p:2x2x2"), (16, "v5p:2x2x4"))),
+    "v6e": Chip("v6e", "tpu", "TPU v6 lite", 1.64e12, 32e9, tpu_family="v6e",
+                tpu_topologies=((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4"))),
 }
 
 # Cloud TPU slice names: v5p-N counts TensorCores (2 per chip); v5e-N and v6e-N count chips.

@@ -270,14 +270,14 @@ def device_chip():
 
 
 def estimate_of(compiled, dynamic_trips: int = 1) -> dict | None:
-    """The cost model's ESTIMATE of one compiled program on the running chip (tidar_jax/compiled/cost_model.py),
+    """The cost model's ESTIMATE of one compiled program on the running chip (tidar_jax/analysis/cost_model.py),
     recorded beside its measurement so that a device run calibrates the model: estimated ms, launches, host round
     trips and the assumptions. None where the device has no datasheet entry (CPU)."""
     chip = device_chip()
     if chip is None:
         return None
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.hlo import HloProgram
 
     try:
         est = estimate(HloProgram.of(compiled), chip, dynamic_trips)

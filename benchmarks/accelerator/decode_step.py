@@ -24,4 +24,4 @@ def section_decode_step(ctx, deadline: Deadline) -> dict:  # noqa: F405
             continue
         rows += gpu_decode_step.run_preset(preset, blocks, batches, contexts, rounds, dtype)
     return {"dtype": dtype, "cases": rows, "skipped": skipped,
-            "estimates_are": "cost model of the compiled step (tidar_jax/compiled/cost_model.py); an estimate"}
+            "estimates_are": "cost model of the compiled step (tidar_jax/analysis/cost_model.py); an estimate"}

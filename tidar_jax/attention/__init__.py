@@ -6,7 +6,7 @@ value. Each kernel is a function ``(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`
 what it needs (dense mask, tile schedule, per-tile mask) from the layout.
 
 ``auto`` resolves per backend to the first usable kernel of ``AUTO_PREFERENCE``; on a GPU, of the ranking
-``gpu_choice`` gives for the chip (measured by the accelerator suite, else the cost model's, else a fixed order). A kernel that needs particular
+``gpu_choice`` gives for the chip (its recorded table, else a fixed order). A kernel that needs particular
 hardware (``splash``: TPU, ``cudnn``: GPU) registers an ``unavailable(backend) -> reason | None`` check; asking for
 it elsewhere raises one ``ConfigError`` line with the reason, and ``auto`` skips it. Their modules import the
 hardware-specific JAX pieces lazily, so this package imports everywhere.
@@ -27,9 +27,8 @@ from tidar_jax.targets import build_chip, build_platform, platform_kind
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
-# On GPU the order is ``gpu_choice``'s (per chip: measured, else the cost model's ranking, else its FALLBACK, which
-# is this entry); ``blockwise`` always runs, so it closes every order.
-AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "gpu": gpu_choice.FALLBACK, "cpu": ("blockwise",)}
+# TPU and CPU; on GPU the order is ``gpu_choice``'s (per chip). ``blockwise`` always runs, so it closes every order.
+AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "cpu": ("blockwise",)}
 # Decode-step cache attention (``DecodeOptions.cache_attention``), the one owner of its ``auto``: on GPU one
 # fixed-shape split-K kernel per layer (``paged``'s while loop over live pages copies its predicate to the host
 # every page on XLA:GPU); elsewhere ``paged`` (on CPU a loop iteration costs nothing extra and it reads only live

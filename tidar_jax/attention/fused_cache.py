@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax.compiled.declared import with_flops
+from tidar_jax.attention.kernel_names import work_name
 
 MAX_BLOCK_K = 128  # key slots per inner iteration (a Triton tile; a power of two)
 MAX_BLOCK_M = 64  # folded query rows per program
@@ -169,10 +169,10 @@ def split_partials(q_NKMD, k_NTKD, v_NTKD, local_MT, cache_k_LNCKD, cache_v_LNCK
                    pl.BlockSpec((None, None, None, bm), lambda i, h, b, s: (i, h, s, b))],
         out_shape=out_shape,
         interpret=interpret,
-        # the cost model reads its work from the name: every (padded) query row against the step's U keys, plus
-        # per live cache slot (only the live length, a run-time value, decides how many slots it visits)
-        name=with_flops("fused_cache_attention", 4 * n * kv * t["m_pad"] * d * u,
-                        per_cache_slot=4 * n * kv * t["m_pad"] * d),
+        # the sizes its work follows from (tidar_jax.analysis.kernel_costs counts it): every padded query row against
+        # the step's U keys and, per live cache slot, the cache (only the live length, a run-time value, decides
+        # how many slots it visits)
+        name=work_name("fused_cache_attention", rows=n, kvheads=kv, qrows=t["m_pad"], dim=d, keys=u),
     )(jnp.asarray(layer, jnp.int32).reshape(1), length_N.astype(jnp.int32).reshape(n, 1), qkv_NKZD, qkv_NKZD,
       qkv_NKZD, jnp.asarray(local_MU), cache_k_LNCKD, cache_v_LNCKD)
 

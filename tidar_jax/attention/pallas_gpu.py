@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from tidar_jax.attention.schedule import TileSchedule, tile_schedule
-from tidar_jax.compiled.declared import with_flops
+from tidar_jax.attention.kernel_names import work_name
 from tidar_jax.masks import DecodeLayout, PrefillLayout
 from tidar_jax.targets import build_chip
 
@@ -314,22 +314,12 @@ def pl_ds(start, size):
 # pallas_calls
 # ----------------------------------------------------------------------------------------------------------------
 
-# Matmuls per visited tile pair and query head (each 2 x tq x tk x D FLOPs): the forward QK^T and PV; dQ recomputes
-# QK^T, then dO V^T and dS K; dK/dV recomputes QK^T and dO V^T, then P^T dO and dS^T Q.
-MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
-
-
-def kernel_flops(sched: TileSchedule, kernel: str, rows: int, heads: int, head_dim: int) -> int:
-    """FLOPs of one launch of ``kernel`` ("fwd", "dq", "dkv") over ``rows`` batch rows and ``heads`` query heads:
-    the tile pairs ``sched`` visits times the matmuls each pair costs (masking and softmax are not counted, as the
-    cost model counts no elementwise work)."""
-    return sched.visited_pairs * rows * heads * MATMULS[kernel] * 2 * sched.tile_q * sched.tile_k * head_dim
-
-
 def _name(kernel: str, sched: TileSchedule, q_shape) -> str:
-    """The pallas_call's name: ``tidar_flash_<kernel>`` declaring its visited-tile FLOPs to the cost model."""
+    """The pallas_call's name: ``tidar_flash_<kernel>`` with the sizes its work follows from (the tile pairs its
+    schedule visits; ``tidar_jax.analysis.kernel_costs`` counts their FLOPs)."""
     n, _, h, d = q_shape
-    return with_flops(f"tidar_flash_{kernel}", kernel_flops(sched, kernel, n, h, d))
+    return work_name(f"tidar_flash_{kernel}", pairs=sched.visited_pairs, tq=sched.tile_q, tk=sched.tile_k, rows=n,
+                     heads=h, dim=d)
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, st: _Static, name: str):

@@ -91,7 +91,7 @@ def merge(graphdef, params):
 
 def abstract_layer_major(params) -> LayerMajorParams:
     """``to_layer_major`` of abstract params (``ShapeDtypeStruct`` leaves, with or without shardings): the same
-    layout without allocating, for compiling decode programs ahead of time (``tidar_jax.decode.plan``)."""
+    layout without allocating, for compiling decode programs ahead of time (``tidar_jax.analysis.decode_plan``)."""
     stacked = params[LAYERS_KEY]
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
 

@@ -1,7 +1,7 @@
 """Recommend the TiDAR block size B and mask groups for a target from its compiled decode steps (issue 22).
 
 For each candidate (B, groups) the TiDAR step is compiled for the deviceless target and its time estimated by the
-cost model (``tidar_jax.compiled.cost_model``: an ESTIMATE, with eager launches and with the step as one CUDA graph);
+cost model (``tidar_jax.analysis.cost_model``: an ESTIMATE, with eager launches and with the step as one CUDA graph);
 the projected tokens/s is ``batch * expected tokens per step / step time``. The expected tokens per step comes from
 an acceptance ASSUMPTION, never from a measurement here:
 
@@ -141,8 +141,8 @@ def recommend(cfg, devices, chip, *, batch: int, context: int, blocks, accept: A
               max_new_tokens: int = 256) -> dict:
     """Compile the AR step and the TiDAR step of every candidate for ``devices``; estimate them and rank by the
     projected tokens/s with the step as one CUDA graph (eager beside it). Returns the rows and the winner."""
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.decode.plan import compile_decode
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.decode_plan import compile_decode
 
     def step_times(block, groups, mode):
         progs = compile_decode(cfg, devices, batch=batch, block_size=block, context=context,

@@ -1,14 +1,14 @@
 """A roofline cost model of a compiled program: an *estimate* of its time on a target chip, with its assumptions.
 
-For every kernel of the optimized HLO (``tidar_jax.compiled.hlo``: a fusion, a custom call, a copy, a collective):
+For every kernel of the optimized HLO (``tidar_jax.analysis.hlo``: a fusion, a custom call, a copy, a collective):
 
 * FLOPs: the ``dot`` and ``convolution`` instructions inside it (2 per multiply-add, from the operand and result
   shapes), a cuBLAS GEMM custom call from its dot dimension numbers, and an attention custom call (cuDNN fused
   attention, a Pallas/Triton or Mosaic kernel) from its operand shapes: ``4 N H T S D`` forward (every query-key
   pair: an upper bound for a masked kernel that skips tiles), 2.5x that for a backward call; a Pallas kernel that
-  declares its FLOPs in its name (``tidar_jax.compiled.declared``: the block-sparse attention kernels, from the
-  tiles their schedule visits) is charged those; the fused cache attention declares a fixed part and FLOPs per
-  live cache slot, charged for the live length the estimate is given (every allocated slot when none).
+  names the sizes of its work (``tidar_jax.analysis.kernel_costs``: the block-sparse attention kernels, the tiles
+  their schedule visits) is charged for those; the fused cache attention has a fixed part and FLOPs per live
+  cache slot, charged for the live length the estimate is given (every allocated slot when none).
   Elementwise work is not counted (it is memory-bound; its bytes are).
 * bytes: what it reads (each operand; an operand only sliced inside the kernel counts its slices, one only
   updated in place counts nothing) plus what it writes (each result; an in-place update counts its update).
@@ -32,8 +32,9 @@ import dataclasses
 import math
 import re
 
-from tidar_jax.compiled.declared import declared_flops, declared_per_cache_slot
-from tidar_jax.compiled.hlo import COLLECTIVES, HloProgram, Instruction, array_shapes, type_bytes
+from tidar_jax.analysis.chips import chip_costs
+from tidar_jax.analysis.hlo import COLLECTIVES, HloProgram, Instruction, array_shapes, type_bytes
+from tidar_jax.analysis.kernel_costs import named_kernel_flops
 from tidar_jax.targets import Chip
 
 # Ops that read only part of their first operand / update their first operand in place.
@@ -44,7 +45,7 @@ _BACKWARD = re.compile(r"backward|bwd|_vjp|grad", re.I)
 
 # A kernel inside a CUDA graph (an XLA:GPU command buffer, which the H100 decode step compiles to: see
 # docs/decode.md) still pays a dependency gap but no host-side launch. ASSUMED, not measured: 1 us, the kernel
-# launch overhead XLA's own GpuPerformanceModel uses (/work/shared/reference/kernels.md, section 10).
+# launch overhead XLA's own GpuPerformanceModel uses.
 GRAPH_LAUNCH_S = 1e-6
 GRAPH_LAUNCH_SOURCE = "one CUDA graph: 1 us per kernel ASSUMED, XLA GpuPerformanceModel's launch cost"
 
@@ -69,10 +70,10 @@ class Assumptions:
            live_cache_slots: int | None = None) -> "Assumptions":
         """``graph``: the program runs as one CUDA graph (XLA:GPU command buffer), each kernel costing
         ``GRAPH_LAUNCH_S`` instead of the chip's eager launch cost (``GRAPH_LAUNCH_SOURCE`` says where it is from)."""
-        launch_s, source = (GRAPH_LAUNCH_S, GRAPH_LAUNCH_SOURCE) if graph else (chip.launch_s, "eager stream launches")
-        return cls(chip.name, chip.peak_bf16_flops, chip.peak_fp32_flops, chip.hbm_bytes_per_s,
-                   chip.interconnect_bytes_per_s, launch_s, chip.host_round_trip_s, int(dynamic_trips), source,
-                   live_cache_slots)
+        c = chip_costs(chip)
+        launch_s, source = (GRAPH_LAUNCH_S, GRAPH_LAUNCH_SOURCE) if graph else (c.launch_s, "eager stream launches")
+        return cls(c.name, c.peak_bf16_flops, c.peak_fp32_flops, c.hbm_bytes_per_s, c.interconnect_bytes_per_s,
+                   launch_s, c.host_round_trip_s, int(dynamic_trips), source, live_cache_slots)
 
     def line(self) -> str:
         cache = ("the whole cache" if self.live_cache_slots is None
@@ -215,36 +216,33 @@ def attention_flops(operand_shapes: list[tuple[int, ...]], backward: bool) -> fl
     return 0.0
 
 
-def declared_kernel_flops(instr: Instruction) -> float | None:
-    """The FLOPs a Pallas kernel declares in its name (``tidar_jax.compiled.declared``), or None. The block-sparse
-    attention kernels (``tidar_jax.attention.pallas_gpu``) declare the tiles their schedule visits, so they are
-    charged for those, not for every query-key pair of their operands. Read from the op_name, else from the
-    backend_config's kernel name (text: jax 0.10 prints it as an MLIR dictionary, not JSON)."""
-    found = declared_flops(_op_name(instr))
+def _named_flops(instr: Instruction) -> tuple[float, float | None] | None:
+    """What a custom kernel's name says it costs (``kernel_costs.named_kernel_flops``): read from the op_name, else
+    from the backend_config's kernel name (text: jax 0.10 prints it as an MLIR dictionary, not JSON)."""
+    found = named_kernel_flops(_op_name(instr))
     if found is None:
-        found = declared_flops(_kernel_name(instr))
+        m = re.search(r'\bname\s*[=:]\s*\\?"([^"\\]*)', instr.attr("backend_config") or "")
+        found = named_kernel_flops(m.group(1) if m else "")
     return found
 
 
-def _kernel_name(instr: Instruction) -> str:
-    """A custom call's kernel name in its backend_config (text: jax 0.10 prints it as an MLIR dictionary, not
-    JSON), or ''."""
-    m = re.search(r'\bname\s*[=:]\s*\\?"([^"\\]*)', instr.attr("backend_config") or "")
-    return m.group(1) if m else ""
+def declared_kernel_flops(instr: Instruction) -> float | None:
+    """The fixed FLOPs of one launch of a custom kernel that names its work (the block-sparse attention kernels
+    are charged for the tiles their schedule visits, not for every query-key pair of their operands), or None."""
+    found = _named_flops(instr)
+    return None if found is None else found[0]
 
 
 def declared_cache_slot_flops(program: HloProgram, instr: Instruction, live_slots: int | None) -> float:
-    """The FLOPs a kernel declares per live cache slot (``declared.with_flops(per_cache_slot=...)``: the fused cache
-    attention) times the live slots: ``live_slots`` (an assumption of the estimate) or, when None, every allocated
-    slot of its whole-cache operand ``[L, N, C, K, D]``. 0 for a kernel that declares none."""
-    per_slot = declared_per_cache_slot(_op_name(instr))
-    if per_slot is None:
-        per_slot = declared_per_cache_slot(_kernel_name(instr))
-    if per_slot is None:
+    """The FLOPs a kernel's name gives per live cache slot (the fused cache attention) times the live slots:
+    ``live_slots`` (an assumption of the estimate) or, when None, every allocated slot of its whole-cache operand
+    ``[L, N, C, K, D]``. 0 for any other kernel."""
+    found = _named_flops(instr)
+    if found is None or found[1] is None:
         return 0.0
     slots = max((dims[2] for t in program.operand_types(instr) for _, dims in array_shapes(t) if len(dims) == 5),
                 default=0)
-    return per_slot * (slots if live_slots is None else min(live_slots, slots))
+    return found[1] * (slots if live_slots is None else min(live_slots, slots))
 
 
 def _custom_call_flops(program: HloProgram, instr: Instruction) -> float:

@@ -235,14 +235,15 @@ def train_estimate(compiled, cfg: TrainConfig, mcfg: ModelConfig, target) -> dic
     """The cost model's estimate of one train step on ``target`` (per device: every device runs the same SPMD
     program), launches per micro-batch, and the MFU it implies (``train.flops.model_flops`` over the step time
     times the chips' bf16 peak). An estimate: its assumptions are carried."""
-    from tidar_jax.compiled.cost_model import estimate
-    from tidar_jax.compiled.hlo import HloProgram
+    from tidar_jax.analysis.chips import chip_costs
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.hlo import HloProgram
     from tidar_jax.train.flops import model_flops
 
     program = HloProgram.of(compiled)
     est = estimate(program, target.chip)
     useful = model_flops(mcfg, cfg.data.global_batch, cfg.data.seq_len, cfg.train.objective)
-    peak = target.chip.peak_bf16_flops * target.count
+    peak = chip_costs(target.chip).peak_bf16_flops * target.count
     return {**est.summary(), "flops_per_device": est.flops, "model_flops": useful,
             "mfu": useful / (est.time_s * peak), "launches_per_micro_batch": est.launches / cfg.optim.grad_accum,
             "tokens_per_s": cfg.data.global_batch * cfg.data.seq_len / est.time_s,

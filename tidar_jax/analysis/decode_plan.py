@@ -4,7 +4,7 @@ The programs are the ones ``Decoder.stream`` runs: ``engine.prefill`` and ``engi
 options, the per-layer (``LayerMajorParams``) weight layout, the decode dtype, and the step's state donated. Params,
 prompt, cache and state are ``ShapeDtypeStruct``s carrying shardings on a mesh of the target's (deviceless)
 devices, so nothing is allocated: what comes back is XLA:GPU's or XLA:TPU's compiled program, read with
-``tidar_jax.compiled.hlo.HloProgram`` (kernels, ``while`` loops and their trip counts, host round trips) and its
+``tidar_jax.analysis.hlo.HloProgram`` (kernels, ``while`` loops and their trip counts, host round trips) and its
 ``memory_analysis``.
 
 The paged cache attention walks ``ceil(live length / page)`` pages in a loop whose trip count is only known at run
@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.compiled.hlo import HloProgram
+from tidar_jax.analysis.hlo import HloProgram
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import engine
 from tidar_jax.decode.api import EOS_CAPACITY, STOP_CAPACITY, STOP_WINDOW, prompt_bucket
@@ -131,7 +131,7 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
     ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill).
     ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``, read by
-    ``tidar_jax.compiled.thunks``)."""
+    ``tidar_jax.analysis.thunks``)."""
     from tidar_jax.sharding import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=list(devices)[:math.prod(mesh_shape)])
@@ -238,12 +238,12 @@ def format_plan(summary: dict) -> str:
 
 def decode_estimates(programs: dict[str, CompiledDecodeProgram], chip, batch: int,
                      tokens_per_nfe: float | None = None, context: int | None = None) -> dict:
-    """The cost model's estimate of every program (``tidar_jax.compiled.cost_model``; assumptions carried), the
+    """The cost model's estimate of every program (``tidar_jax.analysis.cost_model``; assumptions carried), the
     TiDAR/AR step-time ratio, AR tokens/s (one token per row per step) and, given a TiDAR tokens-per-forward, the
     TiDAR tokens/s and the speedup it projects. Twice: with eager launches (``programs``, the chip's launch cost)
     and with the whole program as one CUDA graph (``graph``: the in-graph launch cost, an assumption). ``context``:
     the live cache length of the steps, so the fused cache kernel is charged for the live slots it reads."""
-    from tidar_jax.compiled.cost_model import estimate
+    from tidar_jax.analysis.cost_model import estimate
 
     out: dict[str, Any] = {}
     for key, graph in (("programs", False), ("graph", True)):
