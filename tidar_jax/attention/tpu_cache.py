@@ -102,10 +102,10 @@ def _kernel(layer_ref, length_ref, q_ref, k_own_ref, v_own_ref, kc_ref, vc_ref, 
         o_ref[...] = (acc_scr[...] / l_scr[...][:, :, :1]).astype(o_ref.dtype)
 
 
-def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, cache_k_LNCKD, cache_v_LNCKD, layer, length_N,
-                     interpret: bool):
+def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, r: int, cache_k_LNCKD, cache_v_LNCKD, layer,
+                     length_N, interpret: bool):
     """Normalised attention ``[N, K, M, D]`` (compute dtype) of the folded, scaled queries ``q [N, K, M, D]``
-    (row m is token m // R, R = M_real / T) over layer ``layer``'s cache slots ``< length`` and the step's own
+    (row m < T*R is token m // R) over layer ``layer``'s cache slots ``< length`` and the step's own
     ``k, v [N, K, U, D]`` where ``local(q_token, k_token)`` allows. ``M`` and ``U`` are padded past ``T*R`` and
     ``T``; padding query rows come out finite and meaningless."""
     from jax.experimental import pallas as pl
@@ -113,7 +113,6 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, cache_k_LNCKD, c
 
     n, kv, m, d = q_NKMD.shape
     u = k_NKUD.shape[2]
-    r = _heads_per_kv(m, t_len)
     c = cache_k_LNCKD.shape[2]
     t = tiling(c)
     block_k, blocks = t["block_k"], t["blocks"]
@@ -123,7 +122,7 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, cache_k_LNCKD, c
     def cache_block(i, j, layer_ref, length_ref):
         # a block past the row's live end asks for the last live one again: the pipeline skips the repeated DMA
         # (lax.div: truncating, exact for the non-negative operand; Mosaic lowers ``//`` through the chip's info)
-        last = jax.lax.div(jnp.maximum(length_ref[i] - 1, 0), block_k)
+        last = jax.lax.div(jnp.maximum(length_ref[i] - 1, 0), jnp.int32(block_k))
         return layer_ref[0], i, jnp.minimum(j, last), 0, 0
 
     # the cache stays where it lives: left alone, XLA's memory-space assignment may copy a cache that fits into
@@ -156,11 +155,6 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, cache_k_LNCKD, c
       in_hbm(cache_k_LNCKD), in_hbm(cache_v_LNCKD))
 
 
-def _heads_per_kv(m_pad: int, t_len: int) -> int:
-    """R from the padded row count: the largest R with T*R <= M_pad (M_pad = T*R rounded up to SUBLANES)."""
-    return next(r for r in range(m_pad // t_len, 0, -1) if _round_up(t_len * r, SUBLANES) == m_pad)
-
-
 def cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, length_N, local,
                      interpret: bool = False):
     """GQA attention of the current queries over layer ``layer``'s cache slots ``< length`` (per row) and the
@@ -179,7 +173,7 @@ def cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer
               .astype(compute) * (d ** -0.5)).astype(io)
     q_NKMD = jnp.pad(q_NKMD, ((0, 0), (0, 0), (0, m_pad - t * r), (0, 0)))
     own = lambda x_NTKD: jnp.pad(jnp.swapaxes(x_NTKD.astype(io), 1, 2), ((0, 0), (0, 0), (0, u - t), (0, 0)))  # noqa: E731
-    out_NKMD = folded_attention(q_NKMD, own(k_NTKD), own(v_NTKD), local, t, cache_k_LNCKD, cache_v_LNCKD, layer,
+    out_NKMD = folded_attention(q_NKMD, own(k_NTKD), own(v_NTKD), local, t, r, cache_k_LNCKD, cache_v_LNCKD, layer,
                                 length_N, interpret)[:, :, :t * r]
     return jnp.transpose(out_NKMD.reshape(n, kv, t, r, d), (0, 2, 1, 3, 4)).reshape(n, t, h, d).astype(q_NTHD.dtype)
 
