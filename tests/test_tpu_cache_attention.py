@@ -93,15 +93,15 @@ def v5e_devices():
 
 
 def test_compiled_v5e_kernel_has_no_loop_and_reads_the_cache_in_place(v5e_devices):
-    """The kernel alone (a TiDAR B=4 step with pruned groups, bf16 cache, batch 2, GQA 2:1, head_dim 128)
-    compiled for one v5e chip: one Mosaic call, no ``while``, and the whole cache parameters are its operands
-    (nothing slices, copies or prefetches the cache outside the kernel)."""
+    """The kernel alone (a TiDAR B=16 step: 272 tokens, the 1.5B model's 12 query and 2 KV heads of 128, a bf16
+    cache of 1024 slots: two blocks) compiled for one v5e chip: one Mosaic call, no ``while``, and the whole cache
+    parameters are its operands. At this shape XLA's memory-space assignment would otherwise copy the cache into
+    VMEM before the kernel (the whole allocated cache, every step)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh(np.array(v5e_devices[:1]), ("x",))
-    n, n_layers, c, h, kv, d = 2, 3, 640, 4, 2, 128  # two cache blocks, the last partial
-    layout = masks.decode_attention_layout(jnp.zeros((n,), jnp.int32), 4, c, counts=(1, 3), cache_page=128,
-                                           cache_kernel="tpu")
+    n, n_layers, c, h, kv, d = 1, 4, 1024, 12, 2, 128
+    layout = masks.decode_attention_layout(jnp.zeros((n,), jnp.int32), 16, c, cache_page=128, cache_kernel="tpu")
     t = layout.q_len
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, PartitionSpec()))  # noqa: E731
     args = (spec((n, t, h, d), jnp.bfloat16), spec((n, t, kv, d), jnp.bfloat16), spec((n, t, kv, d), jnp.bfloat16),
