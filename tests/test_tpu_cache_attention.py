@@ -103,7 +103,8 @@ def test_compiled_v5e_kernel_has_no_loop_and_reads_the_cache_in_place(v5e_device
     n, n_layers, c, h, kv, d = 1, 4, 1024, 12, 2, 128
     layout = masks.decode_attention_layout(jnp.zeros((n,), jnp.int32), 16, c, cache_page=128, cache_kernel="tpu")
     t = layout.q_len
-    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+    whole = NamedSharding(mesh, PartitionSpec())
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=whole)  # noqa: E731
     args = (spec((n, t, h, d), jnp.bfloat16), spec((n, t, kv, d), jnp.bfloat16), spec((n, t, kv, d), jnp.bfloat16),
             spec((n_layers, n, c, kv, d), jnp.bfloat16), spec((n_layers, n, c, kv, d), jnp.bfloat16),
             spec((), jnp.int32), spec((n,), jnp.int32))

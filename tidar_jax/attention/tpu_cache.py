@@ -1,20 +1,25 @@
 """Decode-step cache attention as one fixed-shape Pallas TPU (Mosaic) kernel per layer; Pallas interpret mode
-elsewhere. The TPU counterpart of ``tidar_jax.attention.fused_cache`` with the same entry points.
+elsewhere. The TPU counterpart of ``tidar_jax.attention.fused_cache``: the same ``attend`` entry point and contract.
 
 Every one of the step's T query tokens sees its row's whole live cache, so against the cache the step is a
 multi-query decode attention with a per-row length. The T tokens' R = H/K query heads of one KV head are folded
 into M = T*R query rows, so each cache block is read once per (row, KV head) and used by all of them.
 
-Grid ``(rows N, KV heads K, cache blocks C/block_k)``; the first two are parallel, the last is the reduction
-(online softmax in VMEM scratch). Scalar prefetch: the layer index and the per-row live lengths (SMEM). The cache
-block's index map reads both: it addresses layer ``layer`` of the whole ``[L, N, C, K, D]`` cache in place (the
-pipeline DMAs ``[block_k, D]`` windows straight out of HBM; nothing is sliced or copied outside the kernel) and
-clamps the block index to the row's last live block. A clamped step asks for the block it already holds, so the
-pipeline issues no DMA for it, and ``pl.when`` skips its compute: the work follows each row's live length while
-the program's shape depends on shapes alone (no ``while`` in the compiled step, unlike ``paged``).
+Grid ``(rows N, cache blocks C/block_k)``: rows parallel, blocks the reduction (online softmax in VMEM scratch).
+A grid step holds every KV head of its cache block (``[block_k, K, D]``): Mosaic blocks keep the minor two
+dimensions whole, and the decoder's cache has K second-minor. Scalar prefetch: the layer index and the per-row
+live lengths (SMEM). The cache block's index map reads both: it addresses layer ``layer`` of the whole
+``[L, N, C, K, D]`` cache in place (the pipeline DMAs blocks straight out of HBM; the cache operands are pinned
+to HBM, so XLA does not copy a cache that fits into VMEM first) and clamps the block index to the row's last live
+block. A clamped step asks for the block it already holds, so the pipeline issues no DMA for it, and ``pl.when``
+skips its compute: the work follows each row's live length while the program's shape depends on shapes alone (no
+``while`` in the compiled step, unlike ``paged``).
 
-The step's own T x T part (its keys under the layout's static local mask, which carries the TiDAR decode mask and
-any pruned groups) initialises the softmax state at block 0, so no log-sum-exp merge is needed after the kernel.
+The step's own T x T part initialises the softmax state at block 0, so no log-sum-exp merge runs after the
+kernel. Its mask is the layout's own rule (``DecodeLayout.static_rule``: the TiDAR decode mask with any pruned
+groups) evaluated in the kernel on index vectors; a stored ``[M, U]`` table would be read every layer. Mosaic
+lowers integer ``//`` through the chip's description, so a deviceless lowering needs the target's mesh set
+(``jax.set_mesh``, or the ``shard_map`` a multi-chip mesh needs anyway).
 
 Why not jax's ``pallas.ops.tpu.paged_attention`` or ``ragged_paged_attention``: see docs/tpu_cache_attention.md
 (in short: neither returns the softmax statistics a merge with the T x T part needs, neither can express the
@@ -33,8 +38,8 @@ import numpy as np
 from tidar_jax.compiled.declared import with_flops
 
 # Cache slots per grid step. A grid step costs a fixed overhead (about 0.35 us on a TPU) besides its DMA, so the
-# block is large; rows shorter than a block still read only one block. A multiple of 128 (the lane width: the
-# scores' minor dim) and of 16 (bf16 sublanes: the cache block's second-minor dim).
+# block is large; a row shorter than a block still reads one block. A multiple of 128 (the lane width: the
+# scores' minor dim).
 MAX_BLOCK_K = 512
 LANES = 128  # the softmax running max and sum are kept lane-replicated, as Mosaic's own attention kernels do
 SUBLANES = 16  # row padding of the folded queries and the step's own keys (bf16 packs 16 rows per vreg tile)
@@ -172,7 +177,10 @@ def cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer
     q_NKMD = (jnp.transpose(q_NTHD.reshape(n, t, kv, r, d), (0, 2, 1, 3, 4)).reshape(n, kv, t * r, d)
               .astype(compute) * (d ** -0.5)).astype(io)
     q_NKMD = jnp.pad(q_NKMD, ((0, 0), (0, 0), (0, m_pad - t * r), (0, 0)))
-    own = lambda x_NTKD: jnp.pad(jnp.swapaxes(x_NTKD.astype(io), 1, 2), ((0, 0), (0, 0), (0, u - t), (0, 0)))  # noqa: E731
+
+    def own(x_NTKD):  # the step's own keys or values as [N, K, U, D]
+        return jnp.pad(jnp.swapaxes(x_NTKD.astype(io), 1, 2), ((0, 0), (0, 0), (0, u - t), (0, 0)))
+
     out_NKMD = folded_attention(q_NKMD, own(k_NTKD), own(v_NTKD), local, t, r, cache_k_LNCKD, cache_v_LNCKD, layer,
                                 length_N, interpret)[:, :, :t * r]
     return jnp.transpose(out_NKMD.reshape(n, kv, t, r, d), (0, 2, 1, 3, 4)).reshape(n, t, h, d).astype(q_NTHD.dtype)
