@@ -43,6 +43,11 @@ from tidar_jax.compiled.declared import with_flops
 MAX_BLOCK_K = 512
 LANES = 128  # the softmax running max and sum are kept lane-replicated, as Mosaic's own attention kernels do
 SUBLANES = 16  # row padding of the folded queries and the step's own keys (bf16 packs 16 rows per vreg tile)
+# Scoped VMEM the kernel may claim. Mosaic's default (16 MiB) is too small for a B=16 step of a 7B model (28 query
+# and 4 KV heads: 1904 folded rows per KV head); 48 MiB leaves room inside the smallest VMEM of the chips we
+# target (64 MiB per core on v5p; 128 MiB on v5e and v6e).
+MAX_VMEM_BYTES = 48 * 2 ** 20
+DEFAULT_VMEM_BYTES = 16 * 2 ** 20
 
 
 def _round_up(x: int, m: int) -> int:
@@ -109,7 +114,7 @@ def _kernel(layer_ref, length_ref, q_ref, k_own_ref, v_own_ref, kc_ref, vc_ref, 
 
 def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, r: int, cache_k_LNCKD, cache_v_LNCKD, layer,
                      length_N, interpret: bool):
-    """Normalised attention ``[N, K, M, D]`` (compute dtype) of the folded, scaled queries ``q [N, K, M, D]``
+    """Normalised attention ``[N, K, M, D]`` (in the queries' dtype) of the folded, scaled queries ``q [N, K, M, D]``
     (row m < T*R is token m // R) over layer ``layer``'s cache slots ``< length`` and the step's own
     ``k, v [N, K, U, D]`` where ``local(q_token, k_token)`` allows. ``M`` and ``U`` are padded past ``T*R`` and
     ``T``; padding query rows come out finite and meaningless."""
@@ -134,6 +139,7 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, r: int, cache_k_
     # VMEM before the kernel (the whole allocated cache, every step), which the live-length DMAs exist to avoid
     in_hbm = functools.partial(pltpu.with_memory_space_constraint, memory_space=pltpu.HBM)
     per_row = lambda i, j, *_: (i, 0, 0, 0)  # noqa: E731
+    vmem = _vmem_bytes(kv, m, u, d, block_k, q_NKMD.dtype, cache_k_LNCKD.dtype, compute)
     kernel = functools.partial(_kernel, block_k=block_k, compute=compute, mask_value=mask_value, local=local,
                                t_len=t_len, r=r)
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -150,14 +156,25 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, r: int, cache_k_
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((n, kv, m, d), compute),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        out_shape=jax.ShapeDtypeStruct((n, kv, m, d), q_NKMD.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=min(MAX_VMEM_BYTES, max(DEFAULT_VMEM_BYTES, vmem))),
         interpret=interpret,
         # the cost model reads its work from the name: every (padded) query row against the step's U keys, plus
         # per live cache slot (only the live length, a run-time value, decides how many slots it visits)
         name=with_flops("tpu_cache_attention", 4 * n * kv * m * d * u, per_cache_slot=4 * n * kv * m * d),
     )(jnp.asarray(layer, jnp.int32).reshape(1), length_N.astype(jnp.int32).reshape(n), q_NKMD, k_NKUD, v_NKUD,
       in_hbm(cache_k_LNCKD), in_hbm(cache_v_LNCKD))
+
+
+def _vmem_bytes(kv, m, u, d, block_k, io, cache_dtype, compute) -> int:
+    """What one grid step holds in VMEM, with a quarter spare: the double-buffered blocks (cache K and V with
+    their KV-head dim padded to a sublane tile, queries, the step's own K and V, the output) and the scratch."""
+    tile_rows = lambda dt: 32 // jnp.dtype(dt).itemsize  # noqa: E731  (8 rows of 32 bits, 16 of bf16)
+    cache = 2 * 2 * block_k * _round_up(kv, tile_rows(cache_dtype)) * d * jnp.dtype(cache_dtype).itemsize
+    blocks = 2 * kv * (2 * m + 2 * u) * d * jnp.dtype(io).itemsize
+    scratch = kv * m * (2 * LANES + d) * jnp.dtype(compute).itemsize
+    return (cache + blocks + scratch) * 5 // 4
 
 
 def cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, length_N, local,
