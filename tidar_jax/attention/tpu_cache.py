@@ -37,9 +37,9 @@ import numpy as np
 
 from tidar_jax.compiled.declared import with_flops
 
-# Cache slots per grid step. A grid step costs a fixed overhead (about 0.35 us on a TPU) besides its DMA, so the
-# block is large; a row shorter than a block still reads one block. A multiple of 128 (the lane width: the
-# scores' minor dim).
+# Cache slots per grid step. A grid step costs a fixed overhead (about 0.35 us, the Pallas TPU guide says) besides
+# its DMA, so the block is large; a row shorter than a block still reads one block. A multiple of 128 (the lane
+# width: the scores' minor dim).
 MAX_BLOCK_K = 512
 LANES = 128  # the softmax running max and sum are kept lane-replicated, as Mosaic's own attention kernels do
 SUBLANES = 16  # row padding of the folded queries and the step's own keys (bf16 packs 16 rows per vreg tile)
