@@ -19,7 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.attention import blockwise, cudnn, fused_cache, gpu_choice, paged, pallas_gpu, reference, splash
+from tidar_jax.attention import (blockwise, cudnn, fused_cache, gpu_choice, paged, pallas_gpu, reference, splash,
+                                 tpu_cache)
 from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.masks import DecodeLayout, is_layout
 from tidar_jax.targets import build_chip, build_platform, platform_kind
@@ -109,6 +110,9 @@ def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, laye
         # the GPU kernel; anywhere else it runs in Pallas interpret mode (the CPU tests of it)
         interpret = build_platform() != "gpu"
         return fused_cache.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, interpret)
+    if isinstance(layout, DecodeLayout) and layout.cache_page and layout.cache_kernel == "tpu":
+        interpret = build_platform() != "tpu"  # the Mosaic kernel; Pallas TPU interpret mode elsewhere
+        return tpu_cache.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, interpret)
     if isinstance(layout, DecodeLayout) and layout.cache_page:
         return paged.attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout)
     dt = k_NTKD.dtype

@@ -9,7 +9,7 @@ from tidar_jax.config import check_block_size
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
 HEADS = ("selective", "one_pass")
-CACHE_ATTENTION = ("auto", "paged", "fused", "dense")
+CACHE_ATTENTION = ("auto", "paged", "fused", "tpu", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -45,6 +45,8 @@ class DecodeOptions:
         ``cache_page`` slots up to the longest live row, no per-layer copy of the cache; a loop with a
         data-dependent trip count), "fused" (``tidar_jax.attention.fused_cache``: one fixed-shape split-K kernel
         per layer that skips the slots past each row's live length; GPU, Pallas interpret mode elsewhere),
+        "tpu" (``tidar_jax.attention.tpu_cache``: the same contract as one Pallas TPU kernel; interpret mode
+        elsewhere),
         "dense" (concatenate the whole allocated cache with the step's keys under a dense mask; the reference
         path) or "auto" (per platform, ``tidar_jax.attention.CACHE_AUTO``: fused on GPU, paged elsewhere).
     """
