@@ -133,7 +133,7 @@ def test_compiled_v5e_decode_step_has_no_loop(v5e_devices, mode):
     from jax.sharding import Mesh
 
     from tidar_jax.config import ModelConfig
-    from tidar_jax.decode.plan import compile_decode
+    from tidar_jax.analysis.decode_plan import compile_decode
 
     cfg = ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128,
                       mlp_size=256, dtype="bfloat16", param_dtype="bfloat16", mask_token_id=1, block_size=4)

@@ -446,12 +446,16 @@ def kernel_cost(program: HloProgram, instr: Instruction, a: Assumptions, runs: i
     return KernelCost(instr.name, instr.kind, _op_name(instr), runs, flops, read, written, work + a.launch_s, bound)
 
 
+# the kernels that read the whole allocated cache in place and stop at each row's live length
+CACHE_KERNELS = ("fused_cache_attention", "tpu_cache_attention")
+
+
 def fused_cache_unread_bytes(program: HloProgram, instr: Instruction, live_slots: int) -> float:
-    """Bytes of its whole-cache operands ``[L, N, C, K, D]`` that one call of the fused cache attention kernel
-    (``tidar_jax.attention.fused_cache``) does not read: it reads one layer's first ``live_slots`` slots of each row
+    """Bytes of its whole-cache operands ``[L, N, C, K, D]`` that one call of a cache attention kernel
+    (``tidar_jax.attention.fused_cache`` on GPU, ``tidar_jax.attention.tpu_cache`` on TPU) does not read: it reads one layer's first ``live_slots`` slots of each row
     (its key-block loop stops at the live end), the operand shapes say the whole allocated cache. 0 for any other
     kernel."""
-    if instr.opcode != "custom-call" or "fused_cache_attention" not in _op_name(instr):
+    if instr.opcode != "custom-call" or not any(k in _op_name(instr) for k in CACHE_KERNELS):
         return 0.0
     unread = 0.0
     for t in program.operand_types(instr):

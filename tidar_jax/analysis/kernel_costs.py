@@ -12,7 +12,8 @@ backend_config name of the compiled custom call); this module owns what those si
 * ``fused_cache_attention`` (``attention.fused_cache``): every padded query row (``qrows``, per ``rows`` x
   ``kvheads``) against the step's ``keys`` padded keys, plus as much again per live cache slot. Only the live
   length, a run-time value, decides how many slots it visits, so that part is charged per slot
-  (``per_cache_slot``) for the live length the estimate assumes.
+  (``per_cache_slot``) for the live length the estimate assumes;
+* ``tpu_cache_attention`` (``attention.tpu_cache``): the same work as ``fused_cache_attention``, on TPU.
 
 The sizes are those one launch sees at trace time (inside ``shard_map``: one device's shard), so a call batched
 after tracing (``vmap`` of the kernel) would be undercounted; the model's kernels are not.
@@ -37,7 +38,8 @@ def _fused_cache(w):
 
 
 # base name -> sizes -> (FLOPs of one launch: its fixed part, FLOPs per live cache slot or None)
-COSTS = {**{f"tidar_flash_{k}": _flash(k) for k in MATMULS}, "fused_cache_attention": _fused_cache}
+COSTS = {**{f"tidar_flash_{k}": _flash(k) for k in MATMULS}, "fused_cache_attention": _fused_cache,
+         "tpu_cache_attention": _fused_cache}
 _NAMED = re.compile(r"(" + "|".join(map(re.escape, sorted(COSTS, key=len, reverse=True))) + r")((?:__[a-z]+_\d+)+)")
 _SIZE = re.compile(r"__([a-z]+)_(\d+)")
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax.compiled.declared import with_flops
+from tidar_jax.attention.kernel_names import work_name
 
 # Cache slots per grid step. A grid step costs a fixed overhead (about 0.35 us, the Pallas TPU guide says) besides
 # its DMA, so the block is large; a row shorter than a block still reads one block. A multiple of 128 (the lane
@@ -160,9 +160,10 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, r: int, cache_k_
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=min(MAX_VMEM_BYTES, max(DEFAULT_VMEM_BYTES, vmem))),
         interpret=interpret,
-        # the cost model reads its work from the name: every (padded) query row against the step's U keys, plus
-        # per live cache slot (only the live length, a run-time value, decides how many slots it visits)
-        name=with_flops("tpu_cache_attention", 4 * n * kv * m * d * u, per_cache_slot=4 * n * kv * m * d),
+        # the sizes its work follows from (tidar_jax.analysis.kernel_costs counts it): every padded query row against
+        # the step's U keys and, per live cache slot, the cache (only the live length, a run-time value, decides
+        # how many slots it visits)
+        name=work_name("tpu_cache_attention", rows=n, kvheads=kv, qrows=m, dim=d, keys=u),
     )(jnp.asarray(layer, jnp.int32).reshape(1), length_N.astype(jnp.int32).reshape(n), q_NKMD, k_NKUD, v_NKUD,
       in_hbm(cache_k_LNCKD), in_hbm(cache_v_LNCKD))
 
