@@ -69,10 +69,15 @@ def random_state(cfg, seed, scale=0.15):
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def make_checkpoint(path, cfg, seed=0, tokenizer="qwen", eos=ENDOFTEXT, scale=0.15):
+# the sampling defaults of the source model a checkpoint carries (the server export requires them)
+GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def make_checkpoint(path, cfg, seed=0, tokenizer="qwen", eos=ENDOFTEXT, scale=0.15, generation=GENERATION):
     state = random_state(cfg, seed, scale)
     tok = qwen_like_tokenizer() if tokenizer == "qwen" else tokenizer
-    save_params(str(path), CheckpointMeta(cfg, eos_token_ids=(eos,)), state, tokenizer=tok)
+    record = None if generation is None else {"generation_config": dict(generation)}
+    save_params(str(path), CheckpointMeta(cfg, eos_token_ids=(eos,), hf=record), state, tokenizer=tok)
     return str(path), state
 
 
