@@ -3,12 +3,15 @@
     python -m tidar_jax.convert import-hf HF_DIR OUT [--mask-token-id N | --add-mask-token] [--block-size B]
                                                      [--dtype float32|bfloat16|float16]
     python -m tidar_jax.convert export-hf CHECKPOINT OUT_DIR [--dtype ...] [--max-shard-size 5GB] [--for sglang-tidar]
+                                         [--generation-config FILE] [--chat-template FILE]
 
 ``import-hf`` writes a params checkpoint (``tidar_jax.checkpoint.params``) that ``train.py`` can start from and
 ``decode.py`` can load. ``export-hf`` takes a run dir, a step checkpoint or a params checkpoint and writes an HF
 directory loadable by ``transformers.AutoModelForCausalLM.from_pretrained``; ``--for sglang-tidar`` writes the
 directory the authors' SGLang TiDAR server loads (``tidar_jax.hf.sglang_tidar``, docs/hf.md), with a README that
-gives the server command line. Bad input exits non-zero with one line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
+gives the server command line. Both keep what the source model's directory gave a server beside the weights (chat
+template, generation config, EOS ids, context length; ``tidar_jax.hf.serving``), and print the trained block size
+the server must be given. Bad input exits non-zero with one line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
 """
 
 from __future__ import annotations

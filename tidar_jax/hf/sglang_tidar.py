@@ -9,7 +9,10 @@ What that server reads, as found in its code (files and commits in docs/hf.md):
 - weights: the Qwen loaders' Hugging Face names, the plain export's (``tidar_jax.hf.keys``); ``lm_head.weight`` is
   skipped when ``tie_word_embeddings`` is set, so a tied model is written without it, as the plain export does.
 - the mask token is hard-coded in the worker: id 151662 (``<|fim_pad|>`` in the Qwen vocabulary); the block size is
-  the server argument ``--speculative-tidar-b`` (default 16), not a config field.
+  the server argument ``--speculative-tidar-b`` (default 16), not a config field, so the export prints it and puts
+  it first in its README.
+- ``generation_config.json`` gives the server's default sampling settings, and the worker accepts drafts at that
+  temperature: the export requires the source model's (``tidar_jax.hf.serving``).
 - its ``config.json`` most likely goes through transformers 4.x ``AutoConfig`` (SGLang of that period; the fork's
   pin is not visible), which reads ``rope_theta`` and ``torch_dtype`` at top level and ignores the transformers-5
   ``rope_parameters``; both layouts are written, and transformers 4.57.1 was checked to read them (docs/hf.md).
