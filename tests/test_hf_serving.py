@@ -197,20 +197,17 @@ def test_server_export_needs_a_generation_config(tmp_path, capsys):
     assert GenerationConfig.from_pretrained(out).temperature == 0.6
 
 
-def test_a_trained_run_carries_the_record_of_its_initialising_checkpoint(train_corpus, tmp_path, capsys):
-    """TiDAR training from an HF dir keeps the dir's serving record in the run; the run's export writes it, with
-    the data's end-of-document id added to the source's EOS ids."""
+def _init_source_and_preset(train_corpus, tmp_path):
+    """An HF dir on the training corpus's tokenizer with a generation config, a chat template and a context length,
+    and a TiDAR preset initialised from it."""
     import yaml
 
-    import train as train_cli
-    from tidar_jax.checkpoint import read_meta
     from tidar_jax.hf import export_hf
 
     from test_recipe import _base
 
     manifest = json.load(open(os.path.join(train_corpus, "manifest.json")))
     vocab = manifest["vocab_size"]
-    data_eos = manifest["eos_token_id"]
     cfg = small_config("llama", vocab_size=vocab, mask_token_id=vocab - 1, block_size=None, hidden_size=32,
                        num_layers=1, num_heads=4, num_kv_heads=2, mlp_size=64)
     src = export_hf(cfg, random_state(cfg, 1), str(tmp_path / "src"),
@@ -219,7 +216,6 @@ def test_a_trained_run_carries_the_record_of_its_initialising_checkpoint(train_c
     _write_json(os.path.join(src, "generation_config.json"), generation)
     tc_path = os.path.join(src, "tokenizer_config.json")
     _write_json(tc_path, {**json.load(open(tc_path)), "chat_template": CHATML})
-
     values = _base(train_corpus)
     values.pop("phases", None)
     values["model"] = {"init_from": src, "block_size": BLOCK}
@@ -227,14 +223,54 @@ def test_a_trained_run_carries_the_record_of_its_initialising_checkpoint(train_c
     values["data"]["eval_batches"] = 0
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump(values, sort_keys=False))
+    return str(preset), generation, manifest["eos_token_id"]
+
+
+def test_a_run_keeps_the_record_of_its_initialising_checkpoint(train_corpus, tmp_path):
+    """The run dir of a TiDAR run initialised from an HF dir keeps that dir's serving record (what the run's
+    export writes: the slow test below trains and exports)."""
+    from tidar_jax.checkpoint import read_meta
+    from tidar_jax.train.config import load_config
+    from tidar_jax.train.loop import setup
+
+    preset, generation, _ = _init_source_and_preset(train_corpus, tmp_path)
+    run = setup(load_config(preset), str(tmp_path / "run"), show_progress=False)
+    try:
+        record = read_meta(run.run_dir).hf
+    finally:
+        run.ckpts.close()
+        run.writer.close()
+    assert record["generation_config"] == generation and record["chat_template"] == CHATML
+    assert record["max_position_embeddings"] == CONTEXT
+
+
+@pytest.mark.slow
+def test_a_trained_run_exports_the_record_of_its_initialising_checkpoint(train_corpus, tmp_path, capsys):
+    """TiDAR training (2 steps) from an HF dir, then the run's plain export: the source's generation settings, chat
+    template and context length, with the data's end-of-document id added to the source's EOS ids."""
+    import train as train_cli
+    from tidar_jax.checkpoint import read_meta
+
+    preset, generation, data_eos = _init_source_and_preset(train_corpus, tmp_path)
     run = str(tmp_path / "run")
-    assert train_cli.main(["--no-phases", "--config", str(preset), "--run-dir", run]) == 0
-    assert read_meta(run).hf["generation_config"] == generation and read_meta(run).hf["chat_template"] == CHATML
+    assert train_cli.main(["--no-phases", "--config", preset, "--run-dir", run]) == 0
+    assert read_meta(run).hf["generation_config"] == generation
 
     out = str(tmp_path / "hf")
     assert main(["export-hf", run, out]) == 0
     gen = json.load(open(os.path.join(out, "generation_config.json")))
-    assert gen["temperature"] == 0.6 and gen["eos_token_id"] == [vocab - 2, data_eos]
+    assert gen["temperature"] == 0.6 and gen["eos_token_id"] == generation["eos_token_id"] + [data_eos]
     assert json.load(open(os.path.join(out, "config.json")))["max_position_embeddings"] == CONTEXT
     assert json.load(open(os.path.join(out, "tokenizer_config.json")))["chat_template"] == CHATML
     assert f"trained block size {BLOCK}" in capsys.readouterr().out
+
+
+def test_named_chat_templates_are_each_checked():
+    """transformers' list form (named templates): each one parses, or the error names the one that does not."""
+    from tidar_jax.hf.keys import HFFormatError
+    from tidar_jax.hf.serving import check_chat_template
+
+    check_chat_template([{"name": "default", "template": CHATML}, {"name": "tool_use", "template": "{{ x }}"}], "t")
+    with pytest.raises(HFFormatError, match=r"^t \('tool_use'\): the chat template does not parse as Jinja"):
+        check_chat_template([{"name": "default", "template": CHATML}, {"name": "tool_use", "template": BAD_TEMPLATE}],
+                            "t")

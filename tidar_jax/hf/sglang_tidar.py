@@ -99,8 +99,8 @@ def block_size_notice(block_size: int | None, out_dir: str | None) -> str:
 def _generation_line(fields: dict) -> str:
     gen = fields.get("generation_config") or {}
     settings = ", ".join(f"{k} {gen[k]}" for k in ("temperature", "top_p", "top_k", "min_p") if k in gen)
-    return (f"generation_config.json from the source model ({settings or 'no sampling defaults'}); the server's "
-            "default sampling settings, and the worker accepts drafts at that temperature")
+    return (f"generation_config.json ({settings or 'no sampling defaults'}): the server's default sampling "
+            "settings, and the worker accepts drafts at that temperature")
 
 
 def readme(out_dir: str, config: ModelConfig, dtype: str, source: str, fields: dict) -> str:
@@ -109,9 +109,9 @@ def readme(out_dir: str, config: ModelConfig, dtype: str, source: str, fields: d
     eos = fields.get("eos_token_id")
     eos_line = (f"EOS token id(s) {eos} (config.json and generation_config.json; the server stops on them)."
                 if eos is not None else "No EOS token id was recorded: the server stops only at max_new_tokens.")
-    template = ("chat template in tokenizer_config.json (from the source model): `/v1/chat/completions` works"
+    template = ("chat template in tokenizer_config.json: `/v1/chat/completions` works"
                 if fields.get("chat_template") is not None else
-                "no chat template (the source model has none): use `/v1/completions`, or pass `--chat-template` "
+                "no chat template (none was carried or given): use `/v1/completions`, or pass `--chat-template` "
                 "to the server")
     context = fields.get("max_position_embeddings")
     context_line = (f"context length {context} (max_position_embeddings, from the source model)" if context else
