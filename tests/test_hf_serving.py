@@ -16,7 +16,7 @@ import pytest
 
 from tidar_jax.convert import main
 
-from test_hf_sglang import ENDOFTEXT, FIM_PAD, QWEN_VOCAB, qwen_like_tokenizer, random_state, small_config
+from test_hf_sglang import ENDOFTEXT, FIM_PAD, qwen_like_tokenizer, random_state, small_config
 
 IM_START, IM_END = 151644, 151645
 EOS_IDS = [IM_END, ENDOFTEXT]  # Qwen3's generation_config.json lists both
@@ -76,7 +76,7 @@ def imported(tmp_path_factory):
     return src, ckpt
 
 
-def _check_export(out, capsys_out=None):
+def _check_export(out):
     """transformers reads the source's settings back from an export."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -187,6 +187,8 @@ def test_server_export_needs_a_generation_config(tmp_path, capsys):
     _one_line_error(["export-hf", ckpt, str(tmp_path / "out"), "--for", "sglang-tidar", "--generation-config",
                      str(gen), "--chat-template", str(bad)], f"{bad}: the chat template does not parse as Jinja",
                     tmp_path, ["src", "ckpt", "bad.jinja", "gen.json"])
+    _one_line_error(["export-hf", ckpt, str(tmp_path / "out"), "--generation-config", str(tmp_path / "none.json")],
+                    "--generation-config", tmp_path, ["src", "ckpt", "bad.jinja", "gen.json"])
     capsys.readouterr()
     out = str(tmp_path / "out")
     assert main(["export-hf", ckpt, out, "--for", "sglang-tidar", "--generation-config", str(gen)]) == 0

@@ -1,11 +1,9 @@
 """``export-hf --for sglang-tidar``: the directory the authors' SGLang TiDAR server loads, checked against what
 their code reads (docs/hf.md cites the files), and the one-line refusals.
 
-The loader's expectations are written here from their code, not from our key table: the module tree SGLang's
-``Qwen2ForCausalLM``/``Qwen3ForCausalLM`` build from ``config.json`` (fused ``qkv_proj`` and ``gate_up_proj``),
-and their ``load_weights`` rules (skip ``rotary_emb.inv_freq``; skip ``lm_head.weight`` when the head is tied; map
-``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` onto slices of the fused weights; every other name
-must be a parameter of the same shape). On top of what the loader enforces, every parameter must be filled.
+The server's weight loading runs as SGLang 0.5.5 wrote it (``tests/sglang_wheel.py``: ``load_weights`` and the
+layer loaders it calls, taken from the pinned wheel), over parameters shaped as SGLang's layers create them from
+the export's ``config.json``; every parameter must be filled, once, with the file's tensors.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from tidar_jax.hf.load import GENERATION_CONFIG_FILE, read_json, token_ids
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' own file for it; wins over tokenizer_config.json
-RECORD_KEYS = ("bos_token_id", "eos_token_id", "max_position_embeddings", "generation_config", "chat_template")
 
 
 def check_chat_template(template, where: str) -> None:
