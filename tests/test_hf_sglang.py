@@ -1,11 +1,9 @@
 """``export-hf --for sglang-tidar``: the directory the authors' SGLang TiDAR server loads, checked against what
 their code reads (docs/hf.md cites the files), and the one-line refusals.
 
-The loader's expectations are written here from their code, not from our key table: the module tree SGLang's
-``Qwen2ForCausalLM``/``Qwen3ForCausalLM`` build from ``config.json`` (fused ``qkv_proj`` and ``gate_up_proj``),
-and their ``load_weights`` rules (skip ``rotary_emb.inv_freq``; skip ``lm_head.weight`` when the head is tied; map
-``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` onto slices of the fused weights; every other name
-must be a parameter of the same shape). On top of what the loader enforces, every parameter must be filled.
+The server's weight loading runs as SGLang 0.5.5 wrote it (``tests/sglang_wheel.py``: ``load_weights`` and the
+layer loaders it calls, taken from the pinned wheel), over parameters shaped as SGLang's layers create them from
+the export's ``config.json``; every parameter must be filled, once, with the file's tensors.
 """
 
 from __future__ import annotations
@@ -69,10 +67,15 @@ def random_state(cfg, seed, scale=0.15):
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def make_checkpoint(path, cfg, seed=0, tokenizer="qwen", eos=ENDOFTEXT, scale=0.15):
+# the sampling defaults of the source model a checkpoint carries (the server export requires them)
+GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def make_checkpoint(path, cfg, seed=0, tokenizer="qwen", eos=ENDOFTEXT, scale=0.15, generation=GENERATION):
     state = random_state(cfg, seed, scale)
     tok = qwen_like_tokenizer() if tokenizer == "qwen" else tokenizer
-    save_params(str(path), CheckpointMeta(cfg, eos_token_ids=(eos,)), state, tokenizer=tok)
+    record = None if generation is None else {"generation_config": dict(generation)}
+    save_params(str(path), CheckpointMeta(cfg, eos_token_ids=(eos,), hf=record), state, tokenizer=tok)
     return str(path), state
 
 
@@ -88,62 +91,13 @@ def safetensors_headers(out_dir):
     return out
 
 
-def sglang_parameters(hf):
-    """name -> shape of the parameters SGLang's Qwen2/Qwen3 ForCausalLM create from this config.json
-    (tp=1, pp=1). Qwen2: q/k/v bias always, no q/k norm, head_dim from config or hidden // heads;
-    Qwen3: q_norm/k_norm of head_dim, biases only with attention_bias; lm_head shares embed_tokens when tied."""
-    family = hf["model_type"]
-    d, heads, kv, inter = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], \
-        hf["intermediate_size"]
-    hd = hf.get("head_dim") or d // heads
-    qkv_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))
-    params = {"model.embed_tokens.weight": (hf["vocab_size"], d), "model.norm.weight": (d,)}
-    for i in range(hf["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        params[p + "self_attn.qkv_proj.weight"] = ((heads + 2 * kv) * hd, d)
-        if qkv_bias:
-            params[p + "self_attn.qkv_proj.bias"] = ((heads + 2 * kv) * hd,)
-        params[p + "self_attn.o_proj.weight"] = (d, heads * hd)
-        if family == "qwen3":
-            params[p + "self_attn.q_norm.weight"] = (hd,)
-            params[p + "self_attn.k_norm.weight"] = (hd,)
-            if qkv_bias:
-                params[p + "self_attn.o_proj.bias"] = (d,)
-        params[p + "mlp.gate_up_proj.weight"] = (2 * inter, d)
-        params[p + "mlp.down_proj.weight"] = (d, inter)
-        params[p + "input_layernorm.weight"] = (d,)
-        params[p + "post_attention_layernorm.weight"] = (d,)
-    if not hf.get("tie_word_embeddings", False):
-        params["lm_head.weight"] = (hf["vocab_size"], d)
-    return params, hd
+@pytest.fixture(scope="session")
+def sglang_loaders(request):
+    """SGLang 0.5.5's own weight-loading functions (``tests/sglang_wheel.py``; skips where the wheel cannot be
+    fetched); the wheel is kept in pytest's cache."""
+    from sglang_wheel import Loaders, fetch_wheel
 
-
-def emulate_load_weights(hf, tensors):
-    """Run their load_weights rules over the file's tensors; return the rows filled per parameter."""
-    params, hd = sglang_parameters(hf)
-    heads, kv, inter = hf["num_attention_heads"], hf["num_key_value_heads"], hf["intermediate_size"]
-    # (fused name, shard name, rows of the fused tensor that shard fills)
-    stacked = [("qkv_proj", "q_proj", (0, heads * hd)), ("qkv_proj", "k_proj", (heads * hd, (heads + kv) * hd)),
-               ("qkv_proj", "v_proj", ((heads + kv) * hd, (heads + 2 * kv) * hd)),
-               ("gate_up_proj", "gate_proj", (0, inter)), ("gate_up_proj", "up_proj", (inter, 2 * inter))]
-    filled = {name: np.zeros(shape[0], bool) for name, shape in params.items()}
-    for name, shape in tensors.items():
-        if "rotary_emb.inv_freq" in name:
-            continue
-        if hf.get("tie_word_embeddings") and "lm_head.weight" in name:
-            continue
-        for fused, shard, (lo, hi) in stacked:
-            if shard in name:
-                target = name.replace(shard, fused)
-                assert target in params, f"{name}: the loader has no {target}"
-                assert shape == (hi - lo,) + params[target][1:], f"{name} {shape} does not fit {target}[{lo}:{hi}]"
-                filled[target][lo:hi] = True
-                break
-        else:
-            assert name in params, f"{name}: not a parameter of the SGLang model (it would be dropped or fail)"
-            assert shape == params[name], f"{name}: shape {shape}, the SGLang parameter is {params[name]}"
-            filled[name][:] = True
-    return filled
+    return Loaders(fetch_wheel(str(request.config.cache.mkdir("sglang-wheel"))))
 
 
 @pytest.fixture(scope="module", params=[("qwen2", True), ("qwen3", False)], ids=["qwen2-tied", "qwen3-untied"])
@@ -173,16 +127,55 @@ def test_config_names_the_servers_class_and_fields(exported):
 
 def test_weights_fill_the_servers_loader(exported):
     cfg, _, _, out = exported
-    hf = json.load(open(os.path.join(out, "config.json")))
     tensors = safetensors_headers(out)
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1  # the index path is used
     assert {dt for dt, _ in tensors.values()} == {"BF16"}
     assert ("lm_head.weight" in tensors) == (not cfg.tie_embeddings)
-    filled = emulate_load_weights(hf, {k: shape for k, (_, shape) in tensors.items()})
-    empty = [name for name, rows in filled.items() if not rows.all()]
-    assert not empty, f"parameters the export leaves unset: {empty}"
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert sorted(index["weight_map"]) == sorted(tensors)
+
+
+def test_servers_own_loader_fills_every_parameter_once(exported, sglang_loaders):
+    """SGLang's ``load_weights`` and layer loaders, from the wheel, over the export's files: every parameter is
+    written (they start as NaN), every loader is called once per parameter and shard, and each fused parameter
+    holds the file's tensors in the order SGLang's forward splits them (q, k, v; gate, up)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sglang_wheel import build_model
+
+    cfg, _, _, out = exported
+    hf = json.load(open(os.path.join(out, "config.json")))
+    files = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".safetensors"):
+            files.update(load_file(os.path.join(out, name)))
+    model, params, calls = build_model(sglang_loaders, hf, out)
+    sglang_loaders.load_weights[cfg.family](model, iter(files.items()))
+
+    assert not [n for n, p in params.items() if torch.isnan(p).any()], "parameters the loader left unset"
+    shards = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": (0, 1)}
+    want_calls = {}
+    for n, p in params.items():
+        if hasattr(p, "weight_loader"):
+            fused = [ids for key, ids in shards.items() if key in n]
+            for shard in (fused[0] if fused else [None]):
+                want_calls[(n,) if shard is None else (n, shard)] = 1
+    assert calls == want_calls
+    vocab = hf["vocab_size"]
+    for n, p in params.items():
+        if "qkv_proj" in n:
+            want = torch.cat([files[n.replace("qkv_proj", s)] for s in ("q_proj", "k_proj", "v_proj")])
+        elif "gate_up_proj" in n:
+            want = torch.cat([files[n.replace("gate_up_proj", s)] for s in ("gate_proj", "up_proj")])
+        else:
+            want = files[n]
+        if n in ("model.embed_tokens.weight", "lm_head.weight"):  # rows padded to a multiple of 64, zero-filled
+            assert p.shape[0] % 64 == 0 and not p.data[vocab:].any()
+            got = p.data[:vocab]
+        else:
+            got = p.data
+        assert torch.equal(got, want.float()), n
 
 
 def test_tokenizer_and_readme(exported):

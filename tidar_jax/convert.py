@@ -3,12 +3,15 @@
     python -m tidar_jax.convert import-hf HF_DIR OUT [--mask-token-id N | --add-mask-token] [--block-size B]
                                                      [--dtype float32|bfloat16|float16]
     python -m tidar_jax.convert export-hf CHECKPOINT OUT_DIR [--dtype ...] [--max-shard-size 5GB] [--for sglang-tidar]
+                                         [--generation-config FILE] [--chat-template FILE]
 
 ``import-hf`` writes a params checkpoint (``tidar_jax.checkpoint.params``) that ``train.py`` can start from and
 ``decode.py`` can load. ``export-hf`` takes a run dir, a step checkpoint or a params checkpoint and writes an HF
 directory loadable by ``transformers.AutoModelForCausalLM.from_pretrained``; ``--for sglang-tidar`` writes the
 directory the authors' SGLang TiDAR server loads (``tidar_jax.hf.sglang_tidar``, docs/hf.md), with a README that
-gives the server command line. Bad input exits non-zero with one line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
+gives the server command line. Both keep what the source model's directory gave a server beside the weights (chat
+template, generation config, EOS ids, context length; ``tidar_jax.hf.serving``), and print the trained block size
+the server must be given. Bad input exits non-zero with one line; nothing is written. The output path is checked before anything is read (``tidar_jax.output_paths``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--for", dest="target", choices=("sglang-tidar",), default=None,
                      help="serving stack to write for: sglang-tidar = the authors' SGLang TiDAR server "
                           "(Qwen2/Qwen3 only, mask token 151662); default: a plain transformers directory")
+    exp.add_argument("--generation-config", default=None, metavar="FILE",
+                     help="generation_config.json to write (default: the source model's, carried by the "
+                          "checkpoint; --for sglang-tidar needs one)")
+    exp.add_argument("--chat-template", default=None, metavar="FILE",
+                     help="Jinja chat template to write (default: the source model's, carried by the checkpoint)")
     return p
 
 
@@ -63,49 +71,52 @@ def import_hf(hf_dir: str, out: str, mask_token_id=None, add_mask_token=False, b
     from tidar_jax.checkpoint.metadata import CheckpointMeta, eos_tuple
     from tidar_jax.checkpoint.params import save_params
     from tidar_jax.hf import load_hf_dir
-    from tidar_jax.hf.load import read_hf_config, token_ids
+    from tidar_jax.hf.load import read_hf_config
+    from tidar_jax.hf.serving import read_source_record
     from tidar_jax.output_paths import check_new_dir
 
     check_new_dir(out)
+    record = read_source_record(hf_dir, read_hf_config(hf_dir))
     bundle = load_hf_dir(hf_dir, mask_token_id=mask_token_id, block_size=block_size, dtype=dtype,
                          add_mask_token=add_mask_token)
-    hf = read_hf_config(hf_dir)
-    # HF-only fields kept so that export-hf can write them back
-    # one default EOS id, the first, as documented in docs/hf.md (all of them stay in ``hf`` for export)
-    meta = CheckpointMeta(bundle.config, eos_token_ids=eos_tuple(bundle.eos_token_id), source=bundle.source,
-                          hf={"max_position_embeddings": hf.get("max_position_embeddings"), **token_ids(hf_dir, hf)})
+    # every EOS id (the first is the default); the serving record is kept so that export-hf writes it back
+    meta = CheckpointMeta(bundle.config, eos_token_ids=eos_tuple(bundle.eos_token_ids), source=bundle.source,
+                          hf=record)
     # the tokenizer object may carry an added <|mask|>, so it is saved, not the source file
     return save_params(out, meta, bundle.params, tokenizer=bundle.tokenizer)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes=None, target=None) -> str:
-    from tidar_jax.checkpoint import read_meta
+def export_checkpoint(checkpoint: str, out_dir: str, dtype=None, max_shard_bytes=None, target=None,
+                      generation_config=None, chat_template=None) -> tuple[str, int | None]:
+    """``(out_dir, the trained block size)``. ``generation_config`` / ``chat_template``: files that replace the
+    ones the checkpoint carries from its source model (``tidar_jax.hf.serving``)."""
     from tidar_jax.hf import export_hf
-    from tidar_jax.hf import sglang_tidar
+    from tidar_jax.hf import sglang_tidar, serving
     from tidar_jax.hf.export import DEFAULT_MAX_SHARD_BYTES
-    from tidar_jax.loading import checkpoint_kind
+    from tidar_jax.loading import checkpoint_kind, serving_record
     from tidar_jax.output_paths import check_new_dir
 
     if target not in (None, sglang_tidar.TARGET):
         raise ValueError(f"--for {target!r}: expected {sglang_tidar.TARGET}")
     check_new_dir(out_dir)
     kind = checkpoint_kind(checkpoint)
-    if target == sglang_tidar.TARGET and kind != "hf":  # refused before the weights are read
-        sglang_tidar.check_servable(*_record(checkpoint, kind))
+    record = serving.with_overrides(serving_record(checkpoint), generation_config, chat_template)
+    if target == sglang_tidar.TARGET:  # refused before the weights are read
+        if kind != "hf":
+            sglang_tidar.check_servable(*_record(checkpoint, kind))
+        sglang_tidar.check_generation_config(record)
     bundle = _load_bundle(checkpoint)
-    hf_fields = (read_meta(checkpoint).hf or {}) if kind == "params" else {}
-    eos = hf_fields.get("eos_token_id", bundle.eos_token_id)
+    fields = serving.export_fields(record, bundle.eos_token_ids or bundle.eos_token_id)
     extra = {}
     if target == sglang_tidar.TARGET:  # refused before anything is written
         sglang_tidar.check_servable(bundle.config, bundle.tokenizer)
         dtype = dtype or sglang_tidar.DEFAULT_DTYPE
         extra = {"config_extra": sglang_tidar.config_overrides(bundle.config, dtype),
                  "extra_files": {sglang_tidar.README: sglang_tidar.readme(out_dir, bundle.config, dtype,
-                                                                          bundle.source or checkpoint, eos)}}
-    return export_hf(bundle.config, bundle.params, out_dir, tokenizer=bundle.tokenizer, dtype=dtype,
-                     max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, eos_token_id=eos,
-                     bos_token_id=hf_fields.get("bos_token_id"),
-                     max_position_embeddings=hf_fields.get("max_position_embeddings"), **extra)
+                                                                          bundle.source or checkpoint, fields)}}
+    out = export_hf(bundle.config, bundle.params, out_dir, tokenizer=bundle.tokenizer, dtype=dtype,
+                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, **fields, **extra)
+    return out, bundle.config.block_size
 
 
 def _load_bundle(checkpoint: str):
@@ -156,11 +167,16 @@ def main(argv=None) -> int:
             out = import_hf(args.hf_dir, args.out, args.mask_token_id, args.add_mask_token, args.block_size,
                             args.dtype)
         else:
-            out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, parse_size(args.max_shard_size),
-                                    args.target)
+            out, block_size = export_checkpoint(args.checkpoint, args.out_dir, args.dtype,
+                                                parse_size(args.max_shard_size), args.target,
+                                                args.generation_config, args.chat_template)
     except (HFFormatError, ConfigError, CheckpointNotFound, OutputPathError, DamagedCheckpoint, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")
+    if args.command == "export-hf":
+        from tidar_jax.hf import sglang_tidar
+
+        print(sglang_tidar.block_size_notice(block_size, out if args.target else None))
     return 0
 
 

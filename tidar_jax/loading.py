@@ -46,3 +46,17 @@ def load_for_inference(path: str, mesh=None, **hf_kwargs) -> InferenceBundle:
     if kind == "params":
         return load_params_bundle(path, mesh=mesh)
     return load_run(path, mesh=mesh)
+
+
+def serving_record(path: str) -> dict | None:
+    """What a server reads beside the weights (``tidar_jax.hf.serving``), as this checkpoint carries it: read from
+    an HF directory (checked), or the record a params checkpoint or run dir keeps (None when it keeps none)."""
+    from tidar_jax.checkpoint.metadata import read_meta
+    from tidar_jax.checkpoint.run import run_and_steps
+    from tidar_jax.hf.load import read_hf_config
+    from tidar_jax.hf.serving import read_source_record
+
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        return read_source_record(path, read_hf_config(path))
+    return read_meta(path if kind == "params" else run_and_steps(path)[0]).hf

@@ -31,7 +31,7 @@ class CheckpointMeta:
     step: int | None = None
     eos_token_ids: tuple[int, ...] | None = None  # every EOS id (the first is the default)
     source: str | None = None  # where the weights came from (e.g. the imported HF dir)
-    hf: dict | None = None  # HF-only fields kept for export: bos_token_id, eos_token_id, max_position_embeddings
+    hf: dict | None = None  # what a server reads beside the weights, kept for export (tidar_jax.hf.serving)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -70,11 +70,15 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, tokenizer=None, dtype: str | None = None,
               eos_token_id: int | list[int] | None = None, bos_token_id: int | None = None,
               max_position_embeddings: int | None = None, config_extra: dict | None = None,
-              extra_files: dict[str, str] | None = None) -> str:
+              extra_files: dict[str, str] | None = None, generation_config: dict | None = None,
+              chat_template=None) -> str:
     """Write ``out_dir`` (must not exist): safetensors shards (+ index), ``config.json`` (with the TiDAR fields
     ``mask_token_id`` and ``block_size``), ``generation_config.json`` and, when given (``tokenizer_path`` or a
     ``tokenizers.Tokenizer``), ``tokenizer.json`` + ``tokenizer_config.json``. ``dtype`` defaults to
-    ``config.param_dtype``. A serving target adds ``config_extra`` (keys set in ``config.json``) and
+    ``config.param_dtype``. ``generation_config``: the source model's (its sampling defaults are kept, the token ids
+    are the ones given here); ``chat_template``: written into ``tokenizer_config.json`` (the place every
+    transformers version reads; a template needs the tokenizer it renders for). ``tidar_jax.hf.serving`` gives
+    both from a checkpoint's record. A serving target adds ``config_extra`` (keys set in ``config.json``) and
     ``extra_files`` (file name -> text, e.g. a README). Returns the absolute ``out_dir``.
     """
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
@@ -119,7 +123,7 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
             del tensors
         if writer:
             _write_files(tmp, config, hf_config, len(shards), weight_map, total, tokenizer_path, tokenizer,
-                         eos_token_id, bos_token_id)
+                         eos_token_id, bos_token_id, generation_config, chat_template)
             for name, text in (extra_files or {}).items():
                 with open(os.path.join(tmp, name), "w") as f:
                     f.write(text)
@@ -127,12 +131,14 @@ def export_hf(config: ModelConfig, params_state, out_dir: str, tokenizer_path: s
 
 
 def _write_files(tmp, config, hf_config, n_shards, weight_map, total, tokenizer_path, tokenizer, eos_token_id,
-                 bos_token_id):
-    """Everything beside the shards: index, config, generation config, tokenizer."""
+                 bos_token_id, generation_config, chat_template):
+    """Everything beside the shards: index, config, generation config, tokenizer, chat template."""
     if n_shards > 1:
         _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
     _write_json(os.path.join(tmp, "config.json"), hf_config)
-    generation = {"_from_model_config": False, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    generation = dict(generation_config or {"_from_model_config": False})
+    generation.update({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id))
+                       if v is not None})
     _write_json(os.path.join(tmp, "generation_config.json"), generation)
     if tokenizer_path is not None or tokenizer is not None:
         tok_out = os.path.join(tmp, "tokenizer.json")
@@ -143,8 +149,10 @@ def _write_files(tmp, config, hf_config, n_shards, weight_map, total, tokenizer_
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(tok_out)
         first_eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
-        _write_json(os.path.join(tmp, "tokenizer_config.json"),
-                    _tokenizer_config(tok, first_eos, bos_token_id, config.mask_token_id))
+        tok_config = _tokenizer_config(tok, first_eos, bos_token_id, config.mask_token_id)
+        if chat_template is not None:
+            tok_config["chat_template"] = chat_template
+        _write_json(os.path.join(tmp, "tokenizer_config.json"), tok_config)
 
 
 def _write_json(path: str, value):

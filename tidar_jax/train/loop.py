@@ -281,6 +281,18 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh, data_dir: str | None = Non
     return mcfg, jax.device_put(params, param_shardings(abstract, mesh))
 
 
+def init_serving_record(source: str) -> dict | None:
+    """What a server reads beside the weights (chat template, generation settings, EOS ids, context length), as
+    ``model.init_from`` carries it: the run keeps it, so that the export of the trained run writes it."""
+    from tidar_jax.loading import serving_record
+
+    try:
+        return serving_record(source)
+    except Exception as e:  # a bad chat template or generation config: one line naming the path
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model.init_from={source!r}: {reason}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,9 +383,10 @@ def _setup(cfg: TrainConfig, run_dir: str, show_progress: bool, t_start: float) 
     mesh_shape = resolve_mesh_shape(cfg.mesh, jax.device_count())
     check_mesh(cfg, mesh_shape)
     mesh = make_mesh(*mesh_shape)
-    init_params = None
+    init_params, serving = None, None
     if cfg.model.init_from:
         mcfg, init_params = load_init(cfg, manifest, mesh, data_dir)
+        serving = init_serving_record(cfg.model.init_from)
     else:
         mcfg = build_model_config(cfg, manifest)
     check_block_alignment(cfg, mcfg.block_size)
@@ -386,7 +399,8 @@ def _setup(cfg: TrainConfig, run_dir: str, show_progress: bool, t_start: float) 
     os.makedirs(run_dir, exist_ok=True)
     if main:  # run-dir files next to the checkpoints (the resolved config is also in every checkpoint's meta)
         ck.write_run_files(
-            run_dir, CheckpointMeta(mcfg, eos_token_ids=eos_tuple(manifest.get("eos_token_id"))), dump_yaml(cfg),
+            run_dir, CheckpointMeta(mcfg, eos_token_ids=eos_tuple(manifest.get("eos_token_id")), hf=serving),
+            dump_yaml(cfg),
             {k: manifest.get(k) for k in ("fingerprint", "vocab_size", "eos_token_id", "mask_token_id", "dtype",
                                           "splits")} | {"data_dir": data_dir},
             os.path.join(data_dir, "tokenizer.json"))
