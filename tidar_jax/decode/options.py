@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from tidar_jax.config import check_block_size
+from tidar_jax.config import CACHE_ATTENTION, DEFAULT_BLOCK_SIZE, check_block_size
 
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
 HEADS = ("selective", "one_pass")
-CACHE_ATTENTION = ("auto", "paged", "fused", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -45,12 +44,12 @@ class DecodeOptions:
         ``cache_page`` slots up to the longest live row, no per-layer copy of the cache; a loop with a
         data-dependent trip count), "fused" (``tidar_jax.attention.fused_cache``: one fixed-shape split-K kernel
         per layer that skips the slots past each row's live length; GPU, Pallas interpret mode elsewhere),
-        "dense" (concatenate the whole allocated cache with the step's keys under a dense mask; the reference
-        path) or "auto" (per platform, ``tidar_jax.attention.CACHE_AUTO``: fused on GPU, paged elsewhere).
+        "dense" (the whole allocated cache and the step's keys under a materialised mask, attended by the
+        reference kernel: the reference path) or "auto" (per platform: ``tidar_jax.attention.choice`` decides).
     """
 
     mode: str = "tidar"
-    block_size: int = 4
+    block_size: int = DEFAULT_BLOCK_SIZE
     beta: float = 1.0
     slot0: str = "verifier"
     temperature: float = 0.0
