@@ -34,10 +34,12 @@ from benchmarks import ROOT, cli
 from benchmarks.cli import fail
 from benchmarks.presets import PRESETS
 from tidar_jax import masks
+from tidar_jax.checkpoint import atomic
 from tidar_jax.checkpoint import InferenceBundle
 from tidar_jax.config import ConfigError, ModelConfig
 from tidar_jax.model import KVCache
 from tidar_jax.presets import MODEL_SHAPES, PAPER_DECODE
+from tidar_jax.train.flops import model_flops
 
 
 RANDOM_MODEL_WARNING = (
@@ -276,27 +278,12 @@ def heldout_prompts(cfg: ModelConfig, data_dir: str | None, count: int, length: 
 # Result files (written atomically: temp file beside the target, then rename)
 # ------------------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "w"):
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(path: str, value) -> str:
-    return _atomic_write(path, lambda f: (json.dump(value, f, indent=2, default=_jsonable), f.write("\n")))
+    return atomic.write_json(path, value, default=_jsonable)
 
 
 def write_text(path: str, text: str) -> str:
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic.write_text(path, text)
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> str:
@@ -308,7 +295,7 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> str:
         w.writeheader()
         w.writerows(rows)
 
-    return _atomic_write(path, write)
+    return atomic.write_file(path, write)
 
 
 def _jsonable(x):
@@ -324,7 +311,7 @@ def _jsonable(x):
 # ---- the accelerator suite's sizes, budget and figures ----
 
 SCHEMA_VERSION = 1
-from benchmarks.accelerator.options import SECTIONS,F401
+from benchmarks.accelerator.options import SECTIONS  # noqa: F401 (the suite re-exports it)
 # share of the budget still unspent that a section may use (divided by the shares of it and the sections after it)
 SHARES = {"trained_speedup": 0.40, "free_slots": 0.20, "roofline": 0.06, "train_throughput": 0.12,
           "attention_kernels": 0.08, "decode_step": 0.14}
@@ -475,28 +462,6 @@ def kv_bytes(cfg: ModelConfig, slots: int, itemsize: int) -> int:
     return int(2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim * itemsize)
 
 
-def visible_pairs(seq_len: int, block_size: int, objective: str) -> int:
-    """(query, key) pairs the training mask allows: causal S(S+1)/2 (AR), plus for TiDAR each mask block of B
-    rows seeing its own B masks and the b*B clean tokens before it."""
-    causal = seq_len * (seq_len + 1) // 2
-    if objective == "ar":
-        return causal
-    blocks = seq_len // block_size
-    return causal + seq_len * block_size + block_size * block_size * blocks * (blocks - 1) // 2
-
-
-def train_step_flops(cfg: ModelConfig, seq_len: int, batch: int, objective: str) -> int:
-    """Model FLOPs of one train step (forward + backward = 3 x forward; remat recomputation not counted):
-    2 per multiply-add of every matmul weight for every token through the model (2S for TiDAR, S for AR; the LM
-    head on all of them), plus 4 * heads * head_dim per visible (query, key) pair and layer (QK^T and PV)."""
-    tokens = 2 * seq_len if objective == "tidar" else seq_len
-    d, hd = cfg.hidden_size, cfg.head_dim
-    layer_matmul = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * cfg.mlp_size
-    matmul = 2 * batch * tokens * (cfg.num_layers * layer_matmul + d * cfg.vocab_size)
-    attention = 4 * batch * cfg.num_layers * cfg.num_heads * hd * visible_pairs(seq_len, cfg.block_size, objective)
-    return int(3 * (matmul + attention))
-
-
 def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
     return None if not peak or seconds <= 0 else flops / seconds / peak
 
@@ -633,3 +598,50 @@ def qwen_config(name: str, sizes: Sizes, **overrides) -> ModelConfig:
     shape = sizes.shapes[name]
     return ModelConfig(**{**shape, "dtype": "bfloat16", "param_dtype": "bfloat16", "mask_token_id": 1,
                           "block_size": 16, **overrides})
+
+
+# ---- inputs of one forward over a KV cache (the free-slot profilers and the roofline) ----
+
+def random_cache(cfg: ModelConfig, batch: int, context: int, seed: int) -> KVCache:
+    """A cache with ``context`` visible slots of random K/V (the values do not change the cost)."""
+    shape = (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(random_array(shape, cfg.dtype, seed), random_array(shape, cfg.dtype, seed + 1),
+                   jnp.full((batch,), context, jnp.int32))
+
+
+def plain_inputs(cfg: ModelConfig, batch: int, context: int, q: int, rng):
+    """[cache of ``context`` | q new tokens], causal among the new tokens, LM head on all q rows."""
+    tokens = rng.integers(0, cfg.vocab_size, (batch, q)).astype(np.int32)
+    positions = np.broadcast_to(context + np.arange(q, dtype=np.int32), (batch, q))
+    causal = np.tril(np.ones((q, q), bool))
+    mask = np.broadcast_to(np.concatenate([np.ones((q, context), bool), causal], axis=1), (batch, q, context + q))
+    rows = np.broadcast_to(np.arange(q, dtype=np.int32), (batch, q))
+    return tokens, positions, mask, rows
+
+
+def head_rows(block: int, beta: float = 1.0) -> int:
+    """LM-head rows of one engine step: the B draft rows + group k's B slots (+ B group slot-0 rows if beta<1)."""
+    return 3 * block if beta != 1.0 else 2 * block
+
+
+def step_inputs(cfg: ModelConfig, batch: int, context: int, block: int, rng, beta: float = 1.0):
+    """The decode engine's TiDAR step: B drafts + B groups of B masks, the decode mask, LM head on the engine's
+    rows (``head_rows``: which group does not change the cost)."""
+    drafts = rng.integers(0, cfg.vocab_size, (batch, block)).astype(np.int32)
+    tokens = np.concatenate([drafts, np.full((batch, block * block), cfg.mask_token_id, np.int32)], axis=1)
+    length = jnp.full((batch,), context, jnp.int32)
+    positions = np.asarray(masks.decode_positions(length, block))
+    mask = np.asarray(masks.decode_mask(length, block, context))
+    rows = np.arange(2 * block)
+    if beta != 1.0:
+        rows = np.concatenate([rows, (np.arange(block) + 1) * block])
+    return tokens, positions, mask, np.broadcast_to(rows.astype(np.int32), (batch, rows.size))
+
+
+def forward(graphdef, params, cache, tokens_NT, positions_NT, mask_NTS, rows_NX):
+    """Logits at ``rows`` of one forward over ``cache`` (stacked params or the decoder's per-layer buffers)."""
+    from tidar_jax.model import layer_major
+
+    model = layer_major.merge(graphdef, params)
+    hidden_NTE, _ = model.hidden(tokens_NT, positions_NT, mask_NTS, cache)
+    return model.logits(jnp.take_along_axis(hidden_NTE, rows_NX[:, :, None], axis=1))
