@@ -18,6 +18,7 @@ import os
 import sys
 
 from tidar_jax.cli import OneLineArgumentParser
+from tidar_jax.config import CACHE_ATTENTION, DEFAULT_BLOCK_SIZE
 
 COMPILED_RECOMMENDATION = "<compiled>"  # --recommendation without a file: recommend from the compiled steps
 
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight/compute dtype, cast once at load (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                    help="KV-cache dtype (default: the compute dtype)")
-    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "dense"),
-                   help="decode-step cache attention (default auto: fused on GPU, paged elsewhere; docs/decode.md)")
+    p.add_argument("--cache-attention", default="auto", choices=CACHE_ATTENTION,
+                   help="decode-step cache attention (default auto: fused on GPU, paged elsewhere; dense: the "
+                        "reference kernel over the whole cache; docs/attention.md)")
     p.add_argument("--mesh", default=None,
                    help="data=D,fsdp=F,tensor=T: shard params and KV cache over D*F*T devices (default: one)")
     p.add_argument("--groups", default=None,
@@ -328,7 +330,7 @@ def run_plan(args) -> int:
     if (args.preset is None) == (args.hf_config is None):
         raise SystemExit("--plan needs exactly one of --preset (qwen2.5-1.5b, qwen3-8b) and --hf-config")
     for flag, value, low in (("--batch", args.batch, 1), ("--context", args.context, 1),
-                             ("--cache-page", args.cache_page, 1), ("--block-size", args.block_size or 16, 1)):
+                             ("--cache-page", args.cache_page, 1), ("--block-size", args.block_size or DEFAULT_BLOCK_SIZE, 1)):
         if value < low:
             raise SystemExit(f"{flag}={value}: must be an integer >= {low}")
     try:
@@ -337,7 +339,7 @@ def run_plan(args) -> int:
         from tidar_jax.analysis.decode_plan import compile_decode, format_plan, model_config_for_plan, plan_summary
 
         cfg = model_config_for_plan(args.preset, args.hf_config, args.dtype or "bfloat16")
-        block = args.block_size or cfg.block_size or 16
+        block = args.block_size or cfg.block_size or DEFAULT_BLOCK_SIZE
         mesh = parse_mesh(args.mesh) if args.mesh else {"data": 1, "fsdp": 1, "tensor": 1}
         shape = (mesh["data"], mesh["fsdp"], mesh["tensor"])
         if shape[0] * shape[1] * shape[2] > len(devices):

@@ -1,6 +1,6 @@
-"""The benchmark scripts (docs/benchmarks.md), an importable package so they share code by plain imports.
+"""The benchmark scripts (docs/benchmarks.md), a package so they share code by plain imports.
 
-Run one from the repository root as ``python -m benchmarks.<name>`` or, as documented, ``python benchmarks/<name>.py``.
+Run one from the repository root as ``python -m benchmarks.<name>``.
 """
 
 import os

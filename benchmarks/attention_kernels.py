@@ -25,15 +25,12 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tidar_jax import attention, masks, targets  # noqa: E402
-from tidar_jax.attention import gpu_choice, pallas_gpu  # noqa: E402
+from tidar_jax import attention, masks, targets
+from tidar_jax.attention import choice, pallas_gpu
 
 GPU_KERNELS = ("pallas_gpu", "cudnn", "blockwise")
 SHAPES = ((2048, 16), (4096, 16))  # (S, block)
@@ -123,11 +120,11 @@ def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dt
 
 def rank(chips, kernels=GPU_KERNELS, seq_len: int = 4096, block: int = 16, rows: int = 1) -> dict:
     """The cost model's estimate of each kernel's forward + backward (the section's ``fwd_bwd`` program) at the
-    1.5B attention shape, compiled deviceless for each chip: the ``gpu_choice`` ranking record. A kernel that does
+    1.5B attention shape, compiled deviceless for each chip: the ``choice`` ranking record. A kernel that does
     not compile there (cudnn without cuDNN installed) gets the reason instead of a time."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from tidar_jax.attention import gpu_choice
+    from tidar_jax.attention import choice
     from tidar_jax.analysis.cost_model import estimate
     from tidar_jax.analysis.hlo import HloProgram
 
@@ -158,7 +155,7 @@ def rank(chips, kernels=GPU_KERNELS, seq_len: int = 4096, block: int = 16, rows:
              "head_dim": HEAD_DIM, "dtype": "bfloat16", "program": "forward + backward (fwd_bwd)",
              # cudnn compiles only where cuDNN is importable (docs/attention.md: not in the requirements)
              "cudnn_importable": importlib.util.find_spec("nvidia.cudnn") is not None}
-    return gpu_choice.ranking_record(estimates, "python -m benchmarks.attention_kernels --rank " + " ".join(chips),
+    return choice.ranking_record(estimates, "python -m benchmarks.attention_kernels --rank " + " ".join(chips),
                                      shape, assumptions)
 
 
@@ -238,7 +235,7 @@ def measured_order(section: dict, chip: str | None) -> tuple[str, ...] | None:
         total = {k: sum(t[s] for s in common) for k, t in times.items()}
     ran = tuple(sorted(total, key=total.get))
     failed -= set(ran)
-    rest = tuple(k for k in gpu_choice.FALLBACK if k not in ran and k not in failed)
+    rest = tuple(k for k in choice.GPU_FALLBACK if k not in ran and k not in failed)
     return ran + rest + tuple(sorted(failed))
 
 
@@ -273,28 +270,28 @@ def main(argv=None) -> int:
                         "device into tidar_jax/attention/gpu_ranking.json, for its chip")
     args = p.parse_args(argv)
     if args.record_measured:
-        from tidar_jax.attention import gpu_choice
+        from tidar_jax.attention import choice
 
         with open(args.record_measured) as f:
             section = _section(json.load(f))
         if section is None or not measured_order(section, section.get("chip")):
             raise SystemExit(f"--record-measured {args.record_measured!r}: no attention section that ran a kernel "
                              "on a listed chip")
-        with open(gpu_choice.RANKING_FILE) as f:
+        with open(choice.RANKING_FILE) as f:
             record = json.load(f)
         command = "python -m benchmarks.attention_kernels --record-measured " + os.path.basename(args.record_measured)
-        gpu_choice.write_ranking(record_measurement(record, section, command))
+        choice.write_ranking(record_measurement(record, section, command))
         print(json.dumps(record_measurement(record, section, command)["chips"][section["chip"]], indent=1))
         return 0
     if args.rank:
-        from tidar_jax.attention import gpu_choice
+        from tidar_jax.attention import choice
 
         bad = [c for c in args.rank if c not in targets.CHIPS or targets.CHIPS[c].platform != "gpu"]
         if bad:
             raise SystemExit(f"--rank {bad[0]!r}: must be among "
                              f"{', '.join(c for c, chip in targets.CHIPS.items() if chip.platform == 'gpu')}")
         record = rank(args.rank)
-        gpu_choice.write_ranking(record)
+        choice.write_ranking(record)
         print(json.dumps(record["chips"], indent=1))
         return 0
     if not args.out:

@@ -1,6 +1,6 @@
 """AR decode step time vs the memory-bandwidth bound.
 
-    python benchmarks/bandwidth.py --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
+    python -m benchmarks.bandwidth --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
 
 Measured in one interleaved run (jitted, batch 1):
   * copy bandwidth: ``y = x + 1`` over a large float32 array (bytes read + bytes written per second), and read
@@ -19,19 +19,15 @@ from __future__ import annotations
 import os
 from functools import partial
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+from benchmarks import common as bc
+from benchmarks import cli
 
-from benchmarks import bench_common as bc  # noqa: E402
-from benchmarks import cli  # noqa: E402
-from benchmarks import free_slots as fs  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from tidar_jax.model import layer_major  # noqa: E402
+from tidar_jax.model import layer_major
 
 DEFAULTS = {"contexts": "256,1024,4096", "copy_mib": 512, "rounds": 15, "preset": "m38", "new_tokens": 64}
 QUICK = {"contexts": "64,512", "copy_mib": 128, "rounds": 5, "preset": "small", "new_tokens": 24}
@@ -81,12 +77,12 @@ def main(argv=None) -> dict:
 
     cands = {"copy": copy_step, "read": partial(read, x)}
 
-    fwd = jax.jit(partial(fs._forward, bundle.graphdef))
+    fwd = jax.jit(partial(bc.forward, bundle.graphdef))
     decode_params = layer_major.to_layer_major(bundle.params)  # the layout the decoder runs
     rng = np.random.default_rng(args.seed)
     for context in args.contexts:
-        inputs = [jnp.asarray(a) for a in fs.plain_inputs(cfg, context, 1, rng)]
-        cands[f"ar_step/L={context}"] = partial(fwd, decode_params, fs.random_cache(cfg, context, args.seed), *inputs)
+        inputs = [jnp.asarray(a) for a in bc.plain_inputs(cfg, 1, context, 1, rng)]
+        cands[f"ar_step/L={context}"] = partial(fwd, decode_params, bc.random_cache(cfg, 1, context, args.seed), *inputs)
 
     from tidar_jax.decode import Decoder
     dec = Decoder.from_bundle(bundle)

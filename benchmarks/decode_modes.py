@@ -1,6 +1,6 @@
 """TiDAR vs our own AR decode: block sizes x batch sizes x {lossless, trust-diff}, all interleaved in one run.
 
-    python benchmarks/decode_modes.py --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
+    python -m benchmarks.decode_modes --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
 
 Modes (greedy): "lossless" = beta 1, slot0 "verifier" (output identical to greedy AR); "trust-diff" = beta 0,
 slot0 "diffusion" (the authors' default: the verifier is the diffusion slot-0 logits and the next block starts with
@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import os
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
-
-from benchmarks import bench_common as bc  # noqa: E402
-from benchmarks import cli  # noqa: E402
+from benchmarks import common as bc
+from benchmarks import cli
 
 MODES = {"lossless": dict(beta=1.0, slot0="verifier"), "trust-diff": dict(beta=0.0, slot0="diffusion")}
 DEFAULTS = {"blocks": "4,8,16", "batches": "1,4", "rounds": 5, "new_tokens": 64, "prompt_len": 64, "preset": "m38"}

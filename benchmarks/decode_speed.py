@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Decode speed: AR vs TiDAR (B = 2, 4, 8, 16) at batch 1 and 4, interleaved, plus the selective LM-head saving.
 
-    python benchmarks/decode_speed.py --checkpoint CKPT          # a real checkpoint
-    python benchmarks/decode_speed.py                            # a RANDOM model (accepts ~nothing: T/NFE ~ 1)
+    python -m benchmarks.decode_speed --checkpoint CKPT          # a real checkpoint
+    python -m benchmarks.decode_speed                            # a RANDOM model (accepts ~nothing: T/NFE ~ 1)
 
 Every configuration is compiled first; then rounds run all configurations in turn (interleaved), so machine
 noise hits them alike, and ratios are taken between medians of the same run. Writes
@@ -19,12 +19,9 @@ import statistics
 import sys
 import time
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import ROOT, cli
 
 
 def parse_ints(text):
@@ -106,7 +103,8 @@ def load(args):
 
     heads = max(args.hidden // 64, 1)
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
-                      num_kv_heads=max(heads // 2, 1), mlp_size=3 * args.hidden, mask_token_id=args.vocab - 1)
+                      num_kv_heads=max(heads // 2, 1), mlp_size=3 * args.hidden, mask_token_id=args.vocab - 1,
+                      block_size=4)
     if args.toy_train_steps:
         label = (f"TOY model trained {args.toy_train_steps} steps (TiDAR loss, block 4) on arithmetic sequences, "
                  f"prompts from the same law: an easy task, so acceptance is far higher than on real text; "

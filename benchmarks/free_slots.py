@@ -1,7 +1,7 @@
 """Free-token-slot profiler: forward latency vs number of query tokens at several context lengths, and the draft
 block size that maximises expected tokens/s for a given checkpoint.
 
-    python benchmarks/free_slots.py --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
+    python -m benchmarks.free_slots --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
 
 What is timed (batch 1, ``jax.jit`` over the params state, interleaved round-robin after a warm-up):
   * "plain" rows: one forward over ``[KV cache filled to L | Q new tokens]`` (cache fully visible, causal among the
@@ -25,20 +25,17 @@ from __future__ import annotations
 import os
 from functools import partial
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+from benchmarks import common as bc
+from benchmarks import cli
 
-from benchmarks import bench_common as bc  # noqa: E402
-from benchmarks import cli  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.decode import engine  # noqa: E402
-from tidar_jax.decode.options import DecodeOptions  # noqa: E402
-from tidar_jax.model import KVCache, layer_major  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.decode import engine
+from tidar_jax.decode.options import DecodeOptions
+from tidar_jax.model import KVCache, layer_major
 
 DEFAULTS = {"contexts": "256,1024,4096", "max_query": 512, "blocks": "2,4,8,16", "rounds": 15, "preset": "m38",
             "prompts": 4, "new_tokens": 64, "prompt_len": 64}
@@ -51,59 +48,17 @@ TINY = {"contexts": "16", "max_query": 2, "blocks": "2", "rounds": 2, "preset": 
 query_grid = bc.query_grid  # the curve's x axis, shared with the accelerator suite
 
 
-def head_rows(block: int, beta: float) -> int:
-    """LM-head rows of one engine step: the B draft rows + group k's B slots (+ B group slot-0 rows if beta<1)."""
-    return 3 * block if beta != 1.0 else 2 * block
-
-
-def random_cache(cfg, context: int, seed: int) -> KVCache:
-    """A cache of ``context`` visible slots with random K/V (the values do not change the cost)."""
-    shape = (cfg.num_layers, 1, context, cfg.num_kv_heads, cfg.head_dim)
-    kk, kv = jax.random.split(jax.random.key(seed))
-    dt = jnp.dtype(cfg.dtype)
-    return KVCache(jax.random.normal(kk, shape, dt), jax.random.normal(kv, shape, dt),
-                   jnp.full((1,), context, jnp.int32))
-
-
-def _forward(graphdef, params, cache, tokens_1T, positions_1T, mask_1TS, rows_1X):
-    model = layer_major.merge(graphdef, params)  # stacked params or the decoder's per-layer buffers
-    hidden_1TE, _ = model.hidden(tokens_1T, positions_1T, mask_1TS, cache)
-    return model.logits(jnp.take_along_axis(hidden_1TE, rows_1X[:, :, None], axis=1))
-
-
-def plain_inputs(cfg, context: int, q: int, rng):
-    tokens = rng.integers(0, cfg.vocab_size, (1, q)).astype(np.int32)
-    positions = (context + np.arange(q, dtype=np.int32))[None]
-    causal = np.tril(np.ones((q, q), bool))
-    mask = np.concatenate([np.ones((q, context), bool), causal], axis=1)[None]
-    return tokens, positions, mask, np.arange(q, dtype=np.int32)[None]
-
-
-def step_inputs(cfg, context: int, block: int, beta: float, rng):
-    q = block * (block + 1)
-    drafts = rng.integers(0, cfg.vocab_size, (1, block)).astype(np.int32)
-    tokens = np.concatenate([drafts, np.full((1, block * block), cfg.mask_token_id, np.int32)], axis=1)
-    length = jnp.full((1,), context, jnp.int32)
-    positions = np.asarray(masks.decode_positions(length, block))
-    mask = np.asarray(masks.decode_mask(length, block, context))
-    rows = np.arange(2 * block)  # the B draft rows + one group's B slots (which group does not change the cost)
-    if beta != 1.0:
-        rows = np.concatenate([rows, (np.arange(block) + 1) * block])
-    assert rows.size == head_rows(block, beta) and tokens.shape[1] == q
-    return tokens, positions, mask, rows.astype(np.int32)[None]
-
-
 def build_candidates(bundle, contexts, queries, blocks, beta, seed):
     """name -> (zero-arg callable, row description) for every timed forward."""
     cfg = bundle.config
-    fwd = jax.jit(partial(_forward, bundle.graphdef))
+    fwd = jax.jit(partial(bc.forward, bundle.graphdef))
     decode_params = layer_major.to_layer_major(bundle.params)  # the layout the decoder runs
     rng = np.random.default_rng(seed)
     cands, meta = {}, {}
     for context in contexts:
-        cache = random_cache(cfg, context, seed)
-        specs = [("plain", q, None, plain_inputs(cfg, context, q, rng)) for q in queries]
-        specs += [("tidar_step", b * (b + 1), b, step_inputs(cfg, context, b, beta, rng)) for b in blocks]
+        cache = bc.random_cache(cfg, 1, context, seed)
+        specs = [("plain", q, None, bc.plain_inputs(cfg, 1, context, q, rng)) for q in queries]
+        specs += [("tidar_step", b * (b + 1), b, bc.step_inputs(cfg, 1, context, b, rng, beta)) for b in blocks]
         for kind, q, block, inputs in specs:
             args = [jnp.asarray(a) for a in inputs]
             name = f"{kind}/L={context}/Q={q}"

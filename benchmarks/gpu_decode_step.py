@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The decode step measured on the device it runs on, beside the cost model's estimate of the same compiled
-program (issue 22): AR and TiDAR at B = 4, 8, 16 for batch 1 and 8 and contexts 1024 and 4096, at the Qwen2.5-1.5B
+program: AR and TiDAR at B = 4, 8, 16 for batch 1 and 8 and contexts 1024 and 4096, at the Qwen2.5-1.5B
 and Qwen3-8B shapes (random weights: a step's time does not depend on their values).
 
 Each case builds the engine's step (per-layer weights, ``cache_attention="auto"``, the state donated and fed back
@@ -8,7 +8,7 @@ as the decode loop does) with a cache whose rows are live up to the context, tim
 cases of the same model, and, where the device is a known chip (``tidar_jax.targets.CHIPS`` by device kind), puts
 ``tidar_jax.analysis.cost_model.estimate`` of that very compiled step beside the time.
 
-    python benchmarks/gpu_decode_step.py [--presets qwen2.5-1.5b,qwen3-8b] [--rounds 20] [--out benchmarks/results]
+    python -m benchmarks.gpu_decode_step [--presets qwen2.5-1.5b,qwen3-8b] [--rounds 20] [--out benchmarks/results]
 
 Writes ``gpu_decode_step.json``. On CPU it runs (tests use ``--presets tiny``); its numbers mean nothing there.
 """
@@ -18,18 +18,15 @@ from __future__ import annotations
 import os
 from functools import partial
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+from benchmarks import common as bc
+from benchmarks import cli
 
-from benchmarks import bench_common as bc  # noqa: E402
-from benchmarks import cli  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from tidar_jax.decode import engine  # noqa: E402
-from tidar_jax.decode.options import DecodeOptions  # noqa: E402
-from tidar_jax.model import KVCache, layer_major  # noqa: E402
+from tidar_jax.decode import engine
+from tidar_jax.decode.options import DecodeOptions
+from tidar_jax.model import KVCache, layer_major
 
 
 

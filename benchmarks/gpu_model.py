@@ -2,7 +2,7 @@
 """ESTIMATES of the code as it stands on NVIDIA GPUs: the cost model (tidar_jax/analysis/cost_model.py) applied to
 the programs XLA:GPU compiles here for an H100 (deviceless: no GPU is used or needed).
 
-    nice -n 10 python benchmarks/gpu_model.py [--shapes qwen2.5-1.5b qwen3-8b] [--no-train] [--no-decode]
+    nice -n 10 python -m benchmarks.gpu_model [--shapes qwen2.5-1.5b qwen3-8b] [--no-train] [--no-decode]
 
 * train: the real train step of configs/qwen2.5-1.5b-tidar.yaml and configs/qwen3-8b-tidar.yaml on ``h100x8``
   (``train.py --plan --target h100x8``): XLA:GPU's memory per device, the estimated step time and MFU, launches
@@ -26,12 +26,9 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+from benchmarks import cli
 
-from benchmarks import cli  # noqa: E402
-
-from tidar_jax.presets import PAPER_DECODE as PAPER  # noqa: E402 -- jax-free: the paper's T/NFE and speedups
+from tidar_jax.presets import PAPER_DECODE as PAPER  # jax-free: the paper's T/NFE and speedups
 
 TRAIN_CONFIGS = {"qwen2.5-1.5b": "configs/qwen2.5-1.5b-tidar.yaml", "qwen3-8b": "configs/qwen3-8b-tidar.yaml"}
 CHIPS_ESTIMATED = ("h100", "h200")
@@ -254,7 +251,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    result = {"command": "python benchmarks/gpu_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python -m benchmarks.gpu_model " + " ".join(argv if argv is not None else sys.argv[1:]),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "estimates_not_measurements": True,
               "chips": {c: {k: v for k, v in vars(CHIPS[c]).items() if not isinstance(v, tuple)}
                         for c in CHIPS_ESTIMATED}}

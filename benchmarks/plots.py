@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from tidar_jax.checkpoint import atomic
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic.write_file(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
+                                 binary=True)
+    finally:
+        plt.close(fig)
 
 
 def latency_curve(rows: list[dict], recommendation: dict, path: str, stat: str = "p25") -> str:

@@ -1,7 +1,7 @@
 """Corpus preparation throughput and memory: ``prepare_corpus`` with N workers vs ``tokenizers``' own batch encode.
 
-    python benchmarks/prepare.py                      # 64 MB generated corpus, 2 workers, 2 interleaved rounds
-    python benchmarks/prepare.py --mb 1024 --rounds 1 # the 1 GB peak-RSS row (slow: run it once)
+    python -m benchmarks.prepare                      # 64 MB generated corpus, 2 workers, 2 interleaved rounds
+    python -m benchmarks.prepare --mb 1024 --rounds 1 # the 1 GB peak-RSS row (slow: run it once)
 
 The corpus is the stdlib text (the default corpus) repeated with varied names (``def f`` -> ``def v{k}_f``) as JSONL
 files of one copy each. One tokenizer (a 4096-token BPE trained on the stdlib) is used by both candidates:
@@ -23,10 +23,7 @@ import sys
 import tempfile
 import time
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
-
-from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import ROOT, cli
 
 
 def _machine():
@@ -159,7 +156,7 @@ def main(argv=None) -> int:
                   "workers": args.workers, "rounds": rounds,
                   "ratio_tokenizers_over_prepare": best["tokenizers"] / best["prepare"],
                   "peak_rss_mb": max(r["prepare"]["peak_rss_mb"] for r in rounds),
-                  "command": "python benchmarks/prepare.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                  "command": "python -m benchmarks.prepare " + " ".join(argv if argv is not None else sys.argv[1:])}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
             json.dump(result, f, indent=2)

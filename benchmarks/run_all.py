@@ -1,6 +1,6 @@
 """Run the whole benchmark suite in one command and write ``summary.json`` / ``summary.md`` (+ the PNG plots).
 
-    python benchmarks/run_all.py [--checkpoint RUN_DIR] [--quick] [--out benchmarks/results]
+    python -m benchmarks.run_all [--checkpoint RUN_DIR] [--quick] [--out benchmarks/results]
 
 Each benchmark is its own script (run here as a subprocess, so one failing does not stop the others; its output is
 kept in ``OUT/logs/<name>.log``) and writes its own JSON into ``--out``; this script collects the headline figures.
@@ -19,11 +19,8 @@ import subprocess
 import sys
 import time
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
-
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RUN = os.path.join(ROOT, "runs", "tiny")
@@ -81,7 +78,8 @@ def run_step(step: dict, out: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks." + os.path.splitext(step["script"])[0], *step["args"]]
     log_path = os.path.join(out, "logs", f"{step['name']}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    print(f"\n=== {step['name']}: {' '.join(['python', os.path.relpath(script, ROOT), *step['args']])}", flush=True)
+    shown = " ".join(["python", "-m", cmd[2], *step["args"]])
+    print(f"\n=== {step['name']}: {shown}", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -90,7 +88,7 @@ def run_step(step: dict, out: str) -> dict:
             log.write(line)
         rc = proc.wait()
     status = {"status": "ok" if rc == 0 else "failed", "exit_code": rc, "wall_s": time.perf_counter() - t0,
-              "command": " ".join(["python", os.path.relpath(script, ROOT), *step["args"]]),
+              "command": shown,
               "log": os.path.relpath(log_path, out)}
     path = os.path.join(out, step["json"])
     if rc == 0 and os.path.isfile(path):
@@ -305,7 +303,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.run_all " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.checkpoint is None:
         print(bc.RANDOM_MODEL_WARNING, flush=True)
     load_start = bc.load_average()

@@ -4,14 +4,14 @@
 Both steps are compiled first, then timed interleaved (TiDAR, AR, TiDAR, AR, ...) so machine noise hits both
 alike; the ratio comes from one run.  Writes ``benchmarks/results/train_step.{json,md}``.
 
-    python benchmarks/train_step.py                       # the tiny preset's model, batch and S
-    python benchmarks/train_step.py --rounds 5 model.num_layers=1 data.seq_len=32   # smoke size
+    python -m benchmarks.train_step                       # the tiny preset's model, batch and S
+    python -m benchmarks.train_step --rounds 5 model.num_layers=1 data.seq_len=32   # smoke size
 
 Kernel sweep (``--kernels``): for each S of ``--seq-lens``, every (kernel, objective) candidate is compiled, then
 all are timed interleaved round by round; ``blockwise@256`` names the blockwise kernel with 256x256 tiles. Also
 reports the fraction of attention tiles the blockwise kernel visits. Writes ``train_step_kernels.{json,md}``:
 
-    python benchmarks/train_step.py --kernels reference,blockwise --seq-lens 512,1024,2048 --rounds 3 \
+    python -m benchmarks.train_step --kernels reference,blockwise --seq-lens 512,1024,2048 --rounds 3 \
         model.hidden_size=128 model.num_layers=2 model.num_heads=4 model.num_kv_heads=2 model.mlp_size=384 \
         model.vocab_size=256 model.block_size=16 data.global_batch=1 mesh.data=1
 """
@@ -25,12 +25,10 @@ import platform
 import sys
 import time
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks import ROOT, cli  # noqa: E402
+from benchmarks import ROOT, cli
+from tidar_jax.checkpoint import atomic
 
 
 def main(argv=None) -> int:
@@ -217,13 +215,10 @@ def kernel_sweep(args) -> int:
                       f"{r['ar']['median_s'] * 1e3:.0f} | **{r['ratio_tidar_over_ar']:.2f}x** | "
                       f"{r['tidar']['tokens_per_s']:,.0f} | {r['ar']['tokens_per_s']:,.0f} | {frac} |")
         md += ["", "Medians over the rounds; tokens/s counts the S clean tokens of each sequence for both objectives.",
-               "Command: `python benchmarks/train_step.py " + " ".join(sys.argv[1:]) + "`", ""]
+               "Command: `python -m benchmarks.train_step " + " ".join(sys.argv[1:]) + "`", ""]
         stem = "train_step_kernels" + (f"_{args.tag}" if args.tag else "")
         for name, text in ((stem + ".json", json.dumps(result, indent=2)), (stem + ".md", "\n".join(md))):
-            tmp = os.path.join(args.out, name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(args.out, name))
+            atomic.write_text(os.path.join(args.out, name), text)
         if final:
             print("\n".join(md))
 

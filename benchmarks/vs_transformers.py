@@ -1,7 +1,7 @@
 """Our AR and TiDAR decode vs Hugging Face transformers ``generate`` (PyTorch, CPU) on the *exported* weights of
 the same checkpoint, timed interleaved in one run, plus whether the greedy outputs agree.
 
-    python benchmarks/vs_transformers.py --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
+    python -m benchmarks.vs_transformers --checkpoint RUN_DIR [--quick] [--out benchmarks/results]
 
 The checkpoint is exported with ``tidar_jax.hf.export_hf`` (float32) into a temporary directory and loaded with
 ``AutoModelForCausalLM.from_pretrained`` (float32, ``--attn`` sdpa|eager). torch uses as many threads as XLA's CPU
@@ -15,13 +15,10 @@ from __future__ import annotations
 import os
 import tempfile
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+from benchmarks import common as bc
+from benchmarks import cli
 
-from benchmarks import bench_common as bc  # noqa: E402
-from benchmarks import cli  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 DEFAULTS = {"batch": 1, "prompt_len": 64, "new_tokens": 64, "rounds": 5, "preset": "m38"}
 QUICK = {"batch": 1, "prompt_len": 32, "new_tokens": 32, "rounds": 3, "preset": "small"}

@@ -1,4 +1,4 @@
-"""``model.attention=auto`` on a GPU (``tidar_jax.attention.gpu_choice``): it follows the recorded ranking that
+"""``model.attention=auto`` on a GPU (``tidar_jax.attention.choice``): it follows the recorded ranking that
 ships with the package for the chip being built for (the cost model's, or a lent device's measurement once it is
 taken into the table by ``benchmarks.attention_kernels --record-measured``; a results file in the checkout alone
 changes nothing), else the fixed order; the chip comes from the deviceless target (or the local GPU), and so do
@@ -12,7 +12,7 @@ import os
 import pytest
 
 from tidar_jax import attention, targets
-from tidar_jax.attention import gpu_choice, pallas_gpu
+from tidar_jax.attention import choice, pallas_gpu
 
 H100_KIND = targets.CHIPS["h100"].description
 
@@ -57,13 +57,13 @@ def test_auto_follows_a_recorded_measurement(tmp_path, monkeypatch):
             _row("blockwise", 2048, 0.003), _row("blockwise", 4096, 0.010),
             {"kernel": "cudnn", "seq_len": 2048, "error": "cuDNN could not build the graph"}]
     ranking = tmp_path / "gpu_ranking.json"
-    ranking.write_text(open(gpu_choice.RANKING_FILE).read())
-    monkeypatch.setattr(gpu_choice, "RANKING_FILE", str(ranking))
-    before = gpu_choice.preference("h100")
+    ranking.write_text(open(choice.RANKING_FILE).read())
+    monkeypatch.setattr(choice, "RANKING_FILE", str(ranking))
+    before = choice.preference("h100")
     path = _write_suite_results(tmp_path, "h100", H100_KIND, rows)
-    assert gpu_choice.preference("h100") == before  # a results file alone is never read
+    assert choice.preference("h100") == before  # a results file alone is never read
     _record(path, ranking)
-    order, source = gpu_choice.preference("h100")
+    order, source = choice.preference("h100")
     assert order == ("blockwise", "pallas_gpu", "cudnn") and source.startswith("measured on " + H100_KIND)
     assert _auto_for("h100x8") == "blockwise"
 
@@ -71,12 +71,12 @@ def test_auto_follows_a_recorded_measurement(tmp_path, monkeypatch):
         if r["kernel"] == "pallas_gpu":
             r["fwd_bwd_s"] /= 10
     _record(_write_suite_results(tmp_path, "h100", H100_KIND, rows), ranking)
-    assert gpu_choice.preference("h100")[0][0] == "pallas_gpu"
+    assert choice.preference("h100")[0][0] == "pallas_gpu"
     assert _auto_for("h100") == "pallas_gpu"
 
     # a chip the measurement did not cover keeps its recorded ranking (or the fixed order)
-    shipped = json.load(open(os.path.join(os.path.dirname(gpu_choice.__file__), "gpu_ranking.json")))
-    assert gpu_choice.preference("a100")[0] == (gpu_choice.ranked_order(shipped, "a100") or gpu_choice.FALLBACK)
+    shipped = json.load(open(os.path.join(os.path.dirname(choice.__file__), "gpu_ranking.json")))
+    assert choice.preference("a100")[0] == (choice.ranked_order(shipped, "a100") or choice.GPU_FALLBACK)
 
 
 def test_measurement_compares_the_lengths_every_kernel_ran(tmp_path):
@@ -89,23 +89,23 @@ def test_measurement_compares_the_lengths_every_kernel_ran(tmp_path):
 
 
 def test_auto_follows_the_cost_model_ranking_until_measured(tmp_path, monkeypatch):
-    record = gpu_choice.ranking_record({"h100": {"pallas_gpu": 0.02, "blockwise": 0.01, "cudnn": "no cuDNN"}},
+    record = choice.ranking_record({"h100": {"pallas_gpu": 0.02, "blockwise": 0.01, "cudnn": "no cuDNN"}},
                                        "test", {}, {"h100": "-"})
     ranking = tmp_path / "gpu_ranking.json"
-    gpu_choice.write_ranking(record, str(ranking))
-    monkeypatch.setattr(gpu_choice, "RANKING_FILE", str(ranking))
-    order, source = gpu_choice.preference("h100")
+    choice.write_ranking(record, str(ranking))
+    monkeypatch.setattr(choice, "RANKING_FILE", str(ranking))
+    order, source = choice.preference("h100")
     assert order == ("blockwise", "pallas_gpu") and source.startswith("cost model")
     assert _auto_for("h100") == "blockwise"
-    assert gpu_choice.preference("a100") == (gpu_choice.FALLBACK, gpu_choice.preference(None)[1])
-    assert _auto_for("a100") == gpu_choice.FALLBACK[0]
+    assert choice.preference("a100") == (choice.GPU_FALLBACK, choice.preference(None)[1])
+    assert _auto_for("a100") == choice.GPU_FALLBACK[0]
     with targets.compiling_for("gpu"):  # a platform, no chip: the fixed order
-        assert attention.resolve("auto") == gpu_choice.FALLBACK[0]
+        assert attention.resolve("auto") == choice.GPU_FALLBACK[0]
 
 
 def test_checked_in_ranking_orders_its_own_estimates():
     """``gpu_ranking.json`` is the --rank command's output: per chip the kernels with an estimate, fastest first."""
-    with open(gpu_choice.RANKING_FILE) as f:
+    with open(choice.RANKING_FILE) as f:
         record = json.load(f)
     assert record["command"].startswith("python -m benchmarks.attention_kernels --rank")
     for chip, entry in record["chips"].items():

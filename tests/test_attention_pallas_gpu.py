@@ -259,7 +259,7 @@ def compile_train_step(mesh, kernel, seq_len=256, layers=3):
 @pytest.mark.parametrize("kernel", ["blockwise", "pallas_gpu"])
 def test_train_step_has_no_loop_over_attention_tiles(h100_mesh, kernel):
     """The compiled H100 train step: ``blockwise`` scans its tile pairs (XLA ``while`` loops whose trip counts
-    are the schedule's pair counts: the GPU problem of issue 21); with ``pallas_gpu`` the only loops are the
+    are the schedule's pair counts: the problem on a GPU); with ``pallas_gpu`` the only loops are the
     layer scans (forward and backward, trip count = layers)."""
     from tidar_jax.attention import blockwise
 

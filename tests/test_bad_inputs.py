@@ -74,6 +74,24 @@ def test_train_data_dir_that_is_a_file(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]  # no run dir, no .partial corpus beside it
 
 
+def test_truncated_token_file_stops_train_and_leaves_no_run_dir(train_corpus, tmp_path, capsys):
+    """A damaged prepared corpus (a token file shorter than its manifest says) stops train.py with one line, and the
+    new run dir (with the recipe's ``phases/``) is not left behind."""
+    import shutil
+
+    import train
+
+    data = tmp_path / "data"
+    shutil.copytree(train_corpus, data)
+    token_file = next(p for p in sorted(data.iterdir()) if p.name.startswith("train-") and p.suffix == ".bin")
+    with open(token_file, "r+b") as f:
+        f.truncate(1000)
+    run = tmp_path / "runs" / "new"
+    one_line_exit(capsys, train.main, ["--run-dir", str(run), "--config", TINY, f"data.dir={data}"],
+                  "the data dir is damaged")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_prepare_corpus_checks_its_location_before_reading(tmp_path):
     from tidar_jax.data import DataError, prepare_corpus
 

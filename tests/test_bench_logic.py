@@ -15,7 +15,7 @@ from flax import nnx
 from hypothesis import strategies as st
 
 from benchmarks import bandwidth, plots
-from benchmarks import bench_common as bc
+from benchmarks import common as bc
 from benchmarks import free_slots as fs
 from benchmarks import vs_transformers as vt
 
@@ -95,17 +95,17 @@ def _tiny_cfg(**kw):
 @pytest.mark.parametrize("block,beta", [(2, 1.0), (4, 1.0), (3, 0.0)])
 def test_step_inputs_are_the_engine_layout(block, beta):
     cfg = _tiny_cfg()
-    tokens, positions, mask, rows = fs.step_inputs(cfg, 10, block, beta, np.random.default_rng(0))
+    tokens, positions, mask, rows = bc.step_inputs(cfg, 1, 10, block, np.random.default_rng(0), beta)
     q = block * (block + 1)
     assert tokens.shape == (1, q) and (tokens[0, block:] == cfg.mask_token_id).all()
     np.testing.assert_array_equal(positions, masks.decode_positions(jnp.array([10]), block))
     np.testing.assert_array_equal(mask, masks.decode_mask(jnp.array([10]), block, 10))
-    assert rows.shape == (1, fs.head_rows(block, beta)) == (1, (2 if beta == 1.0 else 3) * block)
+    assert rows.shape == (1, bc.head_rows(block, beta)) == (1, (2 if beta == 1.0 else 3) * block)
     assert rows.max() < q
 
 
 def test_plain_forward_over_cache_equals_full_causal_forward():
-    """The profiler times ``_forward`` over [cache | Q tokens]; with a real cache it must give the model's own
+    """The profiler times ``common.forward`` over [cache | Q tokens]; with a real cache it must give the model's own
     causal logits of the last Q positions (so the timed work is the genuine forward)."""
     with jax.enable_x64(True):
         cfg = _tiny_cfg(dtype="float64", param_dtype="float64")
@@ -125,9 +125,9 @@ def test_plain_forward_over_cache_equals_full_causal_forward():
 
         full, kv = reference(params, jnp.asarray(seq), jnp.asarray(pos))
         cache = KVCache(kv.k_LNTKD, kv.v_LNTKD, jnp.array([ctx], jnp.int32))
-        tokens, positions, mask, rows = fs.plain_inputs(cfg, ctx, q, rng)
+        tokens, positions, mask, rows = bc.plain_inputs(cfg, 1, ctx, q, rng)
         tokens = seq[:, ctx:]  # the same continuation as the full forward
-        out = jax.jit(fs._forward, static_argnums=0)(graphdef, params, cache, jnp.asarray(tokens),
+        out = jax.jit(bc.forward, static_argnums=0)(graphdef, params, cache, jnp.asarray(tokens),
                                                      jnp.asarray(positions), jnp.asarray(mask), jnp.asarray(rows))
         np.testing.assert_allclose(np.asarray(out), np.asarray(full[:, ctx:]), rtol=1e-10, atol=1e-10)
 
@@ -190,37 +190,6 @@ def test_write_json_is_atomic_and_replaces(tmp_path):
     assert os.listdir(tmp_path / "r") == ["x.json"]
 
 
-def test_distinct_ngram_fraction_flags_loops():
-    from benchmarks import fidelity
-
-    assert fidelity.distinct_ngram_fraction([[5] * 20], 4) == pytest.approx(1 / 17)  # one 4-gram, 17 times
-    assert fidelity.distinct_ngram_fraction([list(range(10)), list(range(10, 20))], 4) == 1.0
-    assert fidelity.distinct_ngram_fraction([[1, 2]], 4) == 1.0  # nothing to count
-    assert fidelity.variants([8, 4])[0] == {"name": "ar", "objective": "ar", "block_size": 4}
-
-
-def test_fidelity_recipe_splits_the_flops_budget():
-    """A recipe variant spends its split of the budget on AR steps and the rest on TiDAR steps: every variant's
-    training FLOPs equal the reference's to within one step."""
-    import argparse
-
-    from benchmarks import fidelity
-
-    args = argparse.Namespace(config=os.path.join(fidelity.ROOT, "configs", "tiny.yaml"), set=[], seeds=[0],
-                              steps=100, budget="flops")
-    plan = fidelity.variants([4, 8], ["paper"], [0.5, 0.8])
-    assert [v["name"] for v in plan] == ["ar", "tidar_b4", "tidar_b8", "recipe_b4_ar50", "recipe_b8_ar50",
-                                         "recipe_b4_ar80", "recipe_b8_ar80"]
-    fidelity.assign_steps(args, plan)
-    budget = plan[1]["train_flops"]
-    ar_step = plan[0]["flops_per_step"]
-    for v in plan:
-        assert abs(v["train_flops"] - budget) <= max(v["flops_per_step"], ar_step) / 2 + 1, v["name"]
-        if "split" in v:
-            assert v["ar_steps"] * ar_step == pytest.approx(v["split"] * budget, abs=ar_step)
-    assert plan[0]["steps"] > 2 * plan[1]["steps"] * 0.9  # AR steps run S tokens, TiDAR 2S
-
-
 def test_shared_options_are_declared_once_and_changed_only_in_default_or_help():
     import argparse
 
@@ -232,7 +201,7 @@ def test_shared_options_are_declared_once_and_changed_only_in_default_or_help():
     assert (args.preset, args.rounds, args.new_tokens, args.out) == (None, 10, 7, cli.DEFAULT_OUT)
     assert p.parse_args(["--rounds", "3"]).rounds == 3  # still an int
     with pytest.raises(SystemExit):
-        p.parse_args(["--preset", "nope"])  # choices are the presets bench_common builds
+        p.parse_args(["--preset", "nope"])  # choices are the presets common builds
     assert sorted(cli.SHARED["preset"]["choices"]) == sorted(bc.PRESETS)
     for bad in (dict(names=("bogus",), changes={}), dict(names=("rounds",), changes={"seed": {"default": 1}}),
                 dict(names=("rounds",), changes={"rounds": {"type": float}})):
@@ -250,24 +219,23 @@ def test_require_positive_names_the_first_bad_option_and_skips_unset_ones():
         cli.require_positive(argparse.Namespace(rounds=2, new_tokens=0, seed=-1), ("rounds", "new_tokens", "seed"))
 
 
-def test_no_benchmark_touches_sys_path_but_the_file_run_bootstrap():
-    """The package imports itself; only _repo_on_path.py (imported when a script runs as a file) edits sys.path."""
+def test_no_benchmark_touches_sys_path_nor_silences_import_order():
+    """The benchmarks run as modules of the package from the repository root (``python -m benchmarks.<name>``):
+    none edits sys.path, and none needs an import-order exemption."""
     bench = os.path.dirname(bc.__file__)
-    offenders = [name for name in sorted(os.listdir(bench)) if name.endswith((".py", ".sh"))
-                 and name != "_repo_on_path.py" and "sys.path" in open(os.path.join(bench, name)).read()]
+    files = [os.path.join(d, n) for d, _, names in os.walk(bench) for n in names if n.endswith((".py", ".sh"))]
+    offenders = [f for f in sorted(files) if "sys.path" in open(f).read() or "E402" in open(f).read()]
     assert offenders == []
 
 
-@pytest.mark.parametrize("as_module", [False, True])
-def test_a_benchmark_runs_as_a_file_from_anywhere_and_as_a_module(tmp_path, as_module):
-    """``python benchmarks/prepare.py`` (from another directory too) and ``python -m benchmarks.prepare`` import the
-    package of this checkout and reach its CLI check; prepare is the lightest script (no jax before parsing)."""
+def test_a_benchmark_runs_as_a_module(tmp_path):
+    """``python -m benchmarks.prepare`` imports the package of this checkout and reaches its CLI check; prepare is
+    the lightest script (no jax before parsing)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(bc.__file__))
-    cmd = ["-m", "benchmarks.prepare"] if as_module else [os.path.join(root, "benchmarks", "prepare.py")]
-    proc = subprocess.run([sys.executable, *cmd, "--mb", "0", "--out", str(tmp_path)], cwd=root if as_module
-                          else tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.prepare", "--mb", "0", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and user_lines(proc.stderr) == ["error: --mb=0: must be an integer >= 1"], proc.stderr
     assert os.listdir(tmp_path) == []

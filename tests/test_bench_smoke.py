@@ -17,13 +17,13 @@ import pytest
 from cli_output import user_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def run(script, *args, check=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user's run
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *map(str, args)], cwd=ROOT, env=env,
+    module = "benchmarks." + os.path.splitext(script)[0]
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_run_all_tiny_writes_summary(tmp_path):
     for s in bw["ar_step"]:
         assert s["total_bytes"] == s["weight_bytes"] + s["kv_bytes"]
     md = (tmp_path / "summary.md").read_text()
-    assert "RANDOM INIT" in md and "python benchmarks/run_all.py --tiny" in md
+    assert "RANDOM INIT" in md and "python -m benchmarks.run_all --tiny" in md
     assert is_png(tmp_path / "speedup_vs_block.png") and is_png(tmp_path / "accepted_hist.png")
     assert os.path.isfile(tmp_path / "logs" / "bandwidth.log")
     # --summarize-only rebuilds the same headline figures from the JSON files, running nothing
@@ -104,28 +104,3 @@ def test_bad_input_is_one_line_and_nonzero(script, args, needle, tmp_path):
     assert proc.returncode != 0
     err = user_lines(proc.stderr)
     assert len(err) == 1 and needle in err[0] and "Traceback" not in proc.stderr, proc.stderr
-
-
-@pytest.mark.slow
-def test_fidelity_tiny(tmp_path):
-    small = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-             "model.mlp_size=64", "data.seq_len=32", "data.global_batch=2", "data.eval_batches=1",
-             "data.eval_batch_size=2"]
-    args = ["--steps", 2, "--budget", "flops", "--options", "paper", "--blocks", "4", "--splits", "0.5",
-            "--seeds", "0", "--runs-dir", tmp_path / "runs", "--out", tmp_path,
-            "--eval-seq-len", 32, "--eval-batch", 2, "--eval-batches", 1, "--prompts", 2, "--prompt-len", 8,
-            "--new-tokens", 6, "--short-prompts", 2]
-    for s in small:
-        args += ["--set", s]
-    run("fidelity.py", *args)
-    res = json.loads((tmp_path / "fidelity.json").read_text())
-    assert [r["name"] for r in res["runs"]] == ["ar", "tidar_b4", "recipe_b4_ar50"]
-    assert [r["objective"] for r in res["runs"]] == ["ar", "tidar", "tidar"]
-    recipe = res["runs"][2]
-    assert recipe["ar_phase"]["run_dir"].endswith("ar50_s0") and recipe["ar_steps"] >= 1
-    for r in res["runs"]:
-        assert r["heldout"]["tokens"] == 2 * 31
-        assert r["heldout"]["ar_loss"] > 0 and 1.0 <= r["decode"]["tokens_per_nfe"] <= r["decode"]["block_size"]
-        assert len(r["decode_short"]["slot_acceptance"]) == r["block_size"] - 1
-    assert res["runs"][0]["ar_loss_minus_ar_only"] == 0.0
-    assert "| recipe_b4_ar50 | 4 |" in (tmp_path / "fidelity.md").read_text()

@@ -148,7 +148,7 @@ def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices
 @pytest.mark.parametrize("rows, tokens", [(1, 1), (2, 3)])
 def test_gpu_step_forward_equals_the_cpu_forward(family, rows, tokens):
     """The model's forward over a cache as it is built for a GPU step (deferred RMSNorm factor, one norm for q
-    and k heads, a padding row when the step is one token: ``tidar_jax.model.layers.defer_norm``/``pad_rows``)
+    and k heads, a padding row when the step is one token: the lean GPU decode step, ``tidar_jax.model.gpu_step``)
     equals the CPU forward in float64: hidden states and the step's K/V."""
     from tidar_jax.model import KVCache
 
@@ -177,7 +177,7 @@ def test_gpu_step_forward_equals_the_cpu_forward(family, rows, tokens):
 @pytest.mark.parametrize("prompts", [[[3, 5, 7, 2]], [[3, 5, 7, 2], [4, 4, 4, 9, 8]]])
 def test_gpu_step_formulation_is_exact(prompts):
     """The decode step as it is built for a GPU (deferred RMSNorm factor, a padding row at batch 1: see
-    ``tidar_jax.model.layers.defer_norm``/``pad_rows``), run here on CPU with dense cache attention in float64:
+    the lean GPU decode step, ``tidar_jax.model.gpu_step``), run here on CPU with dense cache attention in float64:
     greedy AR emits the CPU program's tokens, and greedy TiDAR with pruned groups emits greedy AR's."""
     from tidar_jax.decode import Decoder
 

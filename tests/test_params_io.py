@@ -14,7 +14,7 @@ from tidar_jax.sharding import make_mesh
 
 def _cfg():
     return ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_size=64,
-                       mask_token_id=63, qkv_bias=True, family="qwen2")
+                       mask_token_id=63, qkv_bias=True, family="qwen2", block_size=4)
 
 
 def test_save_load_roundtrip_single_device_and_mesh(tmp_path):

@@ -296,18 +296,6 @@ def test_selfgen_bad_settings_are_one_line(train_corpus, override, named):
 
 
 @pytest.mark.slow
-def test_recipe_levers_measures_a_recipe_run(recipe_run, tmp_path):
-    """benchmarks/recipe_levers.py on the recipe-trained model: one row, lossless == AR, rates in [0, 1]."""
-    from benchmarks import recipe_levers
-
-    out = tmp_path / "row.json"
-    r = recipe_levers.main(["--run-dir", recipe_run, "--label", "test", "--json", str(out)])
-    assert json.loads(out.read_text())["label"] == "test" and r["lossless_equals_ar"]
-    assert len(r["teacher_forced"]["draft_eq_verifier"]) == r["block_size"] == 4
-    rates = r["teacher_forced"]["draft_eq_verifier"] + [a for a in r["decode_slot_acceptance"] if a is not None]
-    assert all(0.0 <= a <= 1.0 for a in rates) and 1.0 <= r["tnfe_b1"] <= 4.0
-
-
 def test_selfgen_source_takes_its_weight_of_the_mixture(recipe_run, train_corpus):
     from tidar_jax.train.loop import data_sources
 

@@ -1,4 +1,4 @@
-"""decode.py --recommendation from the compiled steps (issue 22): the acceptance model, the ranking, bad values."""
+"""decode.py --recommendation from the compiled steps: the acceptance model, the ranking, bad values."""
 
 from __future__ import annotations
 

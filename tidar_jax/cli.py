@@ -11,7 +11,15 @@ import argparse
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors exit with one line; subparsers inherit it."""
+    """``argparse.ArgumentParser`` whose errors exit with one line; subparsers inherit it. Parsing is where every
+    command starts, before it imports jax: on a host without an accelerator the command then runs on jax's CPU
+    backend alone, so no compiler plugin prints its start-up errors (``targets.cpu_only_when_no_accelerator``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        from tidar_jax.targets import cpu_only_when_no_accelerator
+
+        cpu_only_when_no_accelerator()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         raise SystemExit(f"error: {message}")

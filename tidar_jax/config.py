@@ -6,8 +6,11 @@ import dataclasses
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-# attention kernels (tidar_jax.attention); "auto" picks per backend: blockwise on CPU/GPU, splash on TPU
+# The names a user may give (jax-free, for command lines); what "auto" means per backend is decided in
+# tidar_jax.attention.choice. Training attention (model.attention) and decode cache attention (how a decode step
+# reads the KV cache).
 ATTENTION_KERNELS = ("auto", "reference", "blockwise", "splash", "cudnn", "pallas_gpu")
+CACHE_ATTENTION = ("auto", "paged", "fused", "tpu", "dense")
 
 
 QWEN_MASK_TOKEN_ID = 151662  # <|fim_pad|> in the Qwen2.5/Qwen3 tokenizers, what the released TiDAR code uses
@@ -15,6 +18,12 @@ QWEN_MASK_TOKEN_ID = 151662  # <|fim_pad|> in the Qwen2.5/Qwen3 tokenizers, what
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+# The TiDAR block size B (draft length) when nothing names one: 16, the paper's released models' (a model config
+# without the field, decoding options, the plans, TiDAR training from an HF checkpoint that records none). Loading
+# never assumes it: a checkpoint with no record has no trained block size.
+DEFAULT_BLOCK_SIZE = 16
 
 
 def check_block_size(value, name: str = "model.block_size", error: type[Exception] = ConfigError) -> int:
@@ -60,7 +69,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     mask_token_id: int = 511
     # the block size the weights were (or are being) trained with: the one record of it; None = an AR-only model
-    block_size: int | None = 4
+    block_size: int | None = DEFAULT_BLOCK_SIZE
     family: str = "llama"  # "qwen2" | "qwen3" | "llama": informational, used by HF export
     attention: str = "auto"  # attention kernel: one of ATTENTION_KERNELS (a runtime choice, not architecture)
 

@@ -1,4 +1,4 @@
-"""Reading checkpoints written with the former unrolled layer layout (``layers/0/...``, ``layers/1/...``).
+"""Reading checkpoints written with the unrolled layer layout (``layers/0/...``, ``layers/1/...``).
 
 The model now keeps one stacked tensor per layer parameter (leading ``layers`` axis). A checkpoint's own
 metadata says which layout it holds; for an unrolled one the restore target is rewritten to per-layer entries

@@ -35,7 +35,7 @@ PAPER_DECODE: dict[str, dict[str, Any]] = {
 }
 
 # Random-init models used by the benchmarks when no checkpoint is given. "m38" is the 38.7M-parameter model of
-# shared/reference/environment.md section 8, so numbers can be compared with that table.
+# the reference environment's CPU timing table (its section 8), so numbers can be compared with that table.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_size=64,
                  mask_token_id=1, block_size=4),

@@ -169,6 +169,20 @@ def prepare_environment(target: Target) -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
+# Device nodes of an accelerator jax could use: NVIDIA, AMD (ROCm), TPU (v4/v5p: accel; v5e/v6e: vfio).
+_ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
+
+
+def cpu_only_when_no_accelerator() -> None:
+    """On a host without any accelerator device node, make jax use its CPU backend alone (``JAX_PLATFORMS=cpu``)
+    unless the user chose platforms. Why: the GPU/TPU compiler plugins (requirements-*-compile.txt) are installed
+    for deviceless compiles, and jax would otherwise ask each to start a backend, which on such a host prints a
+    CUDA traceback and libtpu's error lines before any output of ours. Call before jax initialises its backends."""
+    if "JAX_PLATFORMS" in os.environ or any(os.path.exists(node) for node in _ACCELERATOR_NODES):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def missing_install(target: Target) -> str | None:
     """Why ``target`` cannot be compiled for here (a one-line install hint), or None."""
     if target.platform == "gpu":
@@ -280,5 +294,5 @@ def platform_of_devices(devices) -> str:
 
 
 __all__ = ["CHIPS", "Chip", "Target", "TargetError", "build_chip", "build_platform", "chip_of_device_kind",
-           "compiling_for", "gpu_target_config", "missing_install", "parse_target", "platform_kind", "platform_of_devices",
+           "compiling_for", "cpu_only_when_no_accelerator", "gpu_target_config", "missing_install", "parse_target", "platform_kind", "platform_of_devices",
            "prepare_environment", "target_devices"]

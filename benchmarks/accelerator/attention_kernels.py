@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import attention_kernels as ak
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 
 def section_attention_kernels(ctx, deadline: Deadline) -> dict:  # noqa: F405

@@ -6,7 +6,7 @@ after the budget is spent is recorded as skipped."""
 from __future__ import annotations
 
 from benchmarks import gpu_decode_step
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 # (preset, block sizes, batches, contexts, rounds, seconds the preset needs at least)
 DEVICE_GRID = (("qwen2.5-1.5b", (4, 8, 16), (1, 8), (1024, 4096), 20, 60.0),

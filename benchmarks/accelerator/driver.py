@@ -16,27 +16,27 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.model import KVCache
 
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
-from benchmarks.accelerator.options import parse_args  # noqa: E402,F401 -- one parser, importable without jax
-from benchmarks.accelerator.free_slots import section_free_slots  # noqa: E402
-from benchmarks.accelerator.report import make_plots, markdown  # noqa: E402
-from benchmarks.accelerator.roofline import section_roofline  # noqa: E402
-from benchmarks.accelerator.train_throughput import section_train_throughput  # noqa: E402
-from benchmarks.accelerator.trained_speedup import section_trained_speedup  # noqa: E402
-from benchmarks.accelerator.attention_kernels import section_attention_kernels  # noqa: E402
-from benchmarks.accelerator.decode_step import section_decode_step  # noqa: E402
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
+from benchmarks.accelerator.options import parse_args  # noqa: F401 (one parser, importable without jax)
+from benchmarks.accelerator.free_slots import section_free_slots
+from benchmarks.accelerator.report import make_plots, markdown
+from benchmarks.accelerator.roofline import section_roofline
+from benchmarks.accelerator.train_throughput import section_train_throughput
+from benchmarks.accelerator.trained_speedup import section_trained_speedup
+from benchmarks.accelerator.attention_kernels import section_attention_kernels
+from benchmarks.accelerator.decode_step import section_decode_step
 
 # ------------------------------------------------------------------------------------------------------------
 # Driver

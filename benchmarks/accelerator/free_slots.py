@@ -16,98 +16,45 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.model import KVCache
 
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 # ------------------------------------------------------------------------------------------------------------
 # 2. Free token slots on real shapes
 # ------------------------------------------------------------------------------------------------------------
 
 
-def random_cache(cfg: ModelConfig, batch: int, context: int, seed: int) -> KVCache:
-    """A cache with ``context`` visible slots of random K/V (the values do not change the cost)."""
-    shape = (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(random_array(shape, cfg.dtype, seed), random_array(shape, cfg.dtype, seed + 1),
-                   jnp.full((batch,), context, jnp.int32))
-
-
-def plain_inputs(cfg: ModelConfig, batch: int, context: int, q: int, rng):
-    """[cache of ``context`` | q new tokens], causal among the new tokens, LM head on all q rows."""
-    tokens = rng.integers(0, cfg.vocab_size, (batch, q)).astype(np.int32)
-    positions = np.broadcast_to(context + np.arange(q, dtype=np.int32), (batch, q))
-    causal = np.tril(np.ones((q, q), bool))
-    mask = np.broadcast_to(np.concatenate([np.ones((q, context), bool), causal], axis=1), (batch, q, context + q))
-    rows = np.broadcast_to(np.arange(q, dtype=np.int32), (batch, q))
-    return tokens, positions, mask, rows
-
-
-def step_inputs(cfg: ModelConfig, batch: int, context: int, block: int, rng):
-    """The decode engine's TiDAR step: B drafts + B groups of B masks, the decode mask, LM head on 2B rows."""
-    drafts = rng.integers(0, cfg.vocab_size, (batch, block)).astype(np.int32)
-    tokens = np.concatenate([drafts, np.full((batch, block * block), cfg.mask_token_id, np.int32)], axis=1)
-    length = jnp.full((batch,), context, jnp.int32)
-    positions = np.asarray(masks.decode_positions(length, block))
-    mask = np.asarray(masks.decode_mask(length, block, context))
-    rows = np.broadcast_to(np.arange(2 * block, dtype=np.int32), (batch, 2 * block))
-    return tokens, positions, mask, rows
-
-
-def _merge(graphdef, params):
-    """The model for stacked params or for the decoder's per-layer buffers (``tidar_jax.model.layer_major``, where
-    this tidar_jax has it: a scan over stacked weights copies each layer's weights per forward)."""
-    try:
-        from tidar_jax.model import layer_major
-    except ImportError:
-        return nnx.merge(graphdef, params)
-    return layer_major.merge(graphdef, params)
-
-
 def decode_params(params):
-    """The params in the layout the decoder runs (per-layer buffers where this tidar_jax has them)."""
-    try:
-        from tidar_jax.model.layer_major import to_layer_major
-    except ImportError:
-        return params
+    """The params in the layout the decoder runs (per-layer buffers: a scan over stacked weights would copy each
+    layer's weights per forward)."""
+    from tidar_jax.model.layer_major import to_layer_major
+
     return to_layer_major(params)
 
 
-def _forward(graphdef, params, cache, tokens_NT, positions_NT, mask_NTS, rows_NX):
-    model = _merge(graphdef, params)
-    hidden_NTE, _ = model.hidden(tokens_NT, positions_NT, mask_NTS, cache)
-    return model.logits(jnp.take_along_axis(hidden_NTE, rows_NX[:, :, None], axis=1))
-
-
-def resolved_kernel(setting: str | None) -> str:
+def resolved_kernel(setting: str) -> str:
     """The kernel a ``model.attention`` setting runs on this backend ("auto" resolved), for the record."""
-    if setting is None:
-        return "reference (this tidar_jax has no model.attention setting)"
-    try:
-        from tidar_jax import attention as registry
-        return f"{registry.resolve(setting)} (model.attention={setting})"
-    except Exception:  # noqa: BLE001 -- only a label
-        return setting
+    from tidar_jax import attention
 
-
-def engine_layouts() -> bool:
-    """Whether this tidar_jax's decode engine passes attention layouts (``masks.decode_attention_layout``) instead
-    of dense masks; then the model's ``attention`` kernel runs, and the engine-step rows must use the same."""
-    return hasattr(masks, "decode_attention_layout")
+    return f"{attention.resolve(setting)} (model.attention={setting})"
 
 
 def _engine_forward(graphdef, block, groups, params, cache, tokens_NT, positions_NT, length_N, rows_NX):
     """The decode engine's step forward with its attention layout, built inside the program as the engine does."""
-    model = _merge(graphdef, params)
+    from tidar_jax.model import layer_major
+
+    model = layer_major.merge(graphdef, params)
     layout = masks.decode_attention_layout(length_N, block, cache.k_LNCKD.shape[2], groups=groups)
     hidden_NTE, _ = model.hidden(tokens_NT, positions_NT, layout, cache)
     return model.logits(jnp.take_along_axis(hidden_NTE, rows_NX[:, :, None], axis=1))
@@ -138,7 +85,6 @@ def section_free_slots(ctx, deadline: Deadline) -> dict:
                         "weight_bytes": cfg.num_params * 2, "init_s": None, "latency": [], "skipped": []}
     group_cost: dict[str, float] = {}
     rng = np.random.default_rng(ctx.args.seed)
-    layouts = engine_layouts()
     fwd_cache: dict[str, Callable] = {}
     for name, batch, context in groups:
         est = group_cost.get(name, max(group_cost.values(), default=0.0))
@@ -150,18 +96,17 @@ def section_free_slots(ctx, deadline: Deadline) -> dict:
         t0 = time.perf_counter()
         cfg, graphdef, params, init_s = get_random_model(ctx, name)
         models[name]["init_s"] = init_s
-        fwd = fwd_cache.setdefault(name, jax.jit(partial(_forward, graphdef)))
+        fwd = fwd_cache.setdefault(name, jax.jit(partial(forward, graphdef)))
         cache = random_cache(cfg, batch, context, ctx.args.seed)
         specs = [("plain", q, None, plain_inputs(cfg, batch, context, q, rng)) for q in queries]
         specs += [("tidar_step", b * (b + 1), b, step_inputs(cfg, batch, context, b, rng)) for b in sizes.slot_blocks]
-        if layouts:  # the engine's AR step is then a separate program (its layout, the model's kernel)
-            specs.append(("ar_step", 1, None, plain_inputs(cfg, batch, context, 1, rng)))
+        specs.append(("ar_step", 1, None, plain_inputs(cfg, batch, context, 1, rng)))  # the engine's AR step
         lowered, calls, meta = {}, {}, {}
         length = jnp.full((batch,), context, jnp.int32)
         for kind, q, block, inputs in specs:
             arrays = [jnp.asarray(a) for a in inputs]
             key = f"{kind}/q={q}"
-            if layouts and kind != "plain":
+            if kind != "plain":
                 program = jax.jit(partial(_engine_forward, graphdef, block or 1, kind == "tidar_step"))
                 args = (params, cache, arrays[0], arrays[1], length, arrays[3])
             else:
@@ -197,7 +142,7 @@ def section_free_slots(ctx, deadline: Deadline) -> dict:
         b = paper["block_size"]
         for batch in sizes.slot_batches:
             for context in sizes.slot_contexts:
-                ar = lat.get(("ar_step" if layouts else "plain", batch, context, 1))
+                ar = lat.get(("ar_step", batch, context, 1))
                 step = lat.get(("tidar_step", batch, context, b * (b + 1)))
                 if ar is None or step is None:
                     continue
@@ -214,11 +159,10 @@ def section_free_slots(ctx, deadline: Deadline) -> dict:
         raise SectionSkipped("no (model, batch, context) group fitted the budget")
     return {"models": models, "projections": projections, "queries": queries, "blocks": list(sizes.slot_blocks),
             "contexts": list(sizes.slot_contexts), "batches": list(sizes.slot_batches), "statistic": "min",
-            "dtype": "bfloat16", "engine_layouts": layouts,
-            "attention_kernel": resolved_kernel(getattr(qwen_config(order[0], sizes), "attention", None)),
+            "dtype": "bfloat16",
+            "attention_kernel": resolved_kernel(qwen_config(order[0], sizes).attention),
             "note": ("random-init weights with the real shapes; plain rows: [KV cache | q tokens] with the LM head "
                      "on all q rows, dense masks (reference kernel); tidar_step rows: the decode engine's step "
                      "forward (q = B(B+1), head on 2B rows) and ar_step rows its AR step, each with the engine's "
-                     "attention layout and the model's kernel when engine_layouts (else the same dense masks the "
-                     "engine uses, and the AR step is the plain q=1 row); projected speedup = paper T/NFE x AR step "
+                     "attention layout and the model's kernel; projected speedup = paper T/NFE x AR step "
                      "/ TiDAR step at B=16 (the forward only: sampling, cache writes and prefill are not in it)")}

@@ -16,19 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.model import KVCache
 
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 # ------------------------------------------------------------------------------------------------------------
 # Report
@@ -138,11 +138,11 @@ def make_plots(result: dict, out: str) -> list[dict]:
     plots = []
 
     def save(fig, name, what, section):
-        path = os.path.join(out, name)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        from tidar_jax.checkpoint import atomic
+
+        atomic.write_file(os.path.join(out, name),
+                          lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), binary=True)
         plt.close(fig)
-        os.replace(tmp, path)
         plots.append({"path": name, "what": what, "section": section,
                       "command": result["sections"][section]["command"]})
 

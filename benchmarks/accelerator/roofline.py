@@ -16,21 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.model import KVCache
 
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
-from benchmarks.accelerator.free_slots import (_forward, engine_layouts, get_random_model,  # noqa: E402
-                                             plain_inputs, random_cache)
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
+from benchmarks.accelerator.free_slots import get_random_model
 
 # ------------------------------------------------------------------------------------------------------------
 # 3. AR decode vs the memory roofline
@@ -65,7 +64,7 @@ def section_roofline(ctx, deadline: Deadline) -> dict:
     for name in names:
         cfg = qwen_config(name, sizes)
         w = weight_bytes_per_token(cfg, 2)
-        ar_kind = "ar_step" if engine_layouts() else "plain"  # the engine's AR step (see section_free_slots)
+        ar_kind = "ar_step"  # the engine's AR step (see section_free_slots)
         measured = {r["context"]: r for r in (slots.get(name) or {}).get("latency", [])
                     if r["kind"] == ar_kind and r["batch"] == 1 and r["query_tokens"] == 1}
         for context in sizes.slot_contexts:
@@ -77,7 +76,7 @@ def section_roofline(ctx, deadline: Deadline) -> dict:
                 mcfg, graphdef, params, _ = get_random_model(ctx, name)
                 args = (params, random_cache(mcfg, 1, context, ctx.args.seed),
                         *[jnp.asarray(a) for a in plain_inputs(mcfg, 1, context, 1, rng)])
-                fn = jax.jit(partial(_forward, graphdef)).lower(*args).compile()
+                fn = jax.jit(partial(forward, graphdef)).lower(*args).compile()
                 t = timed_rounds({"s": partial(fn, *args)}, sizes.slot_rounds, deadline)["s"]
                 step_ms = min(t) * 1e3
                 estimate = estimate_of(fn, -(-context // 128))

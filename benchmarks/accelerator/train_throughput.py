@@ -16,47 +16,37 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.model import KVCache
 
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 # ------------------------------------------------------------------------------------------------------------
 # 4. Training throughput per attention kernel
 # ------------------------------------------------------------------------------------------------------------
 
 def attention_kernels() -> tuple[list[str], list[dict], str]:
-    """Kernels the installed code accepts (``model.attention``), the ones it rejects, and how that was found."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    if "attention" not in fields:
-        return ["reference"], [{"kernel": k, "reason": "this tidar_jax has no model.attention setting; its only "
-                                "kernel is the dense reference"} for k in ATTENTION_KERNELS if k != "reference"], \
-            "ModelConfig has no 'attention' field"
-    try:
-        from tidar_jax import attention as registry
-    except ImportError:
-        registry = None
-    resolve = getattr(registry, "resolve", None)
+    """The kernels this backend runs (``model.attention``), the ones it cannot run and why, and how that was
+    found."""
+    from tidar_jax import attention
+
     ok, rejected = [], []
     for k in ATTENTION_KERNELS:
         try:
-            ModelConfig(attention=k)
-            if resolve is not None:
-                resolve(k)  # registered in this build? (e.g. cudnn/splash may be named but not built yet)
+            attention.resolve(k)
             ok.append(k)
-        except (ConfigError, ValueError, TypeError, KeyError) as e:
-            rejected.append({"kernel": k, "reason": f"installed code rejects it: {str(e).splitlines()[0]}"})
-    return ok, rejected, ("ModelConfig(attention=...) validation" + (" and tidar_jax.attention.resolve()"
-                                                                      if resolve is not None else ""))
+        except ConfigError as e:
+            rejected.append({"kernel": k, "reason": str(e).splitlines()[0]})
+    return ok, rejected, "tidar_jax.attention.resolve()"
 
 
 def measure_matmul_flops(deadline: Deadline, n: int) -> dict:
@@ -189,7 +179,7 @@ def section_train_throughput(ctx, deadline: Deadline) -> dict:
                 key = (kernel, objective, depth)
                 t = min(times[key])
                 by_depth[depth] = t
-                flops = train_step_flops(meta[key]["cfg"], S, N, objective)
+                flops = model_flops(meta[key]["cfg"], N, S, objective)
                 rows.append({"layers": depth, "step_s": t, "tokens_per_s": N * S / t, "model_flops": flops,
                              "mfu": mfu(flops, t, peak), "mfu_vs_measured_matmul": mfu(flops, t, mm["flops_per_s"]),
                              "compiled_memory": compiled_memory(compiled[key]), "rounds": len(times[key]),
@@ -197,7 +187,7 @@ def section_train_throughput(ctx, deadline: Deadline) -> dict:
             ext = extrapolate_depth(by_depth, full.num_layers)
             full_s = ext["full_depth_s"]
             ok = bool(full_s and full_s > 0)
-            full_flops = train_step_flops(full, S, N, objective)
+            full_flops = model_flops(full, N, S, objective)
             entry["objectives"][objective] = {
                 "by_depth": rows, **ext, "full_depth": full.num_layers,
                 "full_tokens_per_s": N * S / full_s if ok else None, "full_model_flops": full_flops,

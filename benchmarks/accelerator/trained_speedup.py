@@ -16,19 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
 
-from benchmarks import ROOT, cli  # noqa: E402
-from benchmarks import bench_common as bc  # noqa: E402
+from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.config import ConfigError, ModelConfig  # noqa: E402
-from tidar_jax.model import KVCache  # noqa: E402
+from tidar_jax import masks
+from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.model import KVCache
 
-from benchmarks.accelerator.common import *  # noqa: F401,F403 -- the suite's shared constants and helpers
+from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 # ------------------------------------------------------------------------------------------------------------
 # 1. Trained-model speedup

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tidar_jax.analysis.hlo import HloProgram
-from tidar_jax.config import ModelConfig
+from tidar_jax.config import DEFAULT_BLOCK_SIZE, ModelConfig
 from tidar_jax.decode import engine
 from tidar_jax.decode.api import EOS_CAPACITY, STOP_CAPACITY, STOP_WINDOW, prompt_bucket
 from tidar_jax.decode.options import DecodeOptions
@@ -121,7 +121,7 @@ def _replicated(shape, dtype, mesh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(mesh))
 
 
-def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = 16, context: int = 1024,
+def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = DEFAULT_BLOCK_SIZE, context: int = 1024,
                    max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
                    modes=("ar", "tidar"), mesh_shape=(1, 1, 1), cache_dtype: str | None = None,
                    with_prefill: bool = True, cache_attention: str = "auto",
@@ -305,7 +305,7 @@ def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str)
             raise ConfigError(f"--hf-config={hf_config!r}: not a readable config.json ({type(e).__name__}: {e})")
         cfg = hf_config_to_model_config(hf, dtype=dtype)
         if cfg.block_size is None:
-            cfg = cfg.replace(block_size=16)
+            cfg = cfg.replace(block_size=DEFAULT_BLOCK_SIZE)
         return cfg.replace(dtype=dtype, param_dtype=dtype)
     if preset not in MODEL_SHAPES:
         raise ConfigError(f"--preset={preset!r}: must be one of {', '.join(MODEL_SHAPES)}")

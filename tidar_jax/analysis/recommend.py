@@ -1,4 +1,4 @@
-"""Recommend the TiDAR block size B and mask groups for a target from its compiled decode steps (issue 22).
+"""Recommend the TiDAR block size B and mask groups for a target from its compiled decode steps.
 
 For each candidate (B, groups) the TiDAR step is compiled for the deviceless target and its time estimated by the
 cost model (``tidar_jax.analysis.cost_model``: an ESTIMATE, with eager launches and with the step as one CUDA graph);
@@ -26,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-# The paper's tokens per forward with B = 16 and all groups (arXiv 2511.08923; /work/shared/reference/tidar-paper.md)
+# The paper's tokens per forward with B = 16 and all groups (arXiv 2511.08923)
 PAPER_TOKENS_PER_NFE = {"qwen2.5-1.5b": 7.45, "qwen3-8b": 8.25}
 DEFAULT_BLOCKS = (4, 8, 16)
 

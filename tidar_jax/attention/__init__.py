@@ -5,92 +5,29 @@ boolean ``[N|1, T, S]`` mask, which always runs the ``reference`` kernel); ``ker
 value. Each kernel is a function ``(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`` registered by name and derives
 what it needs (dense mask, tile schedule, per-tile mask) from the layout.
 
-``auto`` resolves per backend to the first usable kernel of ``AUTO_PREFERENCE``; on a GPU, of the ranking
-``gpu_choice`` gives for the chip (its recorded table, else a fixed order). A kernel that needs particular
-hardware (``splash``: TPU, ``cudnn``: GPU) registers an ``unavailable(backend) -> reason | None`` check; asking for
-it elsewhere raises one ``ConfigError`` line with the reason, and ``auto`` skips it. Their modules import the
-hardware-specific JAX pieces lazily, so this package imports everywhere.
+Which kernel runs where (``auto`` per backend, for training and for decode cache attention) is decided in
+``tidar_jax.attention.choice``, the one owner of both choices. A kernel that needs particular hardware
+(``splash``: TPU, ``cudnn``/``pallas_gpu``: GPU) registers an ``unavailable(backend) -> reason | None`` check;
+asking for it elsewhere raises one ``ConfigError`` line with the reason, and ``auto`` skips it. Their modules import
+the hardware-specific JAX pieces lazily, so this package imports everywhere.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.attention import (blockwise, cudnn, fused_cache, gpu_choice, paged, pallas_gpu, reference, splash,
-                                 tpu_cache)
-from tidar_jax.config import ATTENTION_KERNELS, ConfigError
+from tidar_jax.attention import blockwise, cudnn, fused_cache, paged, pallas_gpu, reference, splash, tpu_cache
+from tidar_jax.attention.choice import (CACHE_AUTO, KERNELS, TRAIN_AUTO, UNAVAILABLE, auto_preference, register,
+                                        resolve, resolve_cache_attention)
 from tidar_jax.masks import DecodeLayout, is_layout
-from tidar_jax.targets import build_chip, build_platform, platform_kind
-
-KERNELS: dict[str, Callable] = {}
-UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
-
-# TPU and CPU; on GPU the order is ``gpu_choice``'s (per chip). ``blockwise`` always runs, so it closes every order.
-AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "cpu": ("blockwise",)}
-# Decode-step cache attention (``DecodeOptions.cache_attention``), the one owner of its ``auto``: on GPU one
-# fixed-shape split-K kernel per layer (``paged``'s while loop over live pages copies its predicate to the host
-# every page on XLA:GPU); elsewhere ``paged`` (on CPU a loop iteration costs nothing extra and it reads only live
-# pages; ``fused`` would run in Pallas interpret mode).
-CACHE_AUTO = {"gpu": "fused", "tpu": "paged", "cpu": "paged"}
-
-
-def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
-    """Make ``fn(q_NTHD, k_NSKD, v_NSKD, layout) -> out_NTHD`` available as ``model.attention=name``;
-    ``unavailable(backend)`` returns why it cannot run on that backend (None when it can)."""
-    if name not in ATTENTION_KERNELS or name == "auto":
-        raise ValueError(f"kernel name {name!r}: must be one of {', '.join(ATTENTION_KERNELS[1:])}")
-    KERNELS[name] = fn
-    if unavailable is not None:
-        UNAVAILABLE[name] = unavailable
-
+from tidar_jax.targets import build_platform
 
 register("reference", reference.attend)
 register("blockwise", blockwise.attend)
 register("splash", splash.attend, splash.unavailable_reason)
 register("cudnn", cudnn.attend, cudnn.unavailable_reason)
 register("pallas_gpu", pallas_gpu.attend, pallas_gpu.unavailable_reason)
-
-
-def resolve(kernel: str, backend: str | None = None) -> str:
-    """The registered kernel name that ``kernel`` means on ``backend`` (default: the platform being built for,
-    ``tidar_jax.targets.build_platform()``: jax's default backend, or a deviceless target's platform)."""
-    kind = platform_kind(backend or build_platform())
-    if kernel == "auto":
-        prefs = auto_preference(kind)
-        return next(name for name in prefs + ("blockwise",) if name in KERNELS and _reason(name, kind) is None)
-    if kernel not in KERNELS:
-        if kernel in ATTENTION_KERNELS:
-            raise ConfigError(f"model.attention={kernel!r}: not available in this build; available: auto, "
-                              f"{', '.join(sorted(KERNELS))}")
-        raise ConfigError(f"model.attention={kernel!r}: must be one of {', '.join(ATTENTION_KERNELS)}")
-    reason = _reason(kernel, kind)
-    if reason is not None:
-        raise ConfigError(reason)
-    return kernel
-
-
-def auto_preference(kind: str) -> tuple[str, ...]:
-    """The kernels ``auto`` tries, in order, on backend ``kind`` ("gpu", "tpu", "cpu") for the chip being built
-    for; ``gpu_choice.preference`` says where a GPU order comes from."""
-    if kind == "gpu":
-        return gpu_choice.preference(build_chip())[0]
-    return AUTO_PREFERENCE.get(kind, ("blockwise",))
-
-
-def resolve_cache_attention(name: str, backend: str | None = None) -> str:
-    """The decode cache attention that ``name`` ("auto", "paged", "fused", "dense") means on ``backend``
-    (default: the platform being built for)."""
-    if name != "auto":
-        return name
-    return CACHE_AUTO.get(platform_kind(backend or build_platform()), "paged")
-
-
-def _reason(name: str, kind: str) -> str | None:
-    check = UNAVAILABLE.get(name)
-    return None if check is None else check(kind)
 
 
 def attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel: str = "auto"):
@@ -103,8 +40,8 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel: str = "auto"):
 def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, kernel: str = "auto"):
     """Attention of a cached forward (a decode step): keys are layer ``layer`` of the whole ``[L, N, C, K, D]``
     cache followed by the current tokens' ``k, v [N, T, K, D]``. A ``DecodeLayout`` with ``cache_page > 0`` reads
-    the cache in place up to the live length (its ``cache_kernel``: ``paged`` or ``fused``); otherwise the layer's
-    cache and the current keys are concatenated and attended with ``kernel`` (or the reference kernel for a dense
+    the cache in place up to the live length (its ``cache_kernel``: ``paged``, ``fused`` or ``tpu``); otherwise
+    the layer's cache and the current keys are concatenated and attended with ``kernel`` (or the reference kernel for a dense
     boolean mask)."""
     if isinstance(layout, DecodeLayout) and layout.cache_page and layout.cache_kernel == "fused":
         # the GPU kernel; anywhere else it runs in Pallas interpret mode (the CPU tests of it)
@@ -123,5 +60,5 @@ def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, laye
     return attend(q_NTHD, keys, values, layout, kernel)
 
 
-__all__ = ["AUTO_PREFERENCE", "CACHE_AUTO", "KERNELS", "UNAVAILABLE", "attend", "auto_preference", "attend_with_cache", "register",
-           "resolve", "resolve_cache_attention"]
+__all__ = ["CACHE_AUTO", "KERNELS", "TRAIN_AUTO", "UNAVAILABLE", "attend", "attend_with_cache", "auto_preference",
+           "register", "resolve", "resolve_cache_attention"]

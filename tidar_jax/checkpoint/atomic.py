@@ -31,21 +31,48 @@ def atomic_dir(out_dir: str, enabled: bool = True):
         raise
 
 
-def write_text(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (a temp file in the same directory, then ``os.replace``)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+def write_file(path: str, write, binary: bool = False) -> str:
+    """Replace ``path`` with what ``write(f)`` writes into an open file, atomically (a temp file in the same
+    directory, then ``os.replace``); the directory is created when missing. Returns ``path``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    return path
 
 
-def write_json(path: str, value) -> None:
-    write_text(path, json.dumps(value, indent=2) + "\n")
+def write_text(path: str, text: str) -> str:
+    """Replace ``path`` with ``text`` atomically."""
+    return write_file(path, lambda f: f.write(text))
+
+
+def write_json(path: str, value, indent: int = 2, default=None) -> str:
+    """Replace ``path`` with ``value`` as JSON (and a final newline) atomically."""
+    return write_text(path, json.dumps(value, indent=indent, default=default) + "\n")
+
+
+def publish_dir(tmp: str, out_dir: str, replace: bool = False) -> bool:
+    """Rename the filled directory ``tmp`` onto ``out_dir`` in one step; False (``tmp`` left as it is) when
+    ``out_dir`` exists and is not empty. ``replace``: an existing ``out_dir`` is moved aside first and removed after.
+    (rename(2) atomically replaces a missing or empty directory.)"""
+    if replace and os.path.isdir(out_dir):
+        old = f"{tmp}.old"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        return False
+    return True
 
 
 def copy_file(src: str, dst: str) -> None:

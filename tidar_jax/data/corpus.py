@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from tidar_jax.checkpoint.atomic import publish_dir, write_json
 from tidar_jax.data import shards as sh
 from tidar_jax.data import sources as src
 from tidar_jax.data import tokenizer as tk
@@ -93,16 +94,8 @@ def _complete(out_dir: str, manifest: dict) -> bool:
     return os.path.isfile(os.path.join(out_dir, tk.TOKENIZER_FILE))
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _write_manifest(path: str, manifest: dict) -> None:
-    _write_json_atomic(path, manifest)
+    write_json(path, manifest)
 
 
 def _report_skipped(skipped: list[dict]) -> None:
@@ -303,7 +296,7 @@ def _encode_all(work, entries, text_field, max_bytes, scan, heldout_fraction, se
                         w.flush()
                     # The journal is written after the data it describes is flushed, so a kill at any point
                     # leaves files at least as long as the journal says (resume cuts them back).
-                    _write_json_atomic(os.path.join(work, JOURNAL), {
+                    write_json(os.path.join(work, JOURNAL), {
                         **journal_base, "items_done": end_item, "documents_bytes": docs_f.tell(),
                         "writers": {s: w.state() for s, w in writers.items()}, "counts": counts})
     finally:
@@ -438,7 +431,7 @@ def prepare_corpus(out_dir, sources=None, tokenizer=None, vocab_size: int = 4096
             if resume_state is None:
                 tok_info = _make_tokenizer(work, tokenizer, vocab_size, entries, text_field, max_bytes, scan,
                                            heldout_fraction, seed, tokenizer_sample_bytes)
-                _write_json_atomic(os.path.join(work, JOURNAL), {**journal_base, "tokenizer": tok_info,
+                write_json(os.path.join(work, JOURNAL), {**journal_base, "tokenizer": tok_info,
                                                                 "items_done": 0, "documents_bytes": 0,
                                                                 "writers": None})
             else:
@@ -449,7 +442,7 @@ def prepare_corpus(out_dir, sources=None, tokenizer=None, vocab_size: int = 4096
                               fingerprint, (shard_index, shard_count))
             for name in (JOURNAL, LOCK):
                 os.remove(os.path.join(work, name))
-            published = _publish(work, out_dir, replace=existing is not None)
+            published = publish_dir(work, out_dir, replace=existing is not None)
         except (KeyboardInterrupt, SystemExit):
             log.warning("interrupted: %s is kept; run the same command again to resume", work)
             raise
@@ -561,19 +554,3 @@ def _existing(out_dir: str) -> dict | None:
         return {}  # unreadable or old format: treated as a different corpus
 
 
-def _publish(tmp: str, out_dir: str, replace: bool) -> bool:
-    """Rename tmp onto out_dir; False if out_dir became non-empty meanwhile.
-
-    rename(2) atomically replaces a missing or empty directory; an old corpus (overwrite) is moved aside first.
-    """
-    if replace:
-        old = f"{tmp}.old"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return True
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        return False
-    return True

@@ -15,6 +15,7 @@ import shutil
 import sys
 import uuid
 
+from tidar_jax.checkpoint.atomic import publish_dir
 from tidar_jax.cli import OneLineArgumentParser
 from tidar_jax.data import tokenizer as tk
 from tidar_jax.data.corpus import DOCUMENTS, FORMAT_VERSION, MANIFEST, SPLITS, _write_manifest, load_manifest
@@ -88,9 +89,8 @@ def merge_parts(out_dir, part_dirs) -> dict:
             "truncated": first["truncated"],
         }
         _write_manifest(os.path.join(tmp, MANIFEST), manifest)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
+        if not publish_dir(tmp, out_dir):
+            raise OSError(f"{out_dir}: not empty")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tidar_jax import masks
-from tidar_jax.attention import resolve_cache_attention
+from tidar_jax.attention.choice import cache_read
 from tidar_jax.decode import kv as kvops
 from tidar_jax.decode import layout
 from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
@@ -174,16 +174,6 @@ def _initial_state(cache, pending_NB, key, stops: Stops, opts: DecodeOptions) ->
         steps=jnp.zeros((), jnp.int32), stops=stops)
 
 
-def _cache_read(opts: DecodeOptions) -> dict:
-    """How a step's layout reads the cache: in place (``cache_page`` > 0) with the ``paged`` or ``fused`` kernel,
-    or concatenated (``cache_attention="dense"``). ``auto`` is resolved here, at trace time, for the platform
-    being built for."""
-    kind = resolve_cache_attention(opts.cache_attention)
-    if kind == "dense":
-        return dict(cache_page=0)
-    return dict(cache_page=opts.cache_page, cache_kernel=kind)
-
-
 def _gather_rows(x_NTE, idx_NX):
     return jnp.take_along_axis(x_NTE, idx_NX[:, :, None], axis=1)
 
@@ -242,10 +232,10 @@ def tidar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     active_N = ~state.done_N
     tokens_NT = jnp.concatenate([drafts_NB, jnp.full((n, n_groups * b), cfg.mask_token_id, drafts_NB.dtype)],
                                 axis=1)
-    mask_NTS = masks.decode_attention_layout(length_N, b, cache.k_LNCKD.shape[2],
-                                             counts=None if opts.groups is None else counts,
-                                             **_cache_read(opts))
-    positions_NT = mask_NTS.positions()
+    layout_NTS = masks.decode_attention_layout(length_N, b, cache.k_LNCKD.shape[2],
+                                               counts=None if opts.groups is None else counts)
+    positions_NT = layout_NTS.positions()
+    mask_NTS = cache_read(layout_NTS, opts.cache_attention, opts.cache_page)
     hidden_NTE, step_kv = model.hidden(tokens_NT, positions_NT, mask_NTS, cache)
 
     # Group slot-0 rows that mix into the verifier when beta < 1: verifier i (position L+i+1) mixes with group
@@ -315,7 +305,8 @@ def ar_step(model, opts: DecodeOptions, state: DecodeState) -> DecodeState:
     n = token_N1.shape[0]
     length_N = cache.length_N
     active_N = ~state.done_N
-    mask_N1S = masks.ar_step_layout(length_N, cache.k_LNCKD.shape[2], **_cache_read(opts))
+    mask_N1S = cache_read(masks.ar_step_layout(length_N, cache.k_LNCKD.shape[2]), opts.cache_attention,
+                          opts.cache_page)
     hidden_N1E, step_kv = model.hidden(token_N1, length_N[:, None], mask_N1S, cache)
     logits_NV = model.logits(hidden_N1E)[:, 0]
     key, sub = jax.random.split(state.key)

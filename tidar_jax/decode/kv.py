@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.model import KVCache, StepKV
+from tidar_jax.model import KVCache, StepKV, gpu_step
 
 
 def write_slots(cache_LNCKD, new_LNTKD, start_N):
@@ -22,18 +22,9 @@ def write_slots(cache_LNCKD, new_LNTKD, start_N):
 
 
 def after(step_kv: StepKV, dependency) -> StepKV:
-    """``step_kv``, made to wait (on GPU) for ``dependency``, a value computed from the step's logits.
-
-    Why: the write updates the donated cache in place, and XLA may only do that after every kernel that reads the
-    cache (each layer's cache attention). When the write's inputs do not depend on the last layers' attention,
-    XLA:GPU keeps the old cache alive for them instead: the compiled H100 TiDAR step copied the whole K and V
-    cache twice each (issue 22). Depending on the logits orders the write after every read. CPU programs are
-    unchanged."""
-    from tidar_jax.targets import build_platform
-
-    if build_platform() != "gpu":
-        return step_kv
-    return jax.lax.optimization_barrier((step_kv, dependency))[0]
+    """``step_kv``, made to wait for ``dependency`` (a value computed from the step's logits) where the platform
+    needs it: the lean GPU decode step's ``order_cache_write`` (``tidar_jax.model.gpu_step``)."""
+    return gpu_step.after(gpu_step.for_forward(reads_cache=True), step_kv, dependency)
 
 
 def write_tokens(cache: KVCache, step_kv: StepKV, count: int, start_N) -> KVCache:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from tidar_jax.config import check_block_size
+from tidar_jax.config import CACHE_ATTENTION, DEFAULT_BLOCK_SIZE, check_block_size
 
 MODES = ("tidar", "ar")
 SLOT0 = ("verifier", "diffusion")
 HEADS = ("selective", "one_pass")
-CACHE_ATTENTION = ("auto", "paged", "fused", "tpu", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -47,12 +46,12 @@ class DecodeOptions:
         per layer that skips the slots past each row's live length; GPU, Pallas interpret mode elsewhere),
         "tpu" (``tidar_jax.attention.tpu_cache``: the same contract as one Pallas TPU kernel; interpret mode
         elsewhere),
-        "dense" (concatenate the whole allocated cache with the step's keys under a dense mask; the reference
-        path) or "auto" (per platform, ``tidar_jax.attention.CACHE_AUTO``: fused on GPU, paged elsewhere).
+        "dense" (the whole allocated cache and the step's keys under a materialised mask, attended by the
+        reference kernel: the reference path) or "auto" (per platform: ``tidar_jax.attention.choice`` decides).
     """
 
     mode: str = "tidar"
-    block_size: int = 4
+    block_size: int = DEFAULT_BLOCK_SIZE
     beta: float = 1.0
     slot0: str = "verifier"
     temperature: float = 0.0

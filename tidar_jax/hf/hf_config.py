@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidar_jax.config import ConfigError, ModelConfig, resolve_mask_token
+from tidar_jax.config import DEFAULT_BLOCK_SIZE, ConfigError, ModelConfig, resolve_mask_token  # noqa: F401 (re-exported)
 from tidar_jax.hf.keys import HFFormatError
 
 # family -> (architecture class name, model_type)
@@ -16,9 +16,6 @@ ARCHITECTURES = {
 _FAMILY_BY_ARCH = {arch: fam for fam, (arch, _) in ARCHITECTURES.items()}
 _FAMILY_BY_MODEL_TYPE = {mt: fam for fam, (_, mt) in ARCHITECTURES.items()}
 
-# the paper's released models draft 16 tokens: what TiDAR training from an HF checkpoint that records no block size
-# uses when the training config gives none (loading never assumes it: no record means no trained block size)
-DEFAULT_BLOCK_SIZE = 16
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64",
                 "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _DEFAULT_MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "llama": 2048}

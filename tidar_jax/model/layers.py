@@ -10,6 +10,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
+from tidar_jax.model import gpu_step
+from tidar_jax.model.gpu_step import PLAIN, GpuStep
 
 
 def _dtype(name: str):
@@ -51,33 +53,11 @@ class RMSNorm(nnx.Module):
 
     def deferred(self, x):
         """The norm split for a following projection ``norm(x) @ w == r * ((x * scale) @ w)``: returns
-        ``(x * scale, r)`` with ``r = rsqrt(mean(x^2) + eps)`` ``[..., 1]`` in the compute dtype. See
-        ``defer_norm``."""
+        ``(x * scale, r)`` with ``r = rsqrt(mean(x^2) + eps)`` ``[..., 1]`` in the compute dtype (the lean GPU
+        decode step's ``defer_norms``, ``tidar_jax.model.gpu_step``)."""
         compute = jnp.promote_types(x.dtype, jnp.float32)
         xf = x.astype(compute)
         return self.scale[...].astype(x.dtype) * x, jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-
-
-def pad_rows(cache, x_NTE) -> int:
-    """Padding rows the layers of a one-token decode step on GPU carry (0 elsewhere): with two rows every
-    projection is a GEMM without a padding kernel of its own (see ``_single_row_gemm``) and the norms' scaling
-    fuses into them (``defer_norm``). The padding row is zeros and stays zeros (attention skips it)."""
-    return int(defer_norm(cache) and x_NTE.shape[0] * x_NTE.shape[1] == 1)
-
-
-def defer_norm(cache) -> bool:
-    """Whether a decoder layer applies its RMSNorms' per-row factor after the projections (a decode step on GPU).
-
-    Why: XLA:GPU emits ``norm(x) @ w`` as three kernels (the residual add with the sum of squares, the scaling,
-    the GEMM); written ``r * ((x * scale) @ w)`` the scaling by ``scale`` is fused into the GEMM's operand and
-    ``r`` into the fusion that consumes the GEMM (RoPE, SwiGLU), so each norm costs no kernel of its own (issue
-    22). Algebraically equal; in bf16 it rounds ``x * scale`` and the product before ``* r`` instead of ``x * r``
-    and then ``* scale`` (the products stay in the compute dtype: a float32 GEMM output would double the bytes
-    the GEMM writes and the next fusion reads, at 272 TiDAR rows half a gigabyte per step at 1.5B).
-    Only the decode step (a cache is read) on GPU: prefill, training and every CPU program are unchanged."""
-    from tidar_jax.targets import build_platform
-
-    return cache is not None and build_platform() == "gpu"
 
 
 def rope_tables(positions_NT, head_dim: int, theta: float, dtype):
@@ -99,53 +79,22 @@ def apply_rope(x_NTHD, cos_NTD, sin_NTD):
     return out.astype(x_NTHD.dtype)
 
 
-def _single_row_gemm(x_RE, w_EF):
-    """``x @ w`` for a 2-D ``x``. One row (an AR decode step at batch 1) on GPU is padded to two: XLA:GPU rewrites
-    a vector-matrix product whose weight is small (under 10M elements: the 1.5B model's attention projections) into
-    an elementwise multiply that writes a weight-sized product plus a reduction that reads it back, two kernels and
-    three times the weight traffic in the compiled H100 step; a two-row product stays one GEMM that reads the
-    weight once. Elsewhere (CPU) the product is left as it is."""
-    from tidar_jax.targets import build_platform
-
-    if x_RE.shape[0] == 1 and build_platform() == "gpu":
-        return (jnp.pad(x_RE, ((0, 1), (0, 0))) @ w_EF)[:1]
-    return x_RE @ w_EF
-
-
-def _project_in(x_NTE, w_EHD, row_scale_NT1=None):
+def _project_in(x_NTE, w_EHD, row_scale_NT1=None, step: GpuStep = PLAIN):
     """``einsum("nte,ehd->nthd")`` as a 2-D product over flattened rows and heads (free reshapes), times
     ``row_scale`` (a deferred norm factor, ``RMSNorm.deferred``) when given."""
     e, h, d = w_EHD.shape
     n, t, _ = x_NTE.shape
-    y_NTF = _single_row_gemm(x_NTE.reshape(n * t, e), w_EHD.reshape(e, h * d))
+    y_NTF = gpu_step.gemm(step, x_NTE.reshape(n * t, e), w_EHD.reshape(e, h * d))
     if row_scale_NT1 is not None:
         y_NTF = (y_NTF.reshape(n, t, h * d) * row_scale_NT1).astype(x_NTE.dtype)
     return y_NTF.reshape(n, t, h, d)
 
 
-def _project_out(x_NTHD, w_HDE):
+def _project_out(x_NTHD, w_HDE, step: GpuStep = PLAIN):
     """``einsum("nthd,hde->nte")`` as a 2-D product (see ``_project_in``)."""
     h, d, e = w_HDE.shape
     n, t = x_NTHD.shape[:2]
-    return _single_row_gemm(x_NTHD.reshape(n * t, h * d), w_HDE.reshape(h * d, e)).reshape(n, t, e)
-
-
-def _norm_heads_together(q_norm: "RMSNorm", k_norm: "RMSNorm", q_NTHD, k_NTKD):
-    """``q_norm(q), k_norm(k)`` (per-head RMSNorms, the same eps) as one norm over the heads of both: in the
-    compiled H100 one-token step XLA:GPU emits each per-head norm as its own kernel, and k's with a convert before
-    it (3 kernels; 1 this way). With many tokens (a TiDAR step) it is the other way round (the separate norms are
-    one Triton kernel each, the joint one a reduction and a transposed rsqrt), so only one-token steps use it
-    (issue 22). The arithmetic per head is ``RMSNorm``'s, so the result is the same."""
-    h = q_NTHD.shape[2]
-    qk_NTXD = jnp.concatenate([q_NTHD, k_NTKD], axis=2)
-    d = qk_NTXD.shape[-1]
-    scale_XD = jnp.concatenate([jnp.broadcast_to(q_norm.scale[...], (h, d)),
-                                jnp.broadcast_to(k_norm.scale[...], (k_NTKD.shape[2], d))])
-    compute = jnp.promote_types(qk_NTXD.dtype, jnp.float32)
-    xf = qk_NTXD.astype(compute)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + q_norm.eps)
-    out_NTXD = scale_XD.astype(qk_NTXD.dtype) * xf.astype(qk_NTXD.dtype)
-    return out_NTXD[:, :, :h], out_NTXD[:, :, h:]
+    return gpu_step.gemm(step, x_NTHD.reshape(n * t, h * d), w_HDE.reshape(h * d, e)).reshape(n, t, e)
 
 
 class LayerCache(NamedTuple):
@@ -175,27 +124,29 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs, axis_name="head_dim")
 
-    def __call__(self, x_NTE, cos_NTD, sin_NTD, mask_NTS, cache: "LayerCache | None" = None, row_scale_NT1=None):
+    def __call__(self, x_NTE, cos_NTD, sin_NTD, mask_NTS, cache: "LayerCache | None" = None, row_scale_NT1=None,
+                 step: GpuStep = PLAIN):
         """Returns (out_NTE, k_NTKD, v_NTKD); the current K/V (after RoPE) are returned, never cached here.
-        ``row_scale``: a deferred norm factor (``RMSNorm.deferred``) the projections of ``x`` are multiplied by.
+        ``row_scale``: a deferred norm factor (``RMSNorm.deferred``) the projections of ``x`` are multiplied by;
+        ``step``: the forward's GPU rewrites (``tidar_jax.model.gpu_step``).
 
         ``mask_NTS``: a ``tidar_jax.masks`` layout (attended with the ``cfg.attention`` kernel) or a dense boolean
         mask over keys ``[cache | current]`` (attended with the reference kernel); with a cache, see
         ``tidar_jax.attention.attend_with_cache``."""
         dt = x_NTE.dtype
         # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
-        q = checkpoint_name(_project_in(x_NTE, self.q_proj[...].astype(dt), row_scale_NT1), "q_proj")
-        k = checkpoint_name(_project_in(x_NTE, self.k_proj[...].astype(dt), row_scale_NT1), "k_proj")
-        v = checkpoint_name(_project_in(x_NTE, self.v_proj[...].astype(dt), row_scale_NT1), "v_proj")
+        q = checkpoint_name(_project_in(x_NTE, self.q_proj[...].astype(dt), row_scale_NT1, step), "q_proj")
+        k = checkpoint_name(_project_in(x_NTE, self.k_proj[...].astype(dt), row_scale_NT1, step), "k_proj")
+        v = checkpoint_name(_project_in(x_NTE, self.v_proj[...].astype(dt), row_scale_NT1, step), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         t = cos_NTD.shape[1]
-        if x_NTE.shape[1] > t:  # padding rows (``pad_rows``): only the first ``t`` are tokens
+        if x_NTE.shape[1] > t:  # padding rows (``gpu_step.pad_rows``): only the first ``t`` are tokens
             q, k, v = q[:, :t], k[:, :t], v[:, :t]
-        if self.cfg.qk_norm and row_scale_NT1 is not None and t == 1:  # a one-token GPU step: see the function
-            q, k = _norm_heads_together(self.q_norm, self.k_norm, q, k)
+        if self.cfg.qk_norm and step.defer_norms and t == 1:
+            q, k = gpu_step.norm_heads_together(self.q_norm, self.k_norm, q, k)
         elif self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_NTD, sin_NTD), apply_rope(k, cos_NTD, sin_NTD)
@@ -206,7 +157,7 @@ class Attention(nnx.Module):
                                                     self.cfg.attention)
         if x_NTE.shape[1] > t:
             attn_NTHD = jnp.pad(attn_NTHD, ((0, 0), (0, x_NTE.shape[1] - t), (0, 0), (0, 0)))
-        out = checkpoint_name(_project_out(attn_NTHD, self.o_proj[...].astype(dt)), "o_proj")
+        out = checkpoint_name(_project_out(attn_NTHD, self.o_proj[...].astype(dt), step), "o_proj")
         return out, k, v
 
 

@@ -54,7 +54,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.model.layers import MLP, Attention, LayerCache, RMSNorm, _normal, defer_norm, pad_rows, param, rope_tables
+from tidar_jax.model import gpu_step
+from tidar_jax.model.gpu_step import PLAIN, GpuStep
+from tidar_jax.model.layers import MLP, Attention, LayerCache, RMSNorm, _normal, param, rope_tables
 from tidar_jax.model.remat import policy_name, rematerialize
 from tidar_jax.scan_options import scan_unroll
 from tidar_jax.sharding import constrain
@@ -94,13 +96,13 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_NTE, cos, sin, mask_NTS, cache: LayerCache | None = None):
-        if defer_norm(cache):
+    def __call__(self, x_NTE, cos, sin, mask_NTS, cache: LayerCache | None = None, step: GpuStep = PLAIN):
+        if step.defer_norms:
             xs_NTE, r_NT1 = self.attn_norm.deferred(x_NTE)
-            attn_out, k, v = self.attn(xs_NTE, cos, sin, mask_NTS, cache, r_NT1)
+            attn_out, k, v = self.attn(xs_NTE, cos, sin, mask_NTS, cache, r_NT1, step)
             x_NTE = x_NTE + attn_out
             return x_NTE + self.mlp(*self.mlp_norm.deferred(x_NTE)), k, v
-        attn_out, k, v = self.attn(self.attn_norm(x_NTE), cos, sin, mask_NTS, cache)
+        attn_out, k, v = self.attn(self.attn_norm(x_NTE), cos, sin, mask_NTS, cache, step=step)
         x_NTE = x_NTE + attn_out
         x_NTE = x_NTE + self.mlp(self.mlp_norm(x_NTE))
         return x_NTE, k, v
@@ -130,7 +132,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.remat = policy_name(remat)
         self.embed = param(rngs, _normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        # built one by one (so a seed gives the same weights as the former unrolled stack), then stacked
+        # built one by one (layer i draws its weights i-th from the seed's stream), then stacked
         self.layers = stack_layers([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
         if not cfg.tie_embeddings:
@@ -150,6 +152,7 @@ class Transformer(nnx.Module):
         x_NTE = jnp.take(self.embed[...], tokens_NT, axis=0).astype(dt)
         cos, sin = rope_tables(positions_NT, cfg.head_dim, cfg.rope_theta, dt)
         layer_graphdef, layer_state = nnx.split(self.layers)
+        step = gpu_step.for_forward(reads_cache=cache is not None)  # the lean GPU decode step, decided once
 
         def one_layer(x_NTE, xs):
             # the mask (possibly an opaque layout object), cos, sin and the whole cache are closed over: the same
@@ -158,11 +161,11 @@ class Transformer(nnx.Module):
             layer = nnx.merge(layer_graphdef, state)
             layer_cache = None if cache is None else LayerCache(cache.k_LNCKD, cache.v_LNCKD, layer_index)
             x_NTE = constrain(x_NTE, ACTIVATION_AXES, "layer input activations")
-            x_NTE, k_NTKD, v_NTKD = layer(x_NTE, cos, sin, mask_NTS, layer_cache)
+            x_NTE, k_NTKD, v_NTKD = layer(x_NTE, cos, sin, mask_NTS, layer_cache, step)
             return x_NTE, (k_NTKD, v_NTKD)
 
         t = x_NTE.shape[1]
-        x_NTE = jnp.pad(x_NTE, ((0, 0), (0, pad_rows(cache, x_NTE)), (0, 0)))
+        x_NTE = jnp.pad(x_NTE, ((0, 0), (0, gpu_step.pad_rows(step, x_NTE)), (0, 0)))
         if layer_states is not None:
             kv = []
             for i, state in enumerate(layer_states):

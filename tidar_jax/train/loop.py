@@ -239,7 +239,7 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh, data_dir: str | None = Non
     from flax import nnx
 
     from tidar_jax.loading import checkpoint_kind, load_for_inference
-    from tidar_jax.hf.hf_config import DEFAULT_BLOCK_SIZE
+    from tidar_jax.config import DEFAULT_BLOCK_SIZE
     from tidar_jax.model.functional import abstract_model
     from tidar_jax.train.step import param_shardings
 

@@ -138,6 +138,38 @@ def run_phases(phases: list[Phase], show_progress: bool = True, report=print) ->
 
     for phase in reversed(phases):  # every output location up front, the run dir first: nothing trains for nothing
         check_output_dir(phase.run_dir, existing=run_dir_problem)
+    # the directories this call will create: a failure before a phase has checkpointed anything leaves none behind
+    new_dirs = _missing_dirs([p.run_dir for p in phases])
+    try:
+        return _run(phases, show_progress, report, train)
+    except BaseException:
+        _remove_unused(new_dirs)
+        raise
+
+
+def _missing_dirs(paths: list[str]) -> list[str]:
+    """The directories of ``paths`` and above them that do not exist yet, outermost first."""
+    out: list[str] = []
+    for path in paths:
+        d, chain = os.path.abspath(path), []
+        while not os.path.exists(d) and d not in out:
+            chain.append(d)
+            d = os.path.dirname(d)
+        out += reversed(chain)
+    return out
+
+
+def _remove_unused(dirs: list[str]) -> None:
+    """Remove those of ``dirs`` (created by this run) that hold no checkpoint, innermost first."""
+    import shutil
+
+    for d in reversed(dirs):
+        if os.path.isdir(d) and not any("checkpoints" in names and os.listdir(os.path.join(root, "checkpoints"))
+                                        for root, names, _ in os.walk(d)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(phases: list[Phase], show_progress: bool, report, train) -> list:
     out = []
     for i, phase in enumerate(phases):
         last = i == len(phases) - 1

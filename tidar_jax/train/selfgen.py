@@ -3,7 +3,7 @@
 In lossless decoding a draft counts only when it equals the AR head's greedy token *given the AR model's own
 earlier output*. A small AR model's greedy continuations are not like its training text (at the main job's size
 they fall into short loops such as ``_get_get_get``), so a drafter trained on real text alone does not predict
-them: issue 23 measured slot 2 of B=4 accepted 6% of the time on the model's loops while 18% of the time on real
+them: the levers study (docs/studies/recipe_levers.md) measured slot 2 of B=4 accepted 6% of the time on the model's loops while 18% of the time on real
 text. The paper's successors and speculative decoding in general (Medusa-2, EAGLE) train the drafter on the
 target model's own generations; this module makes that data for the TiDAR phase of the recipe:
 
@@ -28,6 +28,8 @@ import os
 import shutil
 
 import numpy as np
+
+from tidar_jax.checkpoint.atomic import publish_dir
 
 SELFGEN_DIR = "selfgen"
 GENERATE_BATCH = 64
@@ -124,7 +126,8 @@ def build_selfgen(init_from: str, data_dir: str, out_dir: str, rows: int, prompt
                         splits={"train": train, "eval": manifest["splits"]["eval"]})
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(out_manifest, f, indent=1)
-    os.replace(tmp, out_dir)
+    if not publish_dir(tmp, out_dir):
+        raise OSError(f"{out_dir}: not empty")
     log(f"self-generated draft data: {rows} rows of {prompt_tokens} prompt + {new_tokens} greedy AR tokens from "
         f"{init_from} in {out_dir} ({time.perf_counter() - t0:.1f} s)")
     return out_dir
