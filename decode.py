@@ -330,7 +330,8 @@ def run_plan(args) -> int:
     if (args.preset is None) == (args.hf_config is None):
         raise SystemExit("--plan needs exactly one of --preset (qwen2.5-1.5b, qwen3-8b) and --hf-config")
     for flag, value, low in (("--batch", args.batch, 1), ("--context", args.context, 1),
-                             ("--cache-page", args.cache_page, 1), ("--block-size", args.block_size or DEFAULT_BLOCK_SIZE, 1)):
+                             ("--cache-page", args.cache_page, 1),
+                             ("--block-size", args.block_size or DEFAULT_BLOCK_SIZE, 1)):
         if value < low:
             raise SystemExit(f"{flag}={value}: must be an integer >= {low}")
     try:

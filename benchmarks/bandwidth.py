@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     for context in args.contexts:
         inputs = [jnp.asarray(a) for a in bc.plain_inputs(cfg, 1, context, 1, rng)]
-        cands[f"ar_step/L={context}"] = partial(fwd, decode_params, bc.random_cache(cfg, 1, context, args.seed), *inputs)
+        cache = bc.random_cache(cfg, 1, context, args.seed)
+        cands[f"ar_step/L={context}"] = partial(fwd, decode_params, cache, *inputs)
 
     from tidar_jax.decode import Decoder
     dec = Decoder.from_bundle(bundle)

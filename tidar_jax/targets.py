@@ -294,5 +294,5 @@ def platform_of_devices(devices) -> str:
 
 
 __all__ = ["CHIPS", "Chip", "Target", "TargetError", "build_chip", "build_platform", "chip_of_device_kind",
-           "compiling_for", "cpu_only_when_no_accelerator", "gpu_target_config", "missing_install", "parse_target", "platform_kind", "platform_of_devices",
-           "prepare_environment", "target_devices"]
+           "compiling_for", "cpu_only_when_no_accelerator", "gpu_target_config", "missing_install", "parse_target",
+           "platform_kind", "platform_of_devices", "prepare_environment", "target_devices"]

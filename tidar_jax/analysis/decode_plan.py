@@ -121,8 +121,8 @@ def _replicated(shape, dtype, mesh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(mesh))
 
 
-def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = DEFAULT_BLOCK_SIZE, context: int = 1024,
-                   max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
+def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
+                   context: int = 1024, max_new_tokens: int = 256, cache_page: int = 128, head: str = "one_pass",
                    modes=("ar", "tidar"), mesh_shape=(1, 1, 1), cache_dtype: str | None = None,
                    with_prefill: bool = True, cache_attention: str = "auto",
                    groups: tuple[int, ...] | None = None,

@@ -14,8 +14,8 @@ particular hardware registers why it cannot run elsewhere) and ``auto`` is the f
 
 ``blockwise`` (a scan over key tiles) runs everywhere, so it closes every order.
 
-**Decode cache attention** (``DecodeOptions.cache_attention``, ``CACHE_ATTENTION``): how a decode step reads the
-KV cache. ``auto`` is ``CACHE_AUTO``: on GPU ``fused`` (one fixed-shape split-K kernel per layer,
+**Decode cache attention** (``DecodeOptions.cache_attention``, one of ``config.CACHE_ATTENTION``): how a decode
+step reads the KV cache. ``auto`` is ``CACHE_AUTO``: on GPU ``fused`` (one fixed-shape split-K kernel per layer,
 ``attention.fused_cache``; ``paged``'s while loop over live pages copies its predicate to the host every page on
 XLA:GPU), elsewhere ``paged`` (``attention.paged``: on CPU a loop iteration costs nothing extra and it reads only
 live pages; ``fused`` would run in Pallas interpret mode). ``dense`` is the reference: the whole allocated cache
@@ -30,7 +30,7 @@ import json
 import os
 from typing import Callable
 
-from tidar_jax.config import ATTENTION_KERNELS, CACHE_ATTENTION, ConfigError
+from tidar_jax.config import ATTENTION_KERNELS, ConfigError
 from tidar_jax.targets import build_chip, build_platform, platform_kind
 
 TRAIN_AUTO = {"tpu": ("splash", "blockwise"), "cpu": ("blockwise",)}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidar_jax.config import DEFAULT_BLOCK_SIZE, ConfigError, ModelConfig, resolve_mask_token  # noqa: F401 (re-exported)
+from tidar_jax.config import DEFAULT_BLOCK_SIZE  # noqa: F401 (re-exported by tidar_jax.hf)
+from tidar_jax.config import ConfigError, ModelConfig, resolve_mask_token
 from tidar_jax.hf.keys import HFFormatError
 
 # family -> (architecture class name, model_type)

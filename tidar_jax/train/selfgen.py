@@ -3,9 +3,10 @@
 In lossless decoding a draft counts only when it equals the AR head's greedy token *given the AR model's own
 earlier output*. A small AR model's greedy continuations are not like its training text (at the main job's size
 they fall into short loops such as ``_get_get_get``), so a drafter trained on real text alone does not predict
-them: the levers study (docs/studies/recipe_levers.md) measured slot 2 of B=4 accepted 6% of the time on the model's loops while 18% of the time on real
-text. The paper's successors and speculative decoding in general (Medusa-2, EAGLE) train the drafter on the
-target model's own generations; this module makes that data for the TiDAR phase of the recipe:
+them: the levers study (docs/studies/recipe_levers.md) measured slot 2 of B=4 accepted 6% of the time on the
+model's loops while 18% of the time on real text. The paper's successors and speculative decoding in general
+(Medusa-2, EAGLE) train the drafter on the target model's own generations; this module makes that data for the
+TiDAR phase of the recipe:
 
 * prompts: the first ``prompt_tokens`` tokens of train-split documents (the demo's and decode's prompts are the
   starts of held-out documents), then windows at seeded random offsets when more rows are asked for;
