@@ -92,12 +92,14 @@ def safetensors_headers(out_dir):
 
 
 @pytest.fixture(scope="session")
-def sglang_loaders(request):
+def sglang_loaders(request, tmp_path_factory):
     """SGLang 0.5.5's own weight-loading functions (``tests/sglang_wheel.py``; skips where the wheel cannot be
-    fetched); the wheel is kept in pytest's cache."""
+    fetched); the wheel is kept in pytest's cache (in a temporary dir when the cache plugin is off)."""
     from sglang_wheel import Loaders, fetch_wheel
 
-    return Loaders(fetch_wheel(str(request.config.cache.mkdir("sglang-wheel"))))
+    cache = getattr(request.config, "cache", None)
+    cache_dir = cache.mkdir("sglang-wheel") if cache is not None else tmp_path_factory.mktemp("sglang-wheel")
+    return Loaders(fetch_wheel(str(cache_dir)))
 
 
 @pytest.fixture(scope="module", params=[("qwen2", True), ("qwen3", False)], ids=["qwen2-tied", "qwen3-untied"])
