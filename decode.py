@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight/compute dtype, cast once at load (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                    help="KV-cache dtype (default: the compute dtype)")
-    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "dense"),
-                   help="decode-step cache attention (default auto: fused on GPU, paged elsewhere; docs/decode.md)")
+    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "tpu", "dense"),
+                   help="decode-step cache attention (default auto: fused on GPU, tpu on TPU, paged on CPU; docs/attention.md)")
     p.add_argument("--mesh", default=None,
                    help="data=D,fsdp=F,tensor=T: shard params and KV cache over D*F*T devices (default: one)")
     p.add_argument("--groups", default=None,

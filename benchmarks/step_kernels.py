@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="h100")
     p.add_argument("--preset", default="qwen2.5-1.5b")
     p.add_argument("--mode", default="ar", choices=("ar", "tidar"))
-    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "dense"))
+    p.add_argument("--cache-attention", default="auto", choices=("auto", "paged", "fused", "tpu", "dense"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--context", type=int, default=1024)

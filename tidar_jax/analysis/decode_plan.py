@@ -14,6 +14,7 @@ round-trip counts (``assumed_trips``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -138,7 +139,10 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
     platform = platform_of_devices(list(devices))
     graphdef, params = abstract_decode_params(cfg, mesh)
     out: dict[str, CompiledDecodeProgram] = {}
-    with compiling_for(platform):
+    # a Mosaic kernel lowers through the chip's description, which a deviceless compile has only from the mesh
+    # (jax's default backend is the CPU); a multi-device mesh gets it from the kernels' shard_map as well
+    chip_mesh = jax.set_mesh(mesh) if platform == "tpu" else contextlib.nullcontext()
+    with compiling_for(platform), chip_mesh:
         for mode in modes:
             opts = decode_options(mode, block_size, max_new_tokens, cache_page, head, cache_dtype, cache_attention,
                                   groups)

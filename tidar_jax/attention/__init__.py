@@ -30,11 +30,12 @@ UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}
 
 # TPU and CPU; on GPU the order is ``gpu_choice``'s (per chip). ``blockwise`` always runs, so it closes every order.
 AUTO_PREFERENCE = {"tpu": ("splash", "blockwise"), "cpu": ("blockwise",)}
-# Decode-step cache attention (``DecodeOptions.cache_attention``), the one owner of its ``auto``: on GPU one
-# fixed-shape split-K kernel per layer (``paged``'s while loop over live pages copies its predicate to the host
-# every page on XLA:GPU); elsewhere ``paged`` (on CPU a loop iteration costs nothing extra and it reads only live
-# pages; ``fused`` would run in Pallas interpret mode).
-CACHE_AUTO = {"gpu": "fused", "tpu": "paged", "cpu": "paged"}
+# Decode-step cache attention (``DecodeOptions.cache_attention``), the one owner of its ``auto``: on GPU and TPU
+# one fixed-shape kernel per layer (``fused``: split-K Pallas Triton; ``tpu``: Pallas Mosaic), since ``paged``'s
+# while loop over live pages is a data-dependent loop in the step (on XLA:GPU it copies its predicate to the host
+# every page); on CPU ``paged`` (a loop iteration costs nothing extra there and it reads only live pages; the
+# Pallas kernels would run in interpret mode).
+CACHE_AUTO = {"gpu": "fused", "tpu": "tpu", "cpu": "paged"}
 
 
 def register(name: str, fn: Callable, unavailable: Callable[[str], str | None] | None = None) -> None:
@@ -81,7 +82,7 @@ def auto_preference(kind: str) -> tuple[str, ...]:
 
 
 def resolve_cache_attention(name: str, backend: str | None = None) -> str:
-    """The decode cache attention that ``name`` ("auto", "paged", "fused", "dense") means on ``backend``
+    """The decode cache attention that ``name`` ("auto", "paged", "fused", "tpu", "dense") means on ``backend``
     (default: the platform being built for)."""
     if name != "auto":
         return name

@@ -31,6 +31,7 @@ from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf, verifier_probs
 from tidar_jax.model import KVCache, layer_major
+from tidar_jax.sharding import activation_mesh
 
 
 class Stops(NamedTuple):
@@ -337,13 +338,18 @@ def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, p
             stops: Stops, mesh=None) -> DecodeState:
     model = layer_major.merge(graphdef, params)
     fn = tidar_prefill if opts.mode == "tidar" else ar_prefill
-    return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
+    with activation_mesh(mesh):
+        return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
 
 
 def step(graphdef, opts: DecodeOptions, params, state: DecodeState, mesh=None) -> DecodeState:
+    """One decode step. On a mesh the activations between layers follow the rules table (replicated over the
+    tensor axis: with heads and MLP columns sharded, each block ends in one all-reduce) and a Mosaic cache kernel
+    runs in a ``shard_map`` over it (``tidar_jax.sharding.activation_mesh``)."""
     model = layer_major.merge(graphdef, params)
     fn = tidar_step if opts.mode == "tidar" else ar_step
-    return constrain_state(fn(model, opts, state), mesh)
+    with activation_mesh(mesh):
+        return constrain_state(fn(model, opts, state), mesh)
 
 
 def generate_loop(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,

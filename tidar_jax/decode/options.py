@@ -48,7 +48,7 @@ class DecodeOptions:
         "tpu" (``tidar_jax.attention.tpu_cache``: the same contract as one Pallas TPU kernel; interpret mode
         elsewhere),
         "dense" (concatenate the whole allocated cache with the step's keys under a dense mask; the reference
-        path) or "auto" (per platform, ``tidar_jax.attention.CACHE_AUTO``: fused on GPU, paged elsewhere).
+        path) or "auto" (per platform, ``tidar_jax.attention.CACHE_AUTO``: fused on GPU, tpu on TPU, paged on CPU).
     """
 
     mode: str = "tidar"
