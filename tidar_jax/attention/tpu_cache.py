@@ -21,7 +21,7 @@ groups) evaluated in the kernel on index vectors; a stored ``[M, U]`` table woul
 lowers integer ``//`` through the chip's description, so a deviceless lowering needs the target's mesh set
 (``jax.set_mesh``, or the ``shard_map`` a multi-chip mesh needs anyway).
 
-Why not jax's ``pallas.ops.tpu.paged_attention`` or ``ragged_paged_attention``: see docs/tpu_cache_attention.md
+Why not jax's ``pallas.ops.tpu.paged_attention`` or ``ragged_paged_attention``: see docs/attention.md
 (in short: neither returns the softmax statistics a merge with the T x T part needs, neither can express the
 TiDAR mask, and both want a cache layout other than the decoder's, so feeding them copies the cache every step).
 """
