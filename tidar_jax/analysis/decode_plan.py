@@ -151,7 +151,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
                    step_compiler_options: dict | None = None) -> dict[str, CompiledDecodeProgram]:
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
-    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill).
+    ``with_prefill=False`` compiles the steps only (the state in the layout the prefill pins it to,
+    ``engine.state_shardings``).
     ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``, read by
     ``tidar_jax.analysis.thunks``)."""
     from tidar_jax.sharding import make_mesh
@@ -183,13 +184,11 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             prefill_fn = partial(engine.prefill, graphdef, opts, cache_size, mesh=mesh)
             t0 = time.perf_counter()
             shapes = jax.eval_shape(prefill_fn, *args)
-            if with_prefill or mesh.size > 1:  # the state's layout between steps is the prefill's output layout
+            if with_prefill:  # the state's layout between steps is the prefill's output layout
                 prefill = jax.jit(prefill_fn).lower(*args).compile()
                 shardings = prefill.output_shardings
-            else:  # one device: every layout is that device
-                from tidar_jax.sharding import replicated
-
-                shardings = jax.tree.map(lambda _: replicated(mesh), shapes)
+            else:  # the layout the prefill pins its output to
+                shardings = engine.state_shardings(shapes, mesh)
             prefill_s = time.perf_counter() - t0
             state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)

@@ -29,9 +29,10 @@ def after(step_kv: StepKV, dependency) -> StepKV:
     XLA:GPU keeps the old cache alive for them instead: the compiled H100 TiDAR step copied the whole K and V
     cache twice each (issue 22). Depending on the logits orders the write after every read. CPU programs are
     unchanged."""
+    from tidar_jax.model import tpu_step
     from tidar_jax.targets import build_platform
 
-    if build_platform() != "gpu":
+    if build_platform() != "gpu" and not tpu_step.cache_write_after_reads():
         return step_kv
     return jax.lax.optimization_barrier((step_kv, dependency))[0]
 

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
+from tidar_jax.model import tpu_step
 
 
 def _dtype(name: str):
@@ -183,10 +184,12 @@ class Attention(nnx.Module):
         mask over keys ``[cache | current]`` (attended with the reference kernel); with a cache, see
         ``tidar_jax.attention.attend_with_cache``."""
         dt = x_NTE.dtype
+        project_in = _project_in if not tpu_step.active(cache) else lambda x, w, _: tpu_step.project_in(x, w)
+        project_out = tpu_step.project_out if tpu_step.active(cache) else _project_out
         # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
-        q = checkpoint_name(_project_in(x_NTE, self.q_proj[...].astype(dt), row_scale_NT1), "q_proj")
-        k = checkpoint_name(_project_in(x_NTE, self.k_proj[...].astype(dt), row_scale_NT1), "k_proj")
-        v = checkpoint_name(_project_in(x_NTE, self.v_proj[...].astype(dt), row_scale_NT1), "v_proj")
+        q = checkpoint_name(project_in(x_NTE, self.q_proj[...].astype(dt), row_scale_NT1), "q_proj")
+        k = checkpoint_name(project_in(x_NTE, self.k_proj[...].astype(dt), row_scale_NT1), "k_proj")
+        v = checkpoint_name(project_in(x_NTE, self.v_proj[...].astype(dt), row_scale_NT1), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -206,7 +209,7 @@ class Attention(nnx.Module):
                                                     self.cfg.attention)
         if x_NTE.shape[1] > t:
             attn_NTHD = jnp.pad(attn_NTHD, ((0, 0), (0, x_NTE.shape[1] - t), (0, 0), (0, 0)))
-        out = checkpoint_name(_project_out(attn_NTHD, self.o_proj[...].astype(dt)), "o_proj")
+        out = checkpoint_name(project_out(attn_NTHD, self.o_proj[...].astype(dt)), "o_proj")
         return out, k, v
 
 
