@@ -184,7 +184,7 @@ class Attention(nnx.Module):
         mask over keys ``[cache | current]`` (attended with the reference kernel); with a cache, see
         ``tidar_jax.attention.attend_with_cache``."""
         dt = x_NTE.dtype
-        project_in = _project_in if not tpu_step.active(cache) else lambda x, w, _: tpu_step.project_in(x, w)
+        project_in = tpu_step.project_in if tpu_step.active(cache) else _project_in
         project_out = tpu_step.project_out if tpu_step.active(cache) else _project_out
         # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
         q = checkpoint_name(project_in(x_NTE, self.q_proj[...].astype(dt), row_scale_NT1), "q_proj")

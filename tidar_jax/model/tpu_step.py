@@ -24,8 +24,12 @@ def active(cache) -> bool:
     return cache is not None and build_platform() == "tpu"
 
 
-def project_in(x_NTE, w_EHD):
-    return jnp.einsum("nte,ehd->nthd", x_NTE, w_EHD)
+def project_in(x_NTE, w_EHD, row_scale_NT1=None):
+    """``x @ w`` ``[N, T, H, D]``, times ``row_scale`` (a deferred norm factor) when given."""
+    y_NTHD = jnp.einsum("nte,ehd->nthd", x_NTE, w_EHD)
+    if row_scale_NT1 is not None:
+        y_NTHD = (y_NTHD * row_scale_NT1[..., None]).astype(x_NTE.dtype)
+    return y_NTHD
 
 
 def project_out(x_NTHD, w_HDE):
@@ -36,3 +40,4 @@ def cache_write_after_reads() -> bool:
     from tidar_jax.targets import build_platform
 
     return build_platform() == "tpu"
+
