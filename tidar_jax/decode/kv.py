@@ -22,13 +22,13 @@ def write_slots(cache_LNCKD, new_LNTKD, start_N):
 
 
 def after(step_kv: StepKV, dependency) -> StepKV:
-    """``step_kv``, made to wait (on GPU) for ``dependency``, a value computed from the step's logits.
+    """``step_kv``, made to wait (on GPU and TPU) for ``dependency``, a value computed from the step's logits.
 
     Why: the write updates the donated cache in place, and XLA may only do that after every kernel that reads the
     cache (each layer's cache attention). When the write's inputs do not depend on the last layers' attention,
     XLA:GPU keeps the old cache alive for them instead: the compiled H100 TiDAR step copied the whole K and V
-    cache twice each (issue 22). Depending on the logits orders the write after every read. CPU programs are
-    unchanged."""
+    cache twice each (issue 22); XLA:TPU did the same in the v5e TiDAR step (``model.tpu_step``). Depending on the
+    logits orders the write after every read. CPU programs are unchanged."""
     from tidar_jax.model import tpu_step
     from tidar_jax.targets import build_platform
 
