@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                    help="KV-cache dtype (default: the compute dtype)")
     p.add_argument("--cache-attention", default="auto", choices=CACHE_ATTENTION,
-                   help="decode-step cache attention (default auto: fused on GPU, paged elsewhere; dense: the "
-                        "reference kernel over the whole cache; docs/attention.md)")
+                   help="decode-step cache attention (default auto: fused on GPU, tpu on TPU, paged on CPU; dense: "
+                        "the reference kernel over the whole cache; docs/attention.md)")
     p.add_argument("--mesh", default=None,
                    help="data=D,fsdp=F,tensor=T: shard params and KV cache over D*F*T devices (default: one)")
     p.add_argument("--groups", default=None,

@@ -49,7 +49,7 @@ def test_auto_is_fused_on_gpu_and_paged_elsewhere():
     assert attention.resolve_cache_attention("auto", "gpu") == "fused"
     assert attention.resolve_cache_attention("auto", "cuda") == "fused"
     assert attention.resolve_cache_attention("auto", "cpu") == "paged"
-    assert attention.resolve_cache_attention("auto", "tpu") == "paged"
+    assert attention.resolve_cache_attention("auto", "tpu") == "tpu"
     assert attention.resolve_cache_attention("dense", "gpu") == "dense"
 
 

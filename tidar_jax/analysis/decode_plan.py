@@ -14,6 +14,7 @@ round-trip counts (``assumed_trips``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -43,6 +44,8 @@ class CompiledDecodeProgram:
     program: HloProgram
     assumed_trips: int  # iterations assumed for each data-dependent loop (cache pages up to the context)
     tokens_per_row: int  # query tokens one row feeds through the model in this program
+    weight_bytes: int = 0  # all weights
+    weight_bytes_per_device: int = 0  # the largest share of them one device's program takes as arguments
 
     def summary(self, num_layers: int) -> dict:
         p = self.program
@@ -68,6 +71,8 @@ class CompiledDecodeProgram:
             "launches_per_layer": launches / num_layers,
             "host_round_trips": p.host_round_trips(self.assumed_trips),
             "memory": _memory(mem),
+            "weight_bytes": self.weight_bytes,
+            "weight_bytes_per_device": self.weight_bytes_per_device,
         }
 
 
@@ -85,6 +90,23 @@ def _memory(mem) -> dict:
     alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
     return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
             "total_bytes": arg + out - alias + temp}
+
+
+def weight_bytes(params, compiled) -> tuple[int, int]:
+    """``(all weights, the largest per-device share)`` in bytes: each weight's shard shape under the sharding the
+    compiled program takes its first argument (the params) in (a weight the program does not use counts in the
+    total only)."""
+    pairs = []
+    jax.tree.map(lambda a, sh: pairs.append((a, sh)), params, compiled.input_shardings[0][0])
+    total = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a, _ in pairs)
+    per_device: dict[Any, int] = {}
+    for a, sh in pairs:
+        if sh is None:  # an argument the program does not use (jit drops it)
+            continue
+        nbytes = math.prod(sh.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+        for dev in sh.device_set:
+            per_device[dev] = per_device.get(dev, 0) + nbytes
+    return int(total), int(max(per_device.values(), default=0))
 
 
 def abstract_decode_params(cfg: ModelConfig, mesh):
@@ -129,7 +151,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
                    step_compiler_options: dict | None = None) -> dict[str, CompiledDecodeProgram]:
     """Compile prefill (a ``context``-token prompt per row) and one step (at live length ``context``) of each
     mode for ``devices`` (a target's deviceless devices, or real ones). ``cfg.dtype`` is the decode dtype.
-    ``with_prefill=False`` compiles the steps only (the state's shardings then come from the lowered prefill).
+    ``with_prefill=False`` compiles the steps only (the state in the layout the prefill pins it to,
+    ``engine.state_shardings``).
     ``step_compiler_options``: XLA options for the steps' compiles (e.g. ``xla_dump_to``, read by
     ``tidar_jax.analysis.thunks``)."""
     from tidar_jax.sharding import make_mesh
@@ -138,7 +161,10 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
     platform = platform_of_devices(list(devices))
     graphdef, params = abstract_decode_params(cfg, mesh)
     out: dict[str, CompiledDecodeProgram] = {}
-    with compiling_for(platform):
+    # a Mosaic kernel lowers through the chip's description, which a deviceless compile has only from the mesh
+    # (jax's default backend is the CPU); a multi-device mesh gets it from the kernels' shard_map as well
+    chip_mesh = jax.set_mesh(mesh) if platform == "tpu" else contextlib.nullcontext()
+    with compiling_for(platform), chip_mesh:
         for mode in modes:
             opts = decode_options(mode, block_size, max_new_tokens, cache_page, head, cache_dtype, cache_attention,
                                   groups)
@@ -158,13 +184,11 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             prefill_fn = partial(engine.prefill, graphdef, opts, cache_size, mesh=mesh)
             t0 = time.perf_counter()
             shapes = jax.eval_shape(prefill_fn, *args)
-            if with_prefill or mesh.size > 1:  # the state's layout between steps is the prefill's output layout
+            if with_prefill:  # the state's layout between steps is the prefill's output layout
                 prefill = jax.jit(prefill_fn).lower(*args).compile()
                 shardings = prefill.output_shardings
-            else:  # one device: every layout is that device
-                from tidar_jax.sharding import replicated
-
-                shardings = jax.tree.map(lambda _: replicated(mesh), shapes)
+            else:  # the layout the prefill pins its output to
+                shardings = engine.state_shardings(shapes, mesh)
             prefill_s = time.perf_counter() - t0
             state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)
@@ -179,7 +203,7 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
                                                                HloProgram.of(prefill), 1,
                                                                padded + (block_size if mode == "tidar" else 0))
             out[f"{mode} step"] = CompiledDecodeProgram(f"{mode} step", step, step_s, HloProgram.of(step), trips,
-                                                        step_tokens)
+                                                        step_tokens, *weight_bytes(params, step))
     return out
 
 
@@ -229,6 +253,9 @@ def format_plan(summary: dict) -> str:
                     f"{lp['op_name'] or '?'}")
             groups[line] = groups.get(line, 0) + 1
         lines += [f"  {n} x {line}" for line, n in groups.items()]
+        if s.get("weight_bytes_per_device"):
+            lines.append(f"  weights per device {s['weight_bytes_per_device'] / gib:.3f} GiB of "
+                         f"{s['weight_bytes'] / gib:.3f} GiB")
         if mem:
             lines.append(f"  memory per device: arguments {mem['argument_bytes'] / gib:.3f} GiB, outputs "
                          f"{mem['output_bytes'] / gib:.3f} GiB (aliased {mem['alias_bytes'] / gib:.3f}), temporaries "
@@ -313,4 +340,5 @@ def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str)
 
 
 __all__ = ["CompiledDecodeProgram", "PROGRAMS", "abstract_decode_params", "compile_decode", "decode_estimates",
-           "decode_options", "format_decode_estimates", "format_plan", "model_config_for_plan", "plan_summary"]
+           "decode_options", "format_decode_estimates", "format_plan", "model_config_for_plan", "plan_summary",
+           "weight_bytes"]

@@ -15,10 +15,12 @@ particular hardware registers why it cannot run elsewhere) and ``auto`` is the f
 ``blockwise`` (a scan over key tiles) runs everywhere, so it closes every order.
 
 **Decode cache attention** (``DecodeOptions.cache_attention``, one of ``config.CACHE_ATTENTION``): how a decode
-step reads the KV cache. ``auto`` is ``CACHE_AUTO``: on GPU ``fused`` (one fixed-shape split-K kernel per layer,
-``attention.fused_cache``; ``paged``'s while loop over live pages copies its predicate to the host every page on
-XLA:GPU), elsewhere ``paged`` (``attention.paged``: on CPU a loop iteration costs nothing extra and it reads only
-live pages; ``fused`` would run in Pallas interpret mode). ``dense`` is the reference: the whole allocated cache
+step reads the KV cache. ``auto`` is ``CACHE_AUTO``: on GPU and TPU one fixed-shape kernel per layer that reads the cache in
+place and skips the slots past each row's live length (GPU: ``fused``, split-K Pallas Triton,
+``attention.fused_cache``; TPU: ``tpu``, Pallas Mosaic, ``attention.tpu_cache``), since ``paged``'s while loop over
+live pages is a data-dependent loop in the step (on XLA:GPU it copies its predicate to the host every page); on
+CPU ``paged`` (``attention.paged``: a loop iteration costs nothing extra there and it reads only live pages; the
+Pallas kernels would run in interpret mode). ``dense`` is the reference: the whole allocated cache
 and the step's keys under a materialised boolean mask, attended by the reference kernel.
 
 docs/attention.md has the table of which kernel runs on which hardware and why.
@@ -37,7 +39,7 @@ TRAIN_AUTO = {"tpu": ("splash", "blockwise"), "cpu": ("blockwise",)}
 GPU_FALLBACK = ("pallas_gpu", "blockwise")  # block-sparse fused first; the tile scan always runs
 RANKING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_ranking.json")
 
-CACHE_AUTO = {"gpu": "fused", "tpu": "paged", "cpu": "paged"}
+CACHE_AUTO = {"gpu": "fused", "tpu": "tpu", "cpu": "paged"}
 
 KERNELS: dict[str, Callable] = {}
 UNAVAILABLE: dict[str, Callable[[str], str | None]] = {}

@@ -21,7 +21,7 @@ groups) evaluated in the kernel on index vectors; a stored ``[M, U]`` table woul
 lowers integer ``//`` through the chip's description, so a deviceless lowering needs the target's mesh set
 (``jax.set_mesh``, or the ``shard_map`` a multi-chip mesh needs anyway).
 
-Why not jax's ``pallas.ops.tpu.paged_attention`` or ``ragged_paged_attention``: see docs/tpu_cache_attention.md
+Why not jax's ``pallas.ops.tpu.paged_attention`` or ``ragged_paged_attention``: see docs/attention.md
 (in short: neither returns the softmax statistics a merge with the T x T part needs, neither can express the
 TiDAR mask, and both want a cache layout other than the decoder's, so feeding them copies the cache every step).
 """
@@ -137,7 +137,9 @@ def folded_attention(q_NKMD, k_NKUD, v_NKUD, local, t_len: int, r: int, cache_k_
 
     # the cache stays where it lives: left alone, XLA's memory-space assignment may copy a cache that fits into
     # VMEM before the kernel (the whole allocated cache, every step), which the live-length DMAs exist to avoid
-    in_hbm = functools.partial(pltpu.with_memory_space_constraint, memory_space=pltpu.HBM)
+    # (a hint to XLA:TPU only: Pallas' interpreter inside a shard_map cannot slice an HBM-annotated operand)
+    in_hbm = (lambda x: x) if interpret else functools.partial(pltpu.with_memory_space_constraint,
+                                                               memory_space=pltpu.HBM)
     per_row = lambda i, j, *_: (i, 0, 0, 0)  # noqa: E731
     vmem = _vmem_bytes(kv, m, u, d, block_k, q_NKMD.dtype, cache_k_LNCKD.dtype, compute)
     kernel = functools.partial(_kernel, block_k=block_k, compute=compute, mask_value=mask_value, local=local,
@@ -211,6 +213,69 @@ def local_rule(layout):
 
 
 def attend(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, interpret: bool = False):
-    """``cached_attention`` for a ``tidar_jax.masks.DecodeLayout`` (its per-row lengths and local rule)."""
-    return cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout.cache_len_N,
-                            local_rule(layout), interpret)
+    """``cached_attention`` for a ``tidar_jax.masks.DecodeLayout`` (its per-row lengths and local rule); on a
+    multi-device mesh (``tidar_jax.sharding.activation_mesh``) inside a ``shard_map``: XLA cannot partition a
+    Mosaic kernel ("Mosaic kernels cannot be automatically partitioned")."""
+    from tidar_jax.sharding import current_activation_mesh
+
+    local = local_rule(layout)
+    mesh = current_activation_mesh()
+    if mesh is None or mesh.size == 1:
+        return cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout.cache_len_N,
+                                local, interpret)
+    return _sharded(mesh, local, interpret, q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer,
+                    layout.cache_len_N)
+
+
+def shard_plan(mesh, n: int, h: int, kv: int) -> dict:
+    """How the kernel splits over ``mesh``: ``rows`` (the mesh axes of the batch, by the rules table) and
+    ``heads``: "kv" (the tensor axis divides the KV heads: each device its query heads and their KV heads, as the
+    cache is sharded), "within_kv" (it divides the query heads but not the KV heads, and each device's query heads
+    belong to one KV head: the cache and the step's K/V stay replicated over it, as the rules table leaves them)
+    or "replicated" (every device all heads)."""
+    from tidar_jax.sharding import logical_to_spec
+
+    rows = logical_to_spec(("batch",), (n,), mesh)[0]
+    tp = mesh.shape.get("tensor", 1)
+    if tp == 1 or h % tp:
+        heads = "replicated"
+    elif kv % tp == 0:
+        heads = "kv"
+    else:
+        heads = "within_kv" if (h // kv) % (h // tp) == 0 else "replicated"
+    return dict(rows=rows, heads=heads)
+
+
+def _sharded(mesh, local, interpret, q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, length_N):
+    """The kernel per device of ``mesh`` (``shard_plan``): rows over the batch axes, heads over the tensor axis.
+    "within_kv": a device's query heads sit in their KV head's slot of a ``[K, H/tp]`` head grid (zeros in the
+    other KV heads' slots) so the kernel's KV-head grouping holds; the extra rows cost matmul work, no cache
+    traffic (a kernel block holds every KV head anyway)."""
+    from jax.sharding import PartitionSpec as P
+
+    n, _, h, _ = q_NTHD.shape
+    kv = k_NTKD.shape[2]
+    plan = shard_plan(mesh, n, h, kv)
+    rows = plan["rows"]
+    head_axis = None if plan["heads"] == "replicated" else "tensor"
+    kv_axis = "tensor" if plan["heads"] == "kv" else None
+    q_spec = P(rows, None, head_axis, None)
+    kv_spec = P(rows, None, kv_axis, None)
+    cache_spec = P(None, rows, None, kv_axis, None)
+
+    def run(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer_1, length_N):
+        if plan["heads"] != "within_kv":
+            return cached_attention(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer_1[0], length_N,
+                                    local, interpret)
+        nl, t, hl, d = q_NTHD.shape
+        kv_index = jax.lax.axis_index("tensor") * hl // (h // kv)
+        grid_NTKRD = jnp.zeros((nl, t, kv, hl, d), q_NTHD.dtype)
+        grid_NTKRD = jax.lax.dynamic_update_index_in_dim(grid_NTKRD, q_NTHD[:, :, None], kv_index, 2)
+        out_NTKRD = cached_attention(grid_NTKRD.reshape(nl, t, kv * hl, d), k_NTKD, v_NTKD, cache_k_LNCKD,
+                                     cache_v_LNCKD, layer_1[0], length_N, local,
+                                     interpret).reshape(nl, t, kv, hl, d)
+        return jax.lax.dynamic_index_in_dim(out_NTKRD, kv_index, 2, keepdims=False)
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, cache_spec, cache_spec, P(), P(rows)),
+                         out_specs=q_spec, check_vma=False)(
+        q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, jnp.asarray(layer, jnp.int32).reshape(1), length_N)

@@ -31,6 +31,7 @@ from tidar_jax.decode.acceptance import greedy_accept, sampled_accept
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.decode.sampling import greedy_token, sample_inverse_cdf, verifier_probs
 from tidar_jax.model import KVCache, layer_major
+from tidar_jax.sharding import activation_mesh
 
 
 class Stops(NamedTuple):
@@ -82,35 +83,41 @@ def empty_cache(cfg, opts: DecodeOptions, batch: int, cache_size: int, mesh=None
     return constrain_cache(cache, mesh)
 
 
-def constrain_state(state: DecodeState, mesh) -> DecodeState:
-    """One fixed layout for the state between steps (per-row arrays over batch, the rest replicated), so that
-    the prefill's output, a step's input and a step's output agree and the donated step never reshards."""
-    if mesh is None:
-        return state
+def state_shardings(state: DecodeState, mesh) -> DecodeState:
+    """The one fixed layout of the state between steps (values or shapes): the cache by ``cache_shardings``,
+    per-row arrays over batch, the rest replicated."""
     from tidar_jax.sharding import logical_sharding, replicated
 
     def rows(x):
-        return jax.lax.with_sharding_constraint(x, logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape,
-                                                                    mesh))
+        return logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
 
-    def rep(x):
-        return jax.lax.with_sharding_constraint(x, replicated(mesh))
-
+    rep = lambda _: replicated(mesh)  # noqa: E731
     return state._replace(
-        cache=constrain_cache(state.cache, mesh), pending_NB=rows(state.pending_NB), out_NM=rows(state.out_NM),
+        cache=cache_shardings(state.cache, mesh), pending_NB=rows(state.pending_NB), out_NM=rows(state.out_NM),
         n_out_N=rows(state.n_out_N), done_N=rows(state.done_N), nfe_N=rows(state.nfe_N), key=rep(state.key),
         accept_hist_A=rep(state.accept_hist_A), steps=rep(state.steps), stops=jax.tree.map(rep, state.stops))
+
+
+def constrain_state(state: DecodeState, mesh) -> DecodeState:
+    """Pin the state to ``state_shardings``, so that the prefill's output, a step's input and a step's output
+    agree and the donated step never reshards."""
+    if mesh is None:
+        return state
+    return jax.tree.map(jax.lax.with_sharding_constraint, state, state_shardings(state, mesh))
+
+
+def cache_shardings(cache: KVCache, mesh) -> KVCache:
+    """K and V over batch and KV heads by the rules table, lengths over batch."""
+    from tidar_jax.sharding import logical_sharding
+
+    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LNCKD.shape, mesh)
+    return KVCache(kv_sharding, kv_sharding, logical_sharding(("batch",), cache.length_N.shape, mesh))
 
 
 def constrain_cache(cache: KVCache, mesh) -> KVCache:
     if mesh is None:
         return cache
-    from tidar_jax.sharding import logical_sharding
-
-    kv_sharding = logical_sharding(CACHE_AXES, cache.k_LNCKD.shape, mesh)
-    len_sharding = logical_sharding(("batch",), cache.length_N.shape, mesh)
-    wsc = jax.lax.with_sharding_constraint
-    return KVCache(wsc(cache.k_LNCKD, kv_sharding), wsc(cache.v_LNCKD, kv_sharding), wsc(cache.length_N, len_sharding))
+    return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cache, mesh))
 
 
 def output_len(opts: DecodeOptions) -> int:
@@ -328,13 +335,18 @@ def prefill(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, p
             stops: Stops, mesh=None) -> DecodeState:
     model = layer_major.merge(graphdef, params)
     fn = tidar_prefill if opts.mode == "tidar" else ar_prefill
-    return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
+    with activation_mesh(mesh):
+        return constrain_state(fn(model, opts, cache_size, prompt_NP, prompt_len_N, key, stops, mesh), mesh)
 
 
 def step(graphdef, opts: DecodeOptions, params, state: DecodeState, mesh=None) -> DecodeState:
+    """One decode step. On a mesh the activations between layers follow the rules table (replicated over the
+    tensor axis: with heads and MLP columns sharded, each block ends in one all-reduce) and a Mosaic cache kernel
+    runs in a ``shard_map`` over it (``tidar_jax.sharding.activation_mesh``)."""
     model = layer_major.merge(graphdef, params)
     fn = tidar_step if opts.mode == "tidar" else ar_step
-    return constrain_state(fn(model, opts, state), mesh)
+    with activation_mesh(mesh):
+        return constrain_state(fn(model, opts, state), mesh)
 
 
 def generate_loop(graphdef, opts: DecodeOptions, cache_size: int, params, prompt_NP, prompt_len_N, key,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tidar_jax.model import KVCache, StepKV, gpu_step
+from tidar_jax.model import KVCache, StepKV, gpu_step, tpu_step
 
 
 def write_slots(cache_LNCKD, new_LNTKD, start_N):
@@ -23,7 +23,11 @@ def write_slots(cache_LNCKD, new_LNTKD, start_N):
 
 def after(step_kv: StepKV, dependency) -> StepKV:
     """``step_kv``, made to wait for ``dependency`` (a value computed from the step's logits) where the platform
-    needs it: the lean GPU decode step's ``order_cache_write`` (``tidar_jax.model.gpu_step``)."""
+    needs it: the lean GPU decode step's ``order_cache_write`` (``tidar_jax.model.gpu_step``) and the TPU step's
+    ``cache_write_after_reads`` (``tidar_jax.model.tpu_step``). The write updates the donated cache in place, which
+    XLA may only do after every kernel that reads the cache; otherwise it keeps the old cache alive and copies it."""
+    if tpu_step.cache_write_after_reads():
+        return jax.lax.optimization_barrier((step_kv, dependency))[0]
     return gpu_step.after(gpu_step.for_forward(reads_cache=True), step_kv, dependency)
 
 

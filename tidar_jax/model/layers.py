@@ -10,7 +10,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tidar_jax import attention
-from tidar_jax.model import gpu_step
+from tidar_jax.model import gpu_step, tpu_step
 from tidar_jax.model.gpu_step import PLAIN, GpuStep
 
 
@@ -134,10 +134,17 @@ class Attention(nnx.Module):
         mask over keys ``[cache | current]`` (attended with the reference kernel); with a cache, see
         ``tidar_jax.attention.attend_with_cache``."""
         dt = x_NTE.dtype
+        tpu = tpu_step.active(cache)
+
+        def project_in(w_EHD):
+            if tpu:
+                return tpu_step.project_in(x_NTE, w_EHD, row_scale_NT1)
+            return _project_in(x_NTE, w_EHD, row_scale_NT1, step)
+
         # named so the "qkvo" remat policy can keep them (tidar_jax.model.remat)
-        q = checkpoint_name(_project_in(x_NTE, self.q_proj[...].astype(dt), row_scale_NT1, step), "q_proj")
-        k = checkpoint_name(_project_in(x_NTE, self.k_proj[...].astype(dt), row_scale_NT1, step), "k_proj")
-        v = checkpoint_name(_project_in(x_NTE, self.v_proj[...].astype(dt), row_scale_NT1, step), "v_proj")
+        q = checkpoint_name(project_in(self.q_proj[...].astype(dt)), "q_proj")
+        k = checkpoint_name(project_in(self.k_proj[...].astype(dt)), "k_proj")
+        v = checkpoint_name(project_in(self.v_proj[...].astype(dt)), "v_proj")
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -157,7 +164,9 @@ class Attention(nnx.Module):
                                                     self.cfg.attention)
         if x_NTE.shape[1] > t:
             attn_NTHD = jnp.pad(attn_NTHD, ((0, 0), (0, x_NTE.shape[1] - t), (0, 0), (0, 0)))
-        out = checkpoint_name(_project_out(attn_NTHD, self.o_proj[...].astype(dt), step), "o_proj")
+        w_HDE = self.o_proj[...].astype(dt)
+        out = tpu_step.project_out(attn_NTHD, w_HDE) if tpu else _project_out(attn_NTHD, w_HDE, step)
+        out = checkpoint_name(out, "o_proj")
         return out, k, v
 
 
