@@ -213,8 +213,10 @@ class CeilingKernel:
 
 def expected_kernel_s(k: CeilingKernel, entries: dict[str, Entry], graph: bool) -> float:
     """One launch of ``k`` at the measured efficiencies: derated roofline plus the measured launch cost (never below
-    the ceiling's launch cost)."""
-    launch = max(entries[LAUNCH_GRAPH if graph else LAUNCH_EAGER].value, k.launch_s)
+    the ceiling's launch cost; a host launch never below the in-graph kernel boundary)."""
+    launch = max(entries[LAUNCH_GRAPH].value, k.launch_s)
+    if not graph:  # a host launch overlaps the previous kernel; the boundary on the GPU is paid either way
+        launch = max(launch, entries[LAUNCH_EAGER].value)
     if k.cls == COLLECTIVE:
         return k.memory_s / entries[COLLECTIVE].value + launch
     compute = k.compute_s / entries[k.cls].value if k.cls != MEMORY else 0.0
