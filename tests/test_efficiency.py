@@ -67,3 +67,13 @@ def test_calibrated_entries_override_the_published_ones(tmp_path):
     assert got[eff.GEMM].value == 0.61 and got[eff.GEMM].source == "profile x"
     assert got[eff.MEMORY] == eff.EFFICIENCY["h100"][eff.MEMORY]
     assert eff.table("h200", calibration_path=str(path)) == eff.EFFICIENCY["h200"]
+
+
+def test_docs_give_every_source_address():
+    import os
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "estimates.md")) as f:
+        doc = f.read()
+    for chip, entries in eff.EFFICIENCY.items():
+        for cls, e in entries.items():
+            assert not e.url or e.url in doc, (chip, cls, e.url)
