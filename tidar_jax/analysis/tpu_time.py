@@ -8,6 +8,11 @@ whose initial counter is a constant. That pattern (the one XLA's own loop analys
 any other condition is data-dependent. XLA:TPU keeps each loop's body computation name through its passes
 (``region_1.1`` becomes ``wide.region_1.1.sunk``), which maps each compiled loop to its source loop.
 
+HBM traffic on a TPU: XLA:TPU places some buffers in on-chip VMEM (memory space 1, ``S(1)`` in the layout) and
+prefetches weights into it with async copies (``slice-start`` / ``copy-start``). The cost model counts every
+operand and result as HBM traffic; here a VMEM operand or result is not HBM traffic, and an async non-collective
+``-start`` moves its result once (read from HBM into VMEM), not its whole operand tuple.
+
 A data-dependent loop (the paged cache walk of a decode step) runs the iterations the caller assumes, as on GPU.
 On a TPU the loop runs on the device: no host round trip per iteration is charged (the GPU notion; the cost model's
 ``host_round_trips`` is not added here).
@@ -25,7 +30,7 @@ import re
 
 from tidar_jax.analysis.efficiency import expected
 from tidar_jax.compiled.cost_model import estimate
-from tidar_jax.compiled.hlo import HloProgram
+from tidar_jax.compiled.hlo import COLLECTIVES, HloProgram, type_bytes
 from tidar_jax.targets import Chip
 
 TPU_PEAK_SOURCES = {
@@ -199,6 +204,57 @@ def _set_trip_count(attrs: str, n: int) -> str:
     return attrs[:m.start(1)] + json.dumps(config) + attrs[end:]
 
 
+_ARRAY_WITH_LAYOUT = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]\{([^}]*)\}")
+
+
+def _vmem_bytes(type_str: str) -> float:
+    """Bytes of the arrays of an HLO type that live in VMEM (memory space 1)."""
+    return sum(type_bytes(f"{dt}[{dims}]") for dt, dims, layout in _ARRAY_WITH_LAYOUT.findall(type_str)
+               if "S(1)" in layout)
+
+
+def _async_result_type(type_str: str) -> str:
+    """The produced value of an async start's ``((operands), result, context)`` tuple type."""
+    from tidar_jax.compiled.hlo import _balanced
+
+    inner = type_str.strip()[1:-1] if type_str.strip().startswith("(") else type_str
+    if inner.startswith("("):
+        inner = inner[_balanced(inner, 0):].lstrip(", ")
+    depth, end = 0, len(inner)
+    for j, c in enumerate(inner):  # the first element after the operand tuple
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            end = j
+            break
+    return inner[:end]
+
+
+def hbm_corrected(est, program: HloProgram, chip: Chip):
+    """``est`` with each kernel's bytes counting HBM traffic only (module docstring) and its time recomputed."""
+    instrs = {i.name: i for comp in program.computations.values() for i in comp}
+    kernels = []
+    for k in est.kernels:
+        i = instrs.get(k.name)
+        if i is None or k.bound == "collective":
+            kernels.append(k)
+            continue
+        read, written = k.bytes_read, k.bytes_written
+        if i.opcode.endswith("-start") and i.opcode.removesuffix("-start") not in COLLECTIVES:
+            read, written = type_bytes(_async_result_type(i.type_str)), 0.0
+        else:
+            read = max(read - sum(_vmem_bytes(t) for t in program.operand_types(i)), 0.0)
+            written = max(written - _vmem_bytes(i.type_str), 0.0)
+        compute = k.flops / chip.peak_bf16_flops
+        memory = (read + written) / chip.hbm_bytes_per_s
+        work = max(compute, memory)
+        launch = est.assumptions.launch_s
+        bound = "launch" if work < launch else ("compute" if compute >= memory else "memory")
+        kernels.append(dataclasses.replace(k, bytes_read=read, bytes_written=written, time_s=work + launch,
+                                           bound=bound))
+    return dataclasses.replace(est, kernels=kernels)
+
+
 @dataclasses.dataclass
 class TpuTime:
     chip: str
@@ -220,13 +276,15 @@ def tpu_time(compiled: HloProgram, unoptimized_hlo: str, chip: Chip, dynamic_tri
     if chip.platform != "tpu":
         raise ValueError(f"tpu_time: chip {chip.name!r} is a {chip.platform}; allowed: a TPU chip")
     program, loops = with_trip_counts(compiled, unoptimized_hlo, dynamic_trips)
-    est = estimate(program, chip, dynamic_trips, graph=False, live_cache_slots=live_cache_slots)
+    est = hbm_corrected(estimate(program, chip, dynamic_trips, graph=False, live_cache_slots=live_cache_slots),
+                        program, chip)
     est.host_round_trips = 0  # on-device loops: no predicate goes to the host
     exp = expected(est, chip, graph=False)
-    line = est.assumptions.line().replace(f", host round trip {chip.host_round_trip_s * 1e6:.0f} us", "")
+    line = (est.assumptions.line().replace(f", host round trip {chip.host_round_trip_s * 1e6:.0f} us", "")
+            + "; VMEM buffers are not HBM traffic")
     return TpuTime(chip.name, exp.ceiling_s, exp.expected_s, est.launches, loops,
                    line + "; loops run on the device (no host round trips)")
 
 
-__all__ = ["LoopTrips", "TPU_PEAK_SOURCES", "TpuTime", "source_trip_counts", "static_trip_count", "tpu_time",
+__all__ = ["LoopTrips", "hbm_corrected", "TPU_PEAK_SOURCES", "TpuTime", "source_trip_counts", "static_trip_count", "tpu_time",
            "with_trip_counts"]
