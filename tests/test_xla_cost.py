@@ -22,7 +22,7 @@ def small_ar_step():
     from tidar_jax.decode.plan import compile_decode
     from tidar_jax.presets import PRESETS
 
-    cfg = ModelConfig(**{**PRESETS["small"], "dtype": "bfloat16", "param_dtype": "bfloat16"})
+    cfg = ModelConfig(**{**PRESETS["small"], "num_layers": 2, "dtype": "bfloat16", "param_dtype": "bfloat16"})
     programs = compile_decode(cfg, targets.target_devices(target), batch=1, block_size=8, context=256,
                               max_new_tokens=32, cache_page=128, modes=("ar",), with_prefill=False,
                               step_compiler_options=xla_cost.compile_options())
