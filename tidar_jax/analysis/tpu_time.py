@@ -11,7 +11,9 @@ any other condition is data-dependent. XLA:TPU keeps each loop's body computatio
 HBM traffic on a TPU: XLA:TPU places some buffers in on-chip VMEM (memory space 1, ``S(1)`` in the layout) and
 prefetches weights into it with async copies (``slice-start`` / ``copy-start``). The cost model counts every
 operand and result as HBM traffic; here a VMEM operand or result is not HBM traffic, and an async non-collective
-``-start`` moves its result once (read from HBM into VMEM), not its whole operand tuple.
+``-start`` moves its result once (read from HBM into VMEM), not its whole operand tuple. XLA:TPU also nests
+fusions: an operand a kernel hands to a nested fusion that only slices it (the paged cache walk's page of the
+whole-cache operand) is charged the slice, as the cost model charges an operand sliced directly.
 
 A data-dependent loop (the paged cache walk of a decode step) runs the iterations the caller assumes, as on GPU.
 On a TPU the loop runs on the device: no host round trip per iteration is charged (the GPU notion; the cost model's
@@ -230,6 +232,56 @@ def _async_result_type(type_str: str) -> str:
     return inner[:end]
 
 
+def _param_index(name: str) -> int | None:
+    m = re.match(r"param_(\d+)", name)  # XLA names a fusion's parameters param_<index>.<id>
+    return int(m.group(1)) if m else None
+
+
+def _nested_read(program: HloProgram, comp: str, name: str, depth: int = 0) -> float | None:
+    """Bytes of value ``name`` of computation ``comp`` read when every use hands it to a nested fusion that only
+    slices it (recursively), else None."""
+    from tidar_jax.compiled.cost_model import _read_through, _users
+
+    uses = _users(program, comp).get(name, [])
+    if not uses or depth > 3:
+        return None
+    total = 0.0
+    for u in uses:
+        inner = u.attr("calls") or ""
+        if u.opcode != "fusion" or inner not in program.computations:
+            return None
+        index = u.operands.index(name)
+        param = next((i for i in program.instructions(inner)
+                      if i.opcode == "parameter" and _param_index(i.name) == index), None)
+        if param is None:
+            return None
+        part = _read_through(program, param.name, _users(program, inner))
+        if part is None:
+            part = _nested_read(program, inner, param.name, depth + 1)
+        if part is None:
+            return None
+        total += part
+    return total
+
+
+def _nested_overcount(program: HloProgram, instr) -> float:
+    """Bytes the cost model charges a fusion for operands that its nested fusions only slice."""
+    from tidar_jax.compiled.cost_model import _read_through, _users
+
+    comp = instr.attr("calls") or ""
+    if instr.opcode != "fusion" or comp not in program.computations:
+        return 0.0
+    users = _users(program, comp)
+    over = 0.0
+    for p in program.instructions(comp):
+        if p.opcode != "parameter" or _read_through(program, p.name, users) is not None:
+            continue
+        nested = _nested_read(program, comp, p.name)
+        if nested is not None:
+            over += max(type_bytes(p.type_str) - nested, 0.0)
+    return over
+
+
 def hbm_corrected(est, program: HloProgram, chip: Chip):
     """``est`` with each kernel's bytes counting HBM traffic only (module docstring) and its time recomputed."""
     instrs = {i.name: i for comp in program.computations.values() for i in comp}
@@ -243,6 +295,7 @@ def hbm_corrected(est, program: HloProgram, chip: Chip):
         if i.opcode.endswith("-start") and i.opcode.removesuffix("-start") not in COLLECTIVES:
             read, written = type_bytes(_async_result_type(i.type_str)), 0.0
         else:
+            read -= _nested_overcount(program, i)
             read = max(read - sum(_vmem_bytes(t) for t in program.operand_types(i)), 0.0)
             written = max(written - _vmem_bytes(i.type_str), 0.0)
         compute = k.flops / chip.peak_bf16_flops
