@@ -73,7 +73,7 @@ def test_small_model_tpu_decode_step_gets_a_time_with_its_trip_counts():
     assert t.summary()["loops"] and "no host round trips" in t.summary()["assumptions_line"]
 
 
-@pytest.mark.parametrize("name", ["v5e-4", "v5p-8"])
+@pytest.mark.parametrize("name", ["v5e-4", pytest.param("v5p-8", marks=pytest.mark.slow)])
 def test_vmem_buffers_are_not_hbm_traffic(name):
     """XLA:TPU prefetches weights into VMEM with async slices and hands the whole cache to nested fusions that read
     a page of it; HBM traffic counts each weight once and the cache at most once per read and write."""
