@@ -43,6 +43,7 @@ class CompiledDecodeProgram:
     program: HloProgram
     assumed_trips: int  # iterations assumed for each data-dependent loop (cache pages up to the context)
     tokens_per_row: int  # query tokens one row feeds through the model in this program
+    unoptimized_hlo: str = ""  # the step's HLO before XLA's passes (its loops' trip counts: analysis.tpu_time)
 
     def summary(self, num_layers: int) -> dict:
         p = self.program
@@ -169,8 +170,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)
             t0 = time.perf_counter()
-            step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile(
-                compiler_options=step_compiler_options)
+            lowered = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0)
+            step = lowered.compile(compiler_options=step_compiler_options)
             step_s = time.perf_counter() - t0
             trips = max(1, -(-context // cache_page)) if cache_page else 1
             step_tokens = 1 if mode == "ar" else block_size * (1 + len(opts.group_counts))
@@ -179,7 +180,7 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
                                                                HloProgram.of(prefill), 1,
                                                                padded + (block_size if mode == "tidar" else 0))
             out[f"{mode} step"] = CompiledDecodeProgram(f"{mode} step", step, step_s, HloProgram.of(step), trips,
-                                                        step_tokens)
+                                                        step_tokens, lowered.as_text(dialect="hlo"))
     return out
 
 
