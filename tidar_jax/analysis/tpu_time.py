@@ -335,7 +335,7 @@ def tpu_time(compiled: HloProgram, unoptimized_hlo: str, chip: Chip, dynamic_tri
     est.host_round_trips = 0  # on-device loops: no predicate goes to the host
     exp = expected(est, chip, graph=False)
     line = (est.assumptions.line().replace(f", host round trip {chip_costs(chip).host_round_trip_s * 1e6:.0f} us", "")
-            + "; VMEM buffers are not HBM traffic")
+            + "; VMEM buffers are not HBM traffic").replace("(eager stream launches)", "(per op of one TPU program)")
     return TpuTime(chip.name, exp.ceiling_s, exp.expected_s, est.launches, loops,
                    line + "; loops run on the device (no host round trips)")
 
