@@ -289,6 +289,15 @@ def _tpu_entry(prog: CompiledDecodeProgram, chip, live: int | None) -> dict:
     return {**t.summary(), "time_s": t.ceiling_s, "outer_loop_round_trip_s": 0.0}
 
 
+def program_estimate(prog: CompiledDecodeProgram, chip, *, graph: bool = True, live_cache_slots: int | None = None,
+                     step: bool = True) -> dict:
+    """One program's estimate at both levels (``ceiling_s``, ``expected_s``): on a GPU eager or as one CUDA graph
+    (``graph``), a step with the generation loop's host round trip; on a TPU one program (``graph`` unused)."""
+    if chip.platform == "tpu":
+        return _tpu_entry(prog, chip, live_cache_slots)
+    return _gpu_entry(prog, chip, graph, live_cache_slots, step)
+
+
 def _ratios(steps: dict, batch: int, tokens_per_nfe: float | None) -> dict:
     """AR tokens/s, the TiDAR/AR step ratio and the projected speedup, at the ceiling and at the expected level
     (``<name>_ceiling`` / ``<name>_expected``)."""
@@ -323,8 +332,8 @@ def decode_estimates(programs: dict[str, CompiledDecodeProgram], chip, batch: in
         steps = {}
         for name, prog in programs.items():
             live = context if name.endswith("step") else None
-            steps[name] = (_tpu_entry(prog, chip, live) if graph is None
-                           else _gpu_entry(prog, chip, graph, live, name.endswith("step")))
+            steps[name] = program_estimate(prog, chip, graph=bool(graph), live_cache_slots=live,
+                                           step=name.endswith("step"))
         out[key] = steps
         out["ratios" if key == "programs" else "graph_ratios"] = _ratios(steps, batch, tokens_per_nfe)
     if chip.platform == "gpu":
@@ -406,4 +415,5 @@ def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str)
 
 
 __all__ = ["CompiledDecodeProgram", "PROGRAMS", "abstract_decode_params", "compile_decode", "decode_estimates",
-           "decode_options", "format_decode_estimates", "format_plan", "model_config_for_plan", "plan_summary"]
+           "decode_options", "format_decode_estimates", "format_plan", "model_config_for_plan", "plan_summary",
+           "program_estimate"]
