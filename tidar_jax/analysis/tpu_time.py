@@ -317,11 +317,15 @@ class TpuTime:
     launches: int
     loops: list[LoopTrips]
     assumptions_line: str
+    ceiling_by_class: dict = dataclasses.field(default_factory=dict)  # kernel class -> seconds (analysis.efficiency)
+    expected_by_class: dict = dataclasses.field(default_factory=dict)
+    flops: float = 0.0
 
     def summary(self) -> dict:
         return {"chip": self.chip, "ceiling_s": self.ceiling_s, "expected_s": self.expected_s,
                 "launches": self.launches, "assumptions_line": self.assumptions_line,
-                "loops": [dataclasses.asdict(lp) for lp in self.loops]}
+                "loops": [dataclasses.asdict(lp) for lp in self.loops], "flops": self.flops,
+                "ceiling_by_class_s": self.ceiling_by_class, "expected_by_class_s": self.expected_by_class}
 
 
 def tpu_time(compiled: HloProgram, unoptimized_hlo: str, chip: Chip, dynamic_trips: int = 1,
@@ -337,7 +341,8 @@ def tpu_time(compiled: HloProgram, unoptimized_hlo: str, chip: Chip, dynamic_tri
     line = (est.assumptions.line().replace(f", host round trip {chip_costs(chip).host_round_trip_s * 1e6:.0f} us", "")
             + "; VMEM buffers are not HBM traffic").replace("(eager stream launches)", "(per op of one TPU program)")
     return TpuTime(chip.name, exp.ceiling_s, exp.expected_s, est.launches, loops,
-                   line + "; loops run on the device (no host round trips)")
+                   line + "; loops run on the device (no host round trips)", exp.ceiling_by_class,
+                   exp.expected_by_class, est.flops)
 
 
 __all__ = ["LoopTrips", "hbm_corrected", "TPU_PEAK_SOURCES", "TpuTime", "source_trip_counts", "static_trip_count", "tpu_time",
