@@ -92,7 +92,8 @@ def fit(ceiling: list[CeilingKernel], profile: Profile) -> dict[str, Entry]:
     out: dict[str, Entry] = {}
     for cls in work:
         out[cls] = Entry(min(work[cls] / took[cls], 1.0),
-                         f"calibrated from {profile.source}: {count[cls]} kernels, ceiling work {work[cls] * 1e6:.1f} us "
+                         f"calibrated from {profile.source}: {count[cls]} kernels, ceiling work "
+                         f"{work[cls] * 1e6:.1f} us "
                          f"vs measured {took[cls] * 1e6:.1f} us", "")
     if profile.step_s is not None and unmatched == 0 and matched_runs:
         gap = (profile.step_s - matched_s) / matched_runs

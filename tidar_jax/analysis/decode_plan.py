@@ -344,7 +344,8 @@ def decode_estimates(programs: dict[str, CompiledDecodeProgram], chip, batch: in
 def format_decode_estimates(est: dict) -> str:
     tpu = est.get("platform") == "tpu"
     lines = []
-    labels = (("programs", "one TPU program"),) if tpu else (("programs", "eager launches"), ("graph", "one CUDA graph"))
+    labels = ((("programs", "one TPU program"),) if tpu
+              else (("programs", "eager launches"), ("graph", "one CUDA graph")))
     for key, label in labels:
         if key not in est:
             continue
@@ -365,18 +366,20 @@ def format_decode_estimates(est: dict) -> str:
                          + (", +1 for the generation loop" if s["outer_loop_round_trip_s"] else "")
                          + f", {s['flops'] / 1e9:.2f} GFLOP, {s['bytes'] / 1e9:.3f} GB)")
                 if "xla_s" in s:
-                    line += (f"; XLA's cost model {s['xla_s'] * 1e3:.3f} ms vs ours {s['xla_ours_same_kernels_s'] * 1e3:.3f}"
-                             f" ms over the {s['xla_covered_kernels']} kernels it costs (launch excluded; "
+                    line += (f"; XLA's cost model {s['xla_s'] * 1e3:.3f} ms vs ours "
+                             f"{s['xla_ours_same_kernels_s'] * 1e3:.3f} ms over the {s['xla_covered_kernels']} kernels it costs (launch excluded; "
                              f"{s['xla_not_costed_launches']} launches it does not cost)")
             lines.append(line)
         if "tidar_over_ar_step_ceiling" in r:
             lines.append(f"TiDAR step / AR step ({label}): ceiling {r['tidar_over_ar_step_ceiling']:.2f}, expected "
-                         f"{r['tidar_over_ar_step_expected']:.2f}; AR tokens/s ceiling {r['ar_tokens_per_s_ceiling']:.0f}, "
+                         f"{r['tidar_over_ar_step_expected']:.2f}; AR tokens/s ceiling "
+                         f"{r['ar_tokens_per_s_ceiling']:.0f}, "
                          f"expected {r['ar_tokens_per_s_expected']:.0f}")
         if "projected_speedup_ceiling" in r:
             lines.append(f"at {r['tokens_per_nfe']:.2f} tokens per forward ({label}): projected speedup ceiling "
                          f"{r['projected_speedup_ceiling']:.2f}x, expected {r['projected_speedup_expected']:.2f}x "
-                         f"(TiDAR tokens/s {r['tidar_tokens_per_s_ceiling']:.0f} / {r['tidar_tokens_per_s_expected']:.0f})")
+                         f"(TiDAR tokens/s {r['tidar_tokens_per_s_ceiling']:.0f} / "
+                         f"{r['tidar_tokens_per_s_expected']:.0f})")
         steps = [v for k, v in est[key].items() if k.endswith("step")] or list(est[key].values())
         lines.append(f"assumptions ({label}; prefill assumes 1 iteration per data-dependent loop): "
                      f"{steps[-1]['assumptions_line']}")

@@ -69,8 +69,8 @@ _H100_MEMORY = Entry(0.78, "Llama-3.2-1B bf16 batch-1 decode as one megakernel o
 # where the megakernel reaches 78%; the weights (2.47 GB) stream in 0.74 ms at 100%, so the boundaries cost
 # (0.74/0.50 - 0.74/0.78) ms over ~100 kernels = 5.3 us per kernel inside a graph.
 _H100_GRAPH_LAUNCH = Entry((2.47e9 / 3.35e12) * (1 / 0.50 - 1 / 0.78) / 100,
-                           "derived from the same study: vLLM/SGLang (CUDA graphs, about a hundred kernels per forward) "
-                           "at most 50% of HBM bandwidth vs the megakernel's 78%; the difference over ~100 kernels is "
+                           "derived from the same study: vLLM/SGLang (CUDA graphs, about a hundred kernels per "
+                           "forward) at most 50% of HBM bandwidth vs the megakernel's 78%; the difference over ~100 kernels is "
                            "5.3 us per kernel boundary (setup, teardown, tail)", _NO_BUBBLES)
 _EAGER_LAUNCH = Entry(5e-6, "host launch through the CUDA runtime: 4-6 us per kernel measured (pegainfer, RTX 5070 Ti, "
                       "CUDA 13); the launch path is the host's driver, not the GPU", 
@@ -117,7 +117,8 @@ EFFICIENCY: dict[str, dict[str, Entry]] = {
     "a100": {
         GEMM: _borrow(_H100_GEMM, "h100", "no A100 GEMM measurement found; the H100's fraction of its own peak"),
         ATTENTION_PALLAS: Entry(0.50, "FlashAttention-2 forward on A100: 50-73% of the theoretical peak (paper, "
-                                "abstract); the low end for a Pallas/Triton kernel", "https://arxiv.org/abs/2307.08691"),
+                                "abstract); the low end for a Pallas/Triton kernel",
+                                "https://arxiv.org/abs/2307.08691"),
         ATTENTION_CUDNN: Entry(0.73, "FlashAttention-2 forward on A100: up to 73% of the peak (paper, abstract); "
                                "cuDNN's Ampere attention taken at that level", "https://arxiv.org/abs/2307.08691"),
         MEMORY: _borrow(_H100_MEMORY, "h100", _H100_HBM),
@@ -249,7 +250,8 @@ def expected(estimate, chip: Chip, graph: bool, calibration_path: str | None = C
         ceiling_by[ck.cls] = ceiling_by.get(ck.cls, 0.0) + ck.ceiling_s * ck.runs
         expected_by[ck.cls] = expected_by.get(ck.cls, 0.0) + expected_kernel_s(ck, entries, graph) * ck.runs
     rt = estimate.round_trip_time_s
-    return Expected(chip.name, sum(ceiling_by.values()) + rt, sum(expected_by.values()) + rt, ceiling_by, expected_by, rt)
+    return Expected(chip.name, sum(ceiling_by.values()) + rt, sum(expected_by.values()) + rt, ceiling_by,
+                    expected_by, rt)
 
 
 def sources_markdown() -> str:

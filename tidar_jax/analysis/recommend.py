@@ -3,8 +3,8 @@
 For each candidate (B, groups) the TiDAR step is compiled for the deviceless target and its time ESTIMATED at two
 levels (docs/estimates.md): the ceiling (the cost model, datasheet peaks) and the expected time (peaks derated by
 public measurements), on a GPU with eager launches and with the step as one CUDA graph. The projected tokens/s is
-``batch * expected tokens per step / step time``; candidates are ranked at the expected level. The expected tokens per step comes from
-an acceptance ASSUMPTION, never from a measurement here:
+``batch * expected tokens per step / step time``; candidates are ranked at the expected level. The expected tokens
+per step comes from an acceptance ASSUMPTION, never from a measurement here:
 
 * a per-slot acceptance rate ``alpha`` (each draft after the always-accepted first is accepted with probability
   ``alpha`` while the previous ones were), or

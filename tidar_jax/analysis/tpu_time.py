@@ -345,5 +345,6 @@ def tpu_time(compiled: HloProgram, unoptimized_hlo: str, chip: Chip, dynamic_tri
                    exp.expected_by_class, est.flops)
 
 
-__all__ = ["LoopTrips", "hbm_corrected", "TPU_PEAK_SOURCES", "TpuTime", "source_trip_counts", "static_trip_count", "tpu_time",
+__all__ = ["LoopTrips", "hbm_corrected", "TPU_PEAK_SOURCES", "TpuTime", "source_trip_counts", "static_trip_count",
+           "tpu_time",
            "with_trip_counts"]

@@ -302,7 +302,8 @@ def format_plan(result: dict) -> str:
         lines.append(
             f"ESTIMATE (not a measurement; docs/estimates.md): step ceiling {e['ceiling_s']:.3f} s, expected "
             f"{e['expected_s']:.3f} s; MFU ceiling {100 * e['mfu_ceiling']:.1f}%, expected "
-            f"{100 * e['mfu_expected']:.1f}%; attention kernels' share ceiling {100 * e['attention_share_ceiling']:.1f}%, "
+            f"{100 * e['mfu_expected']:.1f}%; attention kernels' share ceiling "
+            f"{100 * e['attention_share_ceiling']:.1f}%, "
             f"expected {100 * e['attention_share_expected']:.1f}%; tokens/s ceiling {e['tokens_per_s_ceiling']:.0f}, "
             f"expected {e['tokens_per_s_expected']:.0f}")
         if gpu:

@@ -89,7 +89,8 @@ class Comparison:
         for r in self.uncovered:
             uncovered_kinds[r.kind] = uncovered_kinds.get(r.kind, 0) + r.runs
         return {"covered_kernels": len(cov), "covered_launches": launches, "xla_s": xla, "ours_s": ours,
-                "xla_with_launch_s": xla + launches * self.launch_s, "ours_with_launch_s": ours + launches * self.launch_s,
+                "xla_with_launch_s": xla + launches * self.launch_s,
+                "ours_with_launch_s": ours + launches * self.launch_s,
                 "xla_over_ours": xla / ours if ours else None,
                 "uncovered_launches": sum(r.runs for r in self.uncovered), "uncovered_kinds": uncovered_kinds,
                 "uncovered_ours_s": sum(r.ours_s * r.runs for r in self.uncovered),
@@ -132,7 +133,8 @@ def format_comparison(c: Comparison, top: int = 8) -> str:
              f"launches): XLA {t['xla_s'] * 1e3:.4f} ms, ours {t['ours_s'] * 1e3:.4f} ms (launch excluded; "
              f"x{t['xla_over_ours'] or 0:.2f}); with {c.launch_s * 1e6:.1f} us per launch: XLA "
              f"{t['xla_with_launch_s'] * 1e3:.4f} ms, ours {t['ours_with_launch_s'] * 1e3:.4f} ms. Not costed by XLA: "
-             f"{t['uncovered_launches']} launches {t['uncovered_kinds']} (ours {t['uncovered_ours_s'] * 1e3:.4f} ms). XLA's other "
+             f"{t['uncovered_launches']} launches {t['uncovered_kinds']} (ours {t['uncovered_ours_s'] * 1e3:.4f} ms). "
+             f"XLA's other "
              f"models: " + ", ".join(f"{m} {v * 1e3:.4f} ms" for m, v in t["xla_other_models_s"].items())]
     for r in c.largest_disagreements(top):
         lines.append(f"  {r.name:<40} {r.kind:<36} x{r.runs:<4} ours {r.ours_s * 1e6:9.3f} us  xla "
