@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --plan: prompt length and the live cache length of the step (default 1024)")
     plan.add_argument("--cache-page", type=int, default=128, help="with --plan: paged-attention page (default 128)")
     plan.add_argument("--estimate", action="store_true",
-                      help="with --plan: add the cost model's step-time estimate (tidar_jax/analysis/cost_model.py)")
+                      help="with --plan: add each program's time, ceiling and expected (docs/estimates.md), and on GPU "
+                           "XLA's own cost model beside ours")
     plan.add_argument("--tokens-per-nfe", default=None,
                       help="with --estimate: TiDAR tokens per forward to project tokens/s and the speedup (the paper: "
                            "7.45 at 1.5B, 8.25 at 8B), or per B as B=T,... (e.g. 4=3.1,8=5.0,16=7.45; with "
@@ -320,6 +321,15 @@ def _tokens_per_nfe_for_estimate(args, block: int) -> float | None:
     return value
 
 
+def _xla_cost_options(args, target) -> dict | None:
+    """With ``--estimate`` on a GPU target, the steps record XLA:GPU's own cost model (shown beside ours)."""
+    if not args.estimate or target.platform != "gpu":
+        return None
+    from tidar_jax.analysis.xla_cost import compile_options
+
+    return compile_options()
+
+
 def run_plan(args) -> int:
     """``--plan``: the target is parsed and the environment set before jax initialises (targets imports no jax)."""
     from tidar_jax.config import ConfigError
@@ -349,7 +359,8 @@ def run_plan(args) -> int:
         programs = compile_decode(cfg, devices, batch=args.batch, block_size=block, context=args.context,
                                   max_new_tokens=args.max_new_tokens, cache_page=args.cache_page,
                                   head=args.head or "one_pass", mesh_shape=shape, cache_dtype=args.cache_dtype,
-                                  cache_attention=args.cache_attention)
+                                  cache_attention=args.cache_attention,
+                                  step_compiler_options=_xla_cost_options(args, target))
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     summary = plan_summary(cfg, programs, target=target.name, batch=args.batch, block_size=block,

@@ -39,6 +39,7 @@ SECTION_FIELDS = {
                          "measured_matmul", "memory_before", "memory_note", "flops_note"],
     "attention_kernels": ["device", "chip", "estimates_are", "rows"],
     "decode_step": ["dtype", "cases", "skipped", "estimates_are"],
+    "calibration": ["measured", "calibrated_path", "profile", "entries"],
 }
 TRAINING_FIELDS = ["num_params", "seq_len", "batch", "block_size", "steps", "wall_s", "tokens_seen",
                    "train_tokens_per_s", "epochs_over_train_split", "heldout", "train_windows",
@@ -140,6 +141,13 @@ def test_smoke_every_section_runs_and_every_field_is_there(smoke):
     s6 = res["sections"]["decode_step"]
     assert [(c["mode"], c["block_size"]) for c in s6["cases"]] == [("ar", 1), ("tidar", 4)] and not s6["skipped"]
     assert all(c["measured_s"] > 0 and c["estimate_s"] is None for c in s6["cases"])  # a CPU is no listed chip
+    s7 = res["sections"]["calibration"]  # a CPU is no listed chip: the path runs from the recorded fixture
+    assert s7["measured"] is False and os.path.exists(s7["calibrated_path"]) and os.path.exists(s7["profile"])
+    from tidar_jax.analysis import efficiency
+
+    table = efficiency.table("h100", calibration_path=s7["calibrated_path"])  # the estimate reads what it wrote
+    for cls, entry in s7["entries"].items():
+        assert "SYNTHESIZED" in entry["source"] and table[cls].value == pytest.approx(entry["value"])
     plotted = {"trained_speedup", "free_slots", "roofline", "train_throughput"}  # the timing tables have no plot
     assert {p["section"] for p in res["plots"]} == plotted
     for p in res["plots"]:
@@ -189,6 +197,20 @@ def test_smoke_figures_agree_with_their_inputs(smoke):
 # ------------------------------------------------------------------------------------------------------------
 # Logic: the formulas against independent calculations
 # ------------------------------------------------------------------------------------------------------------
+
+def test_calibration_reads_device_kernels_from_a_trace():
+    """The calibration section's trace reading: complete events on device processes only, mean per launch."""
+    from benchmarks.accelerator.calibration import kernel_times
+
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "name": "loop_add_fusion_2", "dur": 3.0},
+        {"ph": "X", "pid": 1, "name": "loop_add_fusion_2", "dur": 5.0},
+        {"ph": "X", "pid": 2, "name": "loop_add_fusion_2", "dur": 100.0},
+        {"ph": "X", "pid": 1, "name": "gemm_fusion", "dur": 10.0}]}
+    assert kernel_times(trace) == pytest.approx({"loop_add_fusion_2": 4e-6, "gemm_fusion": 10e-6})
+
 
 def test_projected_speedup_matches_hand_calculation():
     # paper T/NFE 7.45; a TiDAR step costing 1.5x an AR step gives 7.45 / 1.5 tokens per AR-step time

@@ -41,15 +41,17 @@ def test_train_step_compiles_for_the_target(name):
     # the stated bound: XLA's per-device total within 1.5x the analytic breakdown, and far inside the chip
     assert 0 < p["total_bytes"] <= 1.5 * a["total_bytes"] + 2 ** 20
     assert p["total_bytes"] < target.chip.hbm_bytes
-    if target.platform == "tpu":  # XLA:TPU records no loop trip counts: no estimate, and the plan says why
+    # the step at two levels, MFU and the attention kernels' share at each; on a TPU too (trip counts from the
+    # unoptimised HLO)
+    for level in ("ceiling", "expected"):
+        assert 0 < e[f"mfu_{level}"] < 1 and 0 <= e[f"attention_share_{level}"] < 1
+    assert 0 < e["ceiling_s"] <= e["expected_s"] and e["mfu_expected"] <= e["mfu_ceiling"]
+    assert e["launches"] > 0 and e["launches_per_micro_batch"] == e["launches"] / cfg.optim.grad_accum
+    assert e["flops_per_device"] > 0
+    if target.platform == "tpu":
         from tidar_jax.analysis.train_plan import format_plan
 
-        assert e is None and "no ESTIMATE for a TPU target" in format_plan(result)
-        return
-    # kernel counts and the estimate are reported, assumptions beside them
-    assert e["launches"] > 0 and e["launches_per_micro_batch"] == e["launches"] / cfg.optim.grad_accum
-    assert e["time_s"] > 0 and 0 < e["mfu"] < 1
-    assert e["flops_per_device"] > 0
+        assert "loops run on the device" in e["assumptions_line"] and "expected" in format_plan(result)
     assert target.chip.name in e["assumptions_line"] and "launch" in e["assumptions_line"]
 
 
@@ -63,8 +65,11 @@ def test_prefill_and_decode_step_compile_for_the_target(name):
     cfg = ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128,
                       mlp_size=256, dtype="bfloat16", param_dtype="bfloat16", mask_token_id=1, block_size=4)
     batch, block, context, page = 2, 4, 256, 128
+    from tidar_jax.analysis import xla_cost
+
     programs = compile_decode(cfg, targets.target_devices(target), batch=batch, block_size=block, context=context,
-                              max_new_tokens=32, cache_page=page, modes=("tidar",))
+                              max_new_tokens=32, cache_page=page, modes=("tidar",),
+                              step_compiler_options=xla_cost.compile_options() if target.platform == "gpu" else None)
     summary = plan_summary(cfg, programs, target=target.name, batch=batch, block_size=block, context=context,
                            cache_page=page)
     assert summary["device_kind"] == target.chip.description
@@ -79,9 +84,49 @@ def test_prefill_and_decode_step_compile_for_the_target(name):
     cache = 2 * cfg.num_layers * batch * cache_slots * cfg.num_kv_heads * cfg.head_dim * 2
     assert step["memory"]["total_bytes"] <= weights + 3 * cache + 2 ** 20
     assert step["memory"]["alias_bytes"] >= cache  # the donated state is updated in place
-    est = decode_estimates(programs, target.chip, batch)
-    assert est["programs"]["tidar step"]["time_s"] > 0
+    est = decode_estimates(programs, target.chip, batch, context=context)
+    _assert_two_levels(est, target.platform)
     json.dumps(summary)  # --json serialises it
+    json.dumps(est)
+    if target.platform == "tpu":  # a TPU's loops run on the device: no host round trips anywhere in its plan
+        assert "host_round_trips" not in json.dumps(summary) + json.dumps(est)
+
+
+def _assert_two_levels(est, platform):
+    """Every compiled program carries ``ceiling_s`` and ``expected_s`` (expected never below the ceiling), a GPU
+    target XLA's own figure for its steps, a TPU target the loops' trip counts the times charged (the TPU step
+    with ``auto``'s Mosaic cache kernel has none; ``tests/test_tpu_time.py`` checks counted loops)."""
+    variants = ["programs"] if platform == "tpu" else ["programs", "graph"]
+    assert [k for k in ("programs", "graph") if k in est] == variants
+    for variant in variants:
+        for name, p in est[variant].items():
+            assert 0 < p["ceiling_s"] <= p["expected_s"], (variant, name)
+            if name.endswith("step") and platform == "gpu":
+                assert p["xla_s"] > 0 and p["xla_covered_kernels"] > 0
+                assert p["outer_loop_round_trip_s"] > 0  # the generation loop's predicate, once per step
+            if name.endswith("step") and platform == "tpu":  # the trip counts charged (none: the Mosaic cache
+                assert "loops" in p and all(lp["assumed"] >= 1 for lp in p["loops"])  # kernel has no loop)
+
+
+def test_decode_plan_json_carries_both_levels_and_xla_on_gpu(tmp_path, capsys):
+    """``decode.py --plan --estimate --json`` on a small model: each step's ``ceiling_s`` / ``expected_s`` pair, the
+    projected speedup at both levels, and XLA's figure (the CLI compiles the steps with its cost model on)."""
+    import decode
+
+    _need("h100")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "qwen2", "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "mask_token_id": 1}))
+    assert decode.main(["--plan", "--target", "h100", "--hf-config", str(config), "--context", "128",
+                        "--block-size", "4", "--max-new-tokens", "16", "--estimate", "--tokens-per-nfe", "3",
+                        "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)["estimate"]
+    _assert_two_levels(est, "gpu")
+    for ratios in (est["ratios"], est["graph_ratios"]):
+        assert ratios["projected_speedup_ceiling"] > 0 and ratios["projected_speedup_expected"] > 0
+    assert any("xla" in key for key in est["graph"]["ar step"])
 
 
 def _main_exit(module, argv):

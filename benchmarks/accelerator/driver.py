@@ -37,6 +37,7 @@ from benchmarks.accelerator.train_throughput import section_train_throughput
 from benchmarks.accelerator.trained_speedup import section_trained_speedup
 from benchmarks.accelerator.attention_kernels import section_attention_kernels
 from benchmarks.accelerator.decode_step import section_decode_step
+from benchmarks.accelerator.calibration import section_calibration
 
 # ------------------------------------------------------------------------------------------------------------
 # Driver
@@ -44,7 +45,8 @@ from benchmarks.accelerator.decode_step import section_decode_step
 
 SECTION_FNS = {"trained_speedup": section_trained_speedup, "free_slots": section_free_slots,
                "roofline": section_roofline, "train_throughput": section_train_throughput,
-               "attention_kernels": section_attention_kernels, "decode_step": section_decode_step}
+               "attention_kernels": section_attention_kernels, "decode_step": section_decode_step,
+               "calibration": section_calibration}
 
 
 def machine() -> dict:

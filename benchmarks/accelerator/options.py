@@ -6,7 +6,8 @@ import os
 
 from benchmarks import cli
 
-SECTIONS = ("trained_speedup", "free_slots", "roofline", "train_throughput", "attention_kernels", "decode_step")
+SECTIONS = ("trained_speedup", "free_slots", "roofline", "train_throughput", "attention_kernels", "decode_step",
+            "calibration")
 
 
 def parse_args(argv):

@@ -46,6 +46,7 @@ class CompiledDecodeProgram:
     tokens_per_row: int  # query tokens one row feeds through the model in this program
     weight_bytes: int = 0  # all weights
     weight_bytes_per_device: int = 0  # the largest share of them one device's program takes as arguments
+    unoptimized_hlo: str = ""  # the program's HLO before XLA's passes (its loops' trip counts: analysis.tpu_time)
 
     def summary(self, num_layers: int) -> dict:
         p = self.program
@@ -185,7 +186,8 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             t0 = time.perf_counter()
             shapes = jax.eval_shape(prefill_fn, *args)
             if with_prefill:  # the state's layout between steps is the prefill's output layout
-                prefill = jax.jit(prefill_fn).lower(*args).compile()
+                prefill_lowered = jax.jit(prefill_fn).lower(*args)
+                prefill = prefill_lowered.compile()
                 shardings = prefill.output_shardings
             else:  # the layout the prefill pins its output to
                 shardings = engine.state_shardings(shapes, mesh)
@@ -193,31 +195,42 @@ def compile_decode(cfg: ModelConfig, devices, *, batch: int = 1, block_size: int
             state0 = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
             step_fn = partial(engine.step, graphdef, opts, mesh=mesh)
             t0 = time.perf_counter()
-            step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0).compile(
-                compiler_options=step_compiler_options)
+            lowered = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state0)
+            step = lowered.compile(compiler_options=step_compiler_options)
             step_s = time.perf_counter() - t0
             trips = max(1, -(-context // cache_page)) if cache_page else 1
             step_tokens = 1 if mode == "ar" else block_size * (1 + len(opts.group_counts))
             if with_prefill:
                 out[f"{mode} prefill"] = CompiledDecodeProgram(f"{mode} prefill", prefill, prefill_s,
                                                                HloProgram.of(prefill), 1,
-                                                               padded + (block_size if mode == "tidar" else 0))
+                                                               padded + (block_size if mode == "tidar" else 0),
+                                                               unoptimized_hlo=prefill_lowered.as_text(dialect="hlo"))
             out[f"{mode} step"] = CompiledDecodeProgram(f"{mode} step", step, step_s, HloProgram.of(step), trips,
-                                                        step_tokens, *weight_bytes(params, step))
+                                                        step_tokens, *weight_bytes(params, step),
+                                                        unoptimized_hlo=lowered.as_text(dialect="hlo"))
     return out
 
 
 def plan_summary(cfg: ModelConfig, programs: dict[str, CompiledDecodeProgram], *, target: str, batch: int,
                  block_size: int, context: int, cache_page: int) -> dict:
+    platform = platform_of_devices([_device(programs)])
     return {
         "target": target,
         "device_kind": _device(programs).device_kind,
-        "platform": platform_of_devices([_device(programs)]),
+        "platform": platform,
         "model": {"num_params": cfg.num_params, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                   "dtype": cfg.dtype},
         "batch": batch, "block_size": block_size, "context": context, "cache_page": cache_page,
-        "programs": {name: prog.summary(cfg.num_layers) for name, prog in programs.items()},
+        "programs": {name: _without_gpu_notions(prog.summary(cfg.num_layers), platform)
+                     for name, prog in programs.items()},
     }
+
+
+def _without_gpu_notions(summary: dict, platform: str) -> dict:
+    """A TPU program's loops run on the device: no host round trips to report."""
+    if platform == "tpu":
+        summary.pop("host_round_trips")
+    return summary
 
 
 def _device(programs):
@@ -241,8 +254,9 @@ def format_plan(summary: dict) -> str:
             f" {kinds}",
             f"  launches per run {s['launches']} ({s['launches_per_layer']:.1f} per layer), assuming "
             f"{s['assumed_dynamic_trips']} iterations per data-dependent loop",
-            f"  device-to-host round trips per run {s['host_round_trips']}",
         ]
+        if "host_round_trips" in s:  # XLA:GPU's loops ask the host; a TPU's run on the device
+            lines.append(f"  device-to-host round trips per run {s['host_round_trips']}")
         groups: dict[str, int] = {}  # identical loops (one per layer, typically) print once, with their count
         for lp in s["loops"]:
             trips = "dynamic (data-dependent)" if lp["dynamic"] else f"{lp['trip_count']} (known)"
@@ -263,55 +277,147 @@ def format_plan(summary: dict) -> str:
     return "\n".join(lines)
 
 
+OUTER_LOOP_NOTE = ("each step also pays the generation loop's predicate: on XLA:GPU the `while_loop` of "
+                   "`decode.engine.generate_loop` brings `done` to the host once per step (one host round trip)")
+
+
+def _pair(ceiling_s: float, expected_s: float) -> dict:
+    return {"ceiling_s": ceiling_s, "expected_s": expected_s}
+
+
+def _gpu_entry(prog: CompiledDecodeProgram, chip, graph: bool, live: int | None, step: bool) -> dict:
+    """The cost model's estimate of one GPU program (``time_s``: the program alone, at the ceiling), its ceiling and
+    expected figures (a step's with the outer loop's round trip), and XLA's own figure where the compile recorded
+    it (``analysis.xla_cost``)."""
+    from tidar_jax.analysis.chips import chip_costs
+    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.efficiency import expected
+    from tidar_jax.analysis.xla_cost import compare
+
+    est = estimate(prog.program, chip, prog.assumed_trips, graph=graph, live_cache_slots=live)
+    exp = expected(est, chip, graph)
+    outer = chip_costs(chip).host_round_trip_s if step else 0.0
+    out = {**est.summary(), **_pair(exp.ceiling_s + outer, exp.expected_s + outer),
+           "outer_loop_round_trip_s": outer, "expected_by_class_s": exp.expected_by_class,
+           "ceiling_by_class_s": exp.ceiling_by_class}
+    xla = compare(prog.program, chip, prog.assumed_trips, graph, live).totals()
+    if xla["covered_kernels"]:
+        out.update({"xla_s": xla["xla_s"], "xla_ours_same_kernels_s": xla["ours_s"],
+                    "xla_covered_kernels": xla["covered_kernels"], "xla_not_costed_launches": xla["uncovered_launches"],
+                    "xla_not_costed_kinds": xla["uncovered_kinds"]})
+    return out
+
+
+def _tpu_entry(prog: CompiledDecodeProgram, chip, live: int | None) -> dict:
+    """A TPU program's ceiling and expected figures (``analysis.tpu_time``: trip counts from the unoptimised HLO,
+    HBM traffic only, loops on the device)."""
+    from tidar_jax.analysis.tpu_time import tpu_time
+
+    t = tpu_time(prog.program, prog.unoptimized_hlo, chip, prog.assumed_trips, live_cache_slots=live)
+    return {**t.summary(), "time_s": t.ceiling_s, "outer_loop_round_trip_s": 0.0}
+
+
+def program_estimate(prog: CompiledDecodeProgram, chip, *, graph: bool = True, live_cache_slots: int | None = None,
+                     step: bool = True) -> dict:
+    """One program's estimate at both levels (``ceiling_s``, ``expected_s``): on a GPU eager or as one CUDA graph
+    (``graph``), a step with the generation loop's host round trip; on a TPU one program (``graph`` unused)."""
+    if chip.platform == "tpu":
+        return _tpu_entry(prog, chip, live_cache_slots)
+    return _gpu_entry(prog, chip, graph, live_cache_slots, step)
+
+
+def _ratios(steps: dict, batch: int, tokens_per_nfe: float | None) -> dict:
+    """AR tokens/s, the TiDAR/AR step ratio and the projected speedup, at the ceiling and at the expected level
+    (``<name>_ceiling`` / ``<name>_expected``)."""
+    out: dict[str, Any] = {}
+    if tokens_per_nfe:
+        out["tokens_per_nfe"] = tokens_per_nfe
+    for level in ("ceiling", "expected"):
+        if "ar step" in steps:
+            out[f"ar_tokens_per_s_{level}"] = batch / steps["ar step"][f"{level}_s"]
+        if "ar step" in steps and "tidar step" in steps:
+            ratio = steps["tidar step"][f"{level}_s"] / steps["ar step"][f"{level}_s"]
+            out[f"tidar_over_ar_step_{level}"] = ratio
+            if tokens_per_nfe:
+                out[f"tidar_tokens_per_s_{level}"] = batch * tokens_per_nfe / steps["tidar step"][f"{level}_s"]
+                out[f"projected_speedup_{level}"] = tokens_per_nfe / ratio
+    return out
+
+
 def decode_estimates(programs: dict[str, CompiledDecodeProgram], chip, batch: int,
                      tokens_per_nfe: float | None = None, context: int | None = None) -> dict:
-    """The cost model's estimate of every program (``tidar_jax.analysis.cost_model``; assumptions carried), the
-    TiDAR/AR step-time ratio, AR tokens/s (one token per row per step) and, given a TiDAR tokens-per-forward, the
-    TiDAR tokens/s and the speedup it projects. Twice: with eager launches (``programs``, the chip's launch cost)
-    and with the whole program as one CUDA graph (``graph``: the in-graph launch cost, an assumption). ``context``:
-    the live cache length of the steps, so the fused cache kernel is charged for the live slots it reads."""
-    from tidar_jax.analysis.cost_model import estimate
-
-    out: dict[str, Any] = {}
-    for key, graph in (("programs", False), ("graph", True)):
-        out[key] = {}
+    """Every program's time at two levels (docs/estimates.md): ``ceiling_s`` (the cost model: datasheet peaks,
+    assumptions carried) and ``expected_s`` (``analysis.efficiency``: the peaks derated by public measurements), with
+    the TiDAR/AR step ratio, tokens/s and projected speedup at both. A GPU target is estimated twice, with eager
+    launches (``programs``) and as one CUDA graph (``graph``); a step's figures include the generation loop's host
+    round trip, and XLA's own cost model sits beside ours (``xla_s``) when the steps were compiled with
+    ``analysis.xla_cost.compile_options()``. A TPU target is one program per launch (``programs`` only), timed by
+    ``analysis.tpu_time``; its loops run on the device. ``context``: the live cache length of the steps, so the
+    fused cache kernel is charged for the live slots it reads."""
+    out: dict[str, Any] = {"platform": chip.platform}
+    variants = (("programs", None),) if chip.platform == "tpu" else (("programs", False), ("graph", True))
+    for key, graph in variants:
+        steps = {}
         for name, prog in programs.items():
             live = context if name.endswith("step") else None
-            out[key][name] = estimate(prog.program, chip, prog.assumed_trips, graph=graph,
-                                      live_cache_slots=live).summary()
-        steps = out[key]
-        ratios = out if key == "programs" else out.setdefault("graph_ratios", {})
-        if "ar step" in steps:
-            ratios["ar_tokens_per_s"] = batch / steps["ar step"]["time_s"]
-        if "ar step" in steps and "tidar step" in steps:
-            ratio = steps["tidar step"]["time_s"] / steps["ar step"]["time_s"]
-            ratios["tidar_over_ar_step"] = ratio
-            if tokens_per_nfe:
-                ratios["tokens_per_nfe"] = tokens_per_nfe
-                ratios["tidar_tokens_per_s"] = batch * tokens_per_nfe / steps["tidar step"]["time_s"]
-                ratios["projected_speedup"] = tokens_per_nfe / ratio
+            steps[name] = program_estimate(prog, chip, graph=bool(graph), live_cache_slots=live,
+                                           step=name.endswith("step"))
+        out[key] = steps
+        out["ratios" if key == "programs" else "graph_ratios"] = _ratios(steps, batch, tokens_per_nfe)
+    if chip.platform == "gpu":
+        out["outer_loop"] = OUTER_LOOP_NOTE
     return out
 
 
 def format_decode_estimates(est: dict) -> str:
+    tpu = est.get("platform") == "tpu"
     lines = []
-    for key, label in (("programs", "eager launches"), ("graph", "one CUDA graph")):
+    labels = ((("programs", "one TPU program"),) if tpu
+              else (("programs", "eager launches"), ("graph", "one CUDA graph")))
+    for key, label in labels:
         if key not in est:
             continue
-        r = est if key == "programs" else est.get("graph_ratios", {})
+        r = est["ratios"] if key == "programs" else est.get("graph_ratios", {})
         for name, s in est[key].items():
-            lines.append(f"{name} ({label}): ESTIMATE {s['time_s'] * 1e3:.3f} ms ({s['launches']} launches "
-                         f"{s['launch_time_s'] * 1e3:.3f} ms, {s['host_round_trips']} host round trips, "
-                         f"{s['flops'] / 1e9:.2f} GFLOP, {s['bytes'] / 1e9:.3f} GB)")
-        if "tidar_over_ar_step" in r:
-            lines.append(f"TiDAR step / AR step ({label}): {r['tidar_over_ar_step']:.2f}; AR "
-                         f"{r['ar_tokens_per_s']:.0f} tokens/s")
-        if "projected_speedup" in r:
-            lines.append(f"at {r['tokens_per_nfe']:.2f} tokens per forward ({label}): TiDAR "
-                         f"{r['tidar_tokens_per_s']:.0f} tokens/s, projected speedup {r['projected_speedup']:.2f}x")
+            line = (f"{name} ({label}): ESTIMATE ceiling {s['ceiling_s'] * 1e3:.3f} ms, expected "
+                    f"{s['expected_s'] * 1e3:.3f} ms ({s['launches']} launches")
+            if tpu:
+                static = [lp["trips"] for lp in s["loops"] if lp["trips"] is not None]
+                assumed = sorted({lp["assumed"] for lp in s["loops"] if lp["trips"] is None})
+                trips = "/".join(str(t) for t in sorted(set(static)))
+                line += (f"; loop trip counts from the unoptimised HLO: {len(static)} static"
+                         + (f" ({trips} trips)" if static else "")
+                         + f", {len(s['loops']) - len(static)} data-dependent"
+                         + (f" ({'/'.join(map(str, assumed))} trips assumed))" if assumed else ")"))
+            else:
+                line += (f", {s['host_round_trips']} host round trips in the program"
+                         + (", +1 for the generation loop" if s["outer_loop_round_trip_s"] else "")
+                         + f", {s['flops'] / 1e9:.2f} GFLOP, {s['bytes'] / 1e9:.3f} GB)")
+                if "xla_s" in s:
+                    line += (f"; XLA's cost model {s['xla_s'] * 1e3:.3f} ms vs ours "
+                             f"{s['xla_ours_same_kernels_s'] * 1e3:.3f} ms over the {s['xla_covered_kernels']} kernels it costs (launch excluded; "
+                             f"{s['xla_not_costed_launches']} launches it does not cost)")
+            lines.append(line)
+        if "tidar_over_ar_step_ceiling" in r:
+            lines.append(f"TiDAR step / AR step ({label}): ceiling {r['tidar_over_ar_step_ceiling']:.2f}, expected "
+                         f"{r['tidar_over_ar_step_expected']:.2f}; AR tokens/s ceiling "
+                         f"{r['ar_tokens_per_s_ceiling']:.0f}, "
+                         f"expected {r['ar_tokens_per_s_expected']:.0f}")
+        if "projected_speedup_ceiling" in r:
+            lines.append(f"at {r['tokens_per_nfe']:.2f} tokens per forward ({label}): projected speedup ceiling "
+                         f"{r['projected_speedup_ceiling']:.2f}x, expected {r['projected_speedup_expected']:.2f}x "
+                         f"(TiDAR tokens/s {r['tidar_tokens_per_s_ceiling']:.0f} / "
+                         f"{r['tidar_tokens_per_s_expected']:.0f})")
         steps = [v for k, v in est[key].items() if k.endswith("step")] or list(est[key].values())
         lines.append(f"assumptions ({label}; prefill assumes 1 iteration per data-dependent loop): "
                      f"{steps[-1]['assumptions_line']}")
+    if "outer_loop" in est:
+        lines.append(f"steps: {est['outer_loop']}")
+    if any("xla_s" in s for s in est.get("graph", {}).values()):
+        lines.append("XLA's figure is of this deviceless compile, which cannot autotune: its GEMMs keep default "
+                     "Triton tiles, which XLA's model charges far below the tensor-core peak for the TiDAR step's "
+                     "multi-row GEMMs; a GPU's own compile autotunes them (docs/estimates.md)")
+    lines.append("ceiling: datasheet peaks; expected: peaks derated by public measurements (docs/estimates.md)")
     return "\n".join(lines)
 
 
@@ -341,4 +447,4 @@ def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str)
 
 __all__ = ["CompiledDecodeProgram", "PROGRAMS", "abstract_decode_params", "compile_decode", "decode_estimates",
            "decode_options", "format_decode_estimates", "format_plan", "model_config_for_plan", "plan_summary",
-           "weight_bytes"]
+           "program_estimate", "weight_bytes"]

@@ -1,9 +1,10 @@
 """Recommend the TiDAR block size B and mask groups for a target from its compiled decode steps.
 
-For each candidate (B, groups) the TiDAR step is compiled for the deviceless target and its time estimated by the
-cost model (``tidar_jax.analysis.cost_model``: an ESTIMATE, with eager launches and with the step as one CUDA graph);
-the projected tokens/s is ``batch * expected tokens per step / step time``. The expected tokens per step comes from
-an acceptance ASSUMPTION, never from a measurement here:
+For each candidate (B, groups) the TiDAR step is compiled for the deviceless target and its time ESTIMATED at two
+levels (docs/estimates.md): the ceiling (the cost model, datasheet peaks) and the expected time (peaks derated by
+public measurements), on a GPU with eager launches and with the step as one CUDA graph. The projected tokens/s is
+``batch * expected tokens per step / step time``; candidates are ranked at the expected level. The expected tokens
+per step comes from an acceptance ASSUMPTION, never from a measurement here:
 
 * a per-slot acceptance rate ``alpha`` (each draft after the always-accepted first is accepted with probability
   ``alpha`` while the previous ones were), or
@@ -137,19 +138,33 @@ def candidates(blocks) -> list[tuple[int, tuple[int, ...] | None]]:
     return out
 
 
+LEVELS = ("ceiling", "expected")
+
+
+def launch_variants(chip) -> tuple[str, ...]:
+    """How the step is launched: eagerly or as one CUDA graph on a GPU; one program on a TPU."""
+    return ("program",) if chip.platform == "tpu" else ("eager", "graph")
+
+
 def recommend(cfg, devices, chip, *, batch: int, context: int, blocks, accept: Acceptance,
               max_new_tokens: int = 256) -> dict:
-    """Compile the AR step and the TiDAR step of every candidate for ``devices``; estimate them and rank by the
-    projected tokens/s with the step as one CUDA graph (eager beside it). Returns the rows and the winner."""
-    from tidar_jax.analysis.cost_model import estimate
-    from tidar_jax.analysis.decode_plan import compile_decode
+    """Compile the AR step and the TiDAR step of every candidate for ``devices``; estimate them at both levels
+    (``analysis.decode_plan.program_estimate``: the ceiling and the expected time) and rank by the projected
+    tokens/s at the expected level (on a GPU with the step as one CUDA graph, eager beside it). Returns the rows,
+    the winner, and the winner at the ceiling."""
+    from tidar_jax.analysis.decode_plan import compile_decode, program_estimate
+
+    launches = launch_variants(chip)
 
     def step_times(block, groups, mode):
         progs = compile_decode(cfg, devices, batch=batch, block_size=block, context=context,
                                max_new_tokens=max_new_tokens, modes=(mode,), with_prefill=False, groups=groups)
         p = progs[f"{mode} step"]
-        return {launch: estimate(p.program, chip, p.assumed_trips, graph=launch == "graph",
-                                 live_cache_slots=context).time_s for launch in ("eager", "graph")}
+        out = {}
+        for launch in launches:
+            e = program_estimate(p, chip, graph=launch == "graph", live_cache_slots=context, step=True)
+            out.update({(launch, level): e[f"{level}_s"] for level in LEVELS})
+        return out
 
     ar = step_times(1, None, "ar")
     rows = []
@@ -158,36 +173,56 @@ def recommend(cfg, devices, chip, *, batch: int, context: int, blocks, accept: A
         tokens = accept.tokens_per_step(block, groups)
         row = {"block_size": block, "groups": "all" if groups is None else f"1..{groups[-1]}",
                "tokens_per_step": tokens}
-        for launch in ("eager", "graph"):
-            row[f"step_ms_{launch}"] = t[launch] * 1e3
-            row[f"tokens_per_s_{launch}"] = batch * tokens / t[launch]
-            row[f"speedup_{launch}"] = (tokens / t[launch]) / (1 / ar[launch])
+        for (launch, level), step_s in t.items():
+            row[f"step_ms_{launch}_{level}"] = step_s * 1e3
+            row[f"tokens_per_s_{launch}_{level}"] = batch * tokens / step_s
+            row[f"speedup_{launch}_{level}"] = tokens * ar[launch, level] / step_s
         rows.append(row)
-    best = max(rows, key=lambda r: r["tokens_per_s_graph"])
-    best_eager = max(rows, key=lambda r: r["tokens_per_s_eager"])
-    return {"batch": batch, "context": context, "acceptance": accept.label,
-            "ar_step_ms": {k: v * 1e3 for k, v in ar.items()},
-            "ar_tokens_per_s": {k: batch / v for k, v in ar.items()}, "rows": rows, "best": best,
-            "best_eager": best_eager}
+    primary = launches[-1]
+    out = {"batch": batch, "context": context, "acceptance": accept.label, "launches": list(launches),
+           "ranked_by": f"tokens_per_s_{primary}_expected",
+           "ar_step_ms": {f"{launch}_{level}": v * 1e3 for (launch, level), v in ar.items()},
+           "ar_tokens_per_s": {f"{launch}_{level}": batch / v for (launch, level), v in ar.items()}, "rows": rows,
+           "best": max(rows, key=lambda r: r[f"tokens_per_s_{primary}_expected"]),
+           "best_ceiling": max(rows, key=lambda r: r[f"tokens_per_s_{primary}_ceiling"])}
+    if "eager" in launches:
+        out["best_eager"] = max(rows, key=lambda r: r["tokens_per_s_eager_expected"])
+    return out
+
+
+def _groups_flag(row) -> str:
+    return "" if row["groups"] == "all" else f" --groups {row['groups'].split('..')[1]}"
 
 
 def format_recommendation(rec: dict, target: str) -> str:
+    launches = rec["launches"]
+    primary = launches[-1]
+    label = {"graph": "one CUDA graph", "eager": "eager launches", "program": "one TPU program"}
+    ar = rec["ar_step_ms"]
     lines = [f"TiDAR block size and groups for {target}, batch {rec['batch']}, context {rec['context']} "
-             f"(cost-model ESTIMATES of the compiled steps; acceptance {rec['acceptance']})",
-             f"AR step: {rec['ar_step_ms']['eager']:.3f} ms eager / {rec['ar_step_ms']['graph']:.3f} ms one CUDA "
-             f"graph -> {rec['ar_tokens_per_s']['graph']:.0f} tokens/s (graph)",
-             " B  groups  tokens/step  step ms eager  step ms graph  tokens/s graph  speedup graph  speedup eager"]
+             f"(ESTIMATES of the compiled steps, ceiling and expected (docs/estimates.md); acceptance "
+             f"{rec['acceptance']})",
+             "AR step: " + ", ".join(f"{ar[f'{launch}_ceiling']:.3f} / {ar[f'{launch}_expected']:.3f} ms "
+                                     f"{label[launch]}" for launch in launches)
+             + f" (ceiling / expected) -> {rec['ar_tokens_per_s'][f'{primary}_expected']:.0f} tokens/s expected",
+             " B  groups  tokens/step  " + "  ".join(f"step ms {launch} (ceil/exp)" for launch in launches)
+             + f"  tokens/s {primary} exp  speedup {primary} (ceil/exp)"]
     for r in rec["rows"]:
-        lines.append(f"{r['block_size']:>2}  {r['groups']:>6}  {r['tokens_per_step']:>11.2f}  "
-                     f"{r['step_ms_eager']:>13.3f}  {r['step_ms_graph']:>13.3f}  {r['tokens_per_s_graph']:>14.0f}  "
-                     f"{r['speedup_graph']:>12.2f}x  {r['speedup_eager']:>12.2f}x")
+        steps = "  ".join(f"{r[f'step_ms_{launch}_ceiling']:>9.3f} / {r[f'step_ms_{launch}_expected']:<9.3f}"
+                          for launch in launches)
+        lines.append(f"{r['block_size']:>2}  {r['groups']:>6}  {r['tokens_per_step']:>11.2f}  {steps}  "
+                     f"{r[f'tokens_per_s_{primary}_expected']:>14.0f}  {r[f'speedup_{primary}_ceiling']:>6.2f}x / "
+                     f"{r[f'speedup_{primary}_expected']:.2f}x")
     b = rec["best"]
-    lines.append(f"recommended: --block-size {b['block_size']}"
-                 + ("" if b["groups"] == "all" else f" --groups {b['groups'].split('..')[1]}")
-                 + f" (projected {b['tokens_per_s_graph']:.0f} tokens/s, {b['speedup_graph']:.2f}x AR, step as one "
-                   f"CUDA graph)")
-    e = rec["best_eager"]
-    if (e["block_size"], e["groups"]) != (b["block_size"], b["groups"]):
+    lines.append(f"recommended: --block-size {b['block_size']}{_groups_flag(b)} (projected "
+                 f"{b[f'tokens_per_s_{primary}_expected']:.0f} tokens/s, {b[f'speedup_{primary}_expected']:.2f}x AR "
+                 f"at the expected level, {label[primary]})")
+    c = rec["best_ceiling"]
+    if (c["block_size"], c["groups"]) != (b["block_size"], b["groups"]):
+        lines.append(f"at the ceiling the best would be B={c['block_size']} groups {c['groups']} "
+                     f"({c[f'speedup_{primary}_ceiling']:.2f}x AR)")
+    e = rec.get("best_eager")
+    if e and (e["block_size"], e["groups"]) != (b["block_size"], b["groups"]):
         lines.append(f"with eager launches the best is B={e['block_size']} groups {e['groups']} "
-                     f"({e['speedup_eager']:.2f}x AR)")
+                     f"({e['speedup_eager_expected']:.2f}x AR, expected)")
     return "\n".join(lines)

@@ -178,8 +178,9 @@ def compile_train_step(cfg: TrainConfig, num_devices: int | None = None, devices
     lowered = fns.train_step.lower(state, batch, _segment_ids(cfg, batch))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    # the HLO before XLA's passes keeps the loops' trip counts XLA:TPU's optimised HLO drops (analysis.tpu_time)
     context = dict(devices=devices, mcfg=mcfg, mesh=mesh, mesh_shape=mesh_shape, graphdef=graphdef,
-                   abstract=abstract, state=state, batch=batch)
+                   abstract=abstract, state=state, batch=batch, unoptimized_hlo=lowered.as_text(dialect="hlo"))
     return compiled, compile_s, context
 
 
@@ -201,11 +202,9 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None, target=None) -> d
     estimate = None
     if target is None:
         flops = _step_flops(graphdef, mcfg, abstract, mesh, cfg, devices)
-    elif target.platform == "gpu":  # XLA's cost analysis is None for a deviceless compile: the cost model counts
-        estimate = train_estimate(compiled, cfg, mcfg, target)
+    else:  # XLA's cost analysis is None for a deviceless compile: the cost model counts
+        estimate = train_estimate(compiled, cfg, mcfg, target, ctx["unoptimized_hlo"])
         flops = estimate["flops_per_device"]
-    else:  # XLA:TPU's HLO records no trip count on its while loops: the cost model cannot count them (yet)
-        flops = None
     argument = int(mem.argument_size_in_bytes)
     output = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
@@ -231,24 +230,45 @@ def run_plan(cfg: TrainConfig, num_devices: int | None = None, target=None) -> d
     }
 
 
-def train_estimate(compiled, cfg: TrainConfig, mcfg: ModelConfig, target) -> dict:
-    """The cost model's estimate of one train step on ``target`` (per device: every device runs the same SPMD
-    program), launches per micro-batch, and the MFU it implies (``train.flops.model_flops`` over the step time
-    times the chips' bf16 peak). An estimate: its assumptions are carried."""
+def train_estimate(compiled, cfg: TrainConfig, mcfg: ModelConfig, target, unoptimized_hlo: str = "") -> dict:
+    """One train step on ``target`` at two levels (docs/estimates.md), per device (every device runs the same SPMD
+    program): ``ceiling_s`` (the cost model: datasheet peaks, its assumptions carried) and ``expected_s`` (peaks
+    derated by public measurements, ``analysis.efficiency``), with the MFU (``train.flops.model_flops`` over the
+    step time times the chips' bf16 peak), tokens/s and the attention kernels' share of the step at both levels.
+    On a TPU the loops' trip counts come from ``unoptimized_hlo`` (``analysis.tpu_time``)."""
     from tidar_jax.analysis.chips import chip_costs
-    from tidar_jax.analysis.cost_model import estimate
+    from tidar_jax.analysis.efficiency import ATTENTION_CUDNN, ATTENTION_PALLAS, expected
     from tidar_jax.analysis.hlo import HloProgram
     from tidar_jax.train.flops import model_flops
 
     program = HloProgram.of(compiled)
-    est = estimate(program, target.chip)
+    if target.platform == "tpu":
+        from tidar_jax.analysis.tpu_time import tpu_time
+
+        t = tpu_time(program, unoptimized_hlo, target.chip)
+        out = {**t.summary(), "flops_per_device": t.flops, "launches": t.launches}
+        by = {"ceiling": t.ceiling_by_class, "expected": t.expected_by_class}
+    else:
+        from tidar_jax.analysis.cost_model import estimate
+
+        est = estimate(program, target.chip)
+        exp = expected(est, target.chip, graph=False)
+        out = {**est.summary(), "flops_per_device": est.flops, "ceiling_s": exp.ceiling_s,
+               "expected_s": exp.expected_s, "ceiling_by_class_s": exp.ceiling_by_class,
+               "expected_by_class_s": exp.expected_by_class,
+               "loops": [{"trip_count": lp.trip_count, "body_kernels": len(lp.body_kernels), "op_name": lp.op_name}
+                         for lp in program.loops()]}
+        by = {"ceiling": exp.ceiling_by_class, "expected": exp.expected_by_class}
     useful = model_flops(mcfg, cfg.data.global_batch, cfg.data.seq_len, cfg.train.objective)
     peak = chip_costs(target.chip).peak_bf16_flops * target.count
-    return {**est.summary(), "flops_per_device": est.flops, "model_flops": useful,
-            "mfu": useful / (est.time_s * peak), "launches_per_micro_batch": est.launches / cfg.optim.grad_accum,
-            "tokens_per_s": cfg.data.global_batch * cfg.data.seq_len / est.time_s,
-            "loops": [{"trip_count": lp.trip_count, "body_kernels": len(lp.body_kernels), "op_name": lp.op_name}
-                      for lp in program.loops()]}
+    tokens = cfg.data.global_batch * cfg.data.seq_len
+    out.update({"model_flops": useful, "launches_per_micro_batch": out["launches"] / cfg.optim.grad_accum})
+    for level in ("ceiling", "expected"):
+        step = out[f"{level}_s"]
+        attention = by[level].get(ATTENTION_PALLAS, 0.0) + by[level].get(ATTENTION_CUDNN, 0.0)
+        out.update({f"mfu_{level}": useful / (step * peak), f"tokens_per_s_{level}": tokens / step,
+                    f"attention_share_{level}": attention / step})
+    return out
 
 
 def format_plan(result: dict) -> str:
@@ -277,19 +297,30 @@ def format_plan(result: dict) -> str:
     if t:
         lines[0] += f"; target {t['name']} ({t['chips']} x {t['device_kind']})"
         lines[1] = f"per device (XLA:{t['platform'].upper()} compiled for {t['device_kind']}):"
-    if t and not e:
-        lines.append("no ESTIMATE for a TPU target: XLA:TPU's optimized HLO records no loop trip counts, which the "
-                     "cost model needs (it reads XLA:GPU's known_trip_count)")
     if e:
+        gpu = "launch_time_s" in e
+        lines.append(
+            f"ESTIMATE (not a measurement; docs/estimates.md): step ceiling {e['ceiling_s']:.3f} s, expected "
+            f"{e['expected_s']:.3f} s; MFU ceiling {100 * e['mfu_ceiling']:.1f}%, expected "
+            f"{100 * e['mfu_expected']:.1f}%; attention kernels' share ceiling "
+            f"{100 * e['attention_share_ceiling']:.1f}%, "
+            f"expected {100 * e['attention_share_expected']:.1f}%; tokens/s ceiling {e['tokens_per_s_ceiling']:.0f}, "
+            f"expected {e['tokens_per_s_expected']:.0f}")
+        if gpu:
+            lines.append(
+                f"  ceiling by bound: {e['launches']} kernel launches ({e['launches_per_micro_batch']:.0f} per "
+                f"micro-batch, launch time {e['launch_time_s']:.3f} s); compute-bound kernels "
+                f"{e['compute_bound_time_s']:.3f} s, memory-bound {e['memory_bound_time_s']:.3f} s, launch-bound "
+                f"{e['launch_bound_time_s']:.3f} s, collectives {e['collective_time_s']:.3f} s")
+        else:
+            static = sorted({lp["trips"] for lp in e["loops"] if lp["trips"] is not None})
+            lines.append(f"  {e['launches']} ops per step; {len(e['loops'])} loops, trip counts "
+                         f"{static or 'none static'} from the unoptimised HLO (XLA:TPU's optimised HLO drops them)")
         lines += [
-            f"ESTIMATE (cost model, not a measurement): step {e['time_s']:.3f} s, MFU {100 * e['mfu']:.1f}%, "
-            f"{e['tokens_per_s']:.0f} tokens/s; {e['launches']} kernel launches ({e['launches_per_micro_batch']:.0f} "
-            f"per micro-batch, launch time {e['launch_time_s']:.3f} s); compute-bound kernels "
-            f"{e['compute_bound_time_s']:.3f} s, memory-bound {e['memory_bound_time_s']:.3f} s, launch-bound "
-            f"{e['launch_bound_time_s']:.3f} s, collectives {e['collective_time_s']:.3f} s",
             f"  model FLOPs {e['model_flops']:.3e} per step (mask-allowed attention, no remat); counted dots "
             f"{e['flops_per_device']:.3e} per device",
             f"  assumptions: {e['assumptions_line']}",
+            "  ceiling: datasheet peaks; expected: peaks derated by public measurements, per kernel class",
         ]
     return "\n".join(lines)
 
