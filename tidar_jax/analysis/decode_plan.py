@@ -236,7 +236,7 @@ def format_plan(summary: dict) -> str:
         for lp in s["loops"]:
             trips = "dynamic (data-dependent)" if lp["dynamic"] else f"{lp['trip_count']} (known)"
             if lp["dynamic"] and summary.get("platform") == "tpu":
-                trips = "not recorded in XLA:TPU's HLO (--estimate reads them from the unoptimised HLO)"
+                trips = "not recorded (XLA:TPU's HLO carries no trip counts)"
             body = ", ".join(f"{k} {v}" for k, v in lp["body_kernel_kinds"].items())
             line = (f"while loop: trips {trips}, {lp['body_kernels']} kernels per iteration ({body}); from "
                     f"{lp['op_name'] or '?'}")
