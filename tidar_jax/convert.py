@@ -68,7 +68,7 @@ def import_hf(hf_dir: str, out: str, mask_token_id=None, add_mask_token=False, b
 
     check_new_dir(out)
     bundle = load_hf_dir(hf_dir, mask_token_id=mask_token_id, block_size=block_size, dtype=dtype,
-                         add_mask_token=add_mask_token)
+                         add_mask_token=add_mask_token, require_mask_token=True)
     hf = read_hf_config(hf_dir)
     # HF-only fields kept so that export-hf can write them back
     # one default EOS id, the first, as documented in docs/hf.md (all of them stay in ``hf`` for export)
