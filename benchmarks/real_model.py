@@ -35,7 +35,7 @@ def models(run_dir: str, steps: list[int] | None):
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     t0 = os.path.getmtime(os.path.join(run_dir, "config.yaml"))
-    out = [(0, cfg["model"]["init_from"], 0.0)]
+    out = [(0, cfg["model"]["init_from"], 0.0)] if steps is None or 0 in steps else []
     ck = os.path.join(run_dir, "checkpoints")
     found = sorted(int(d) for d in os.listdir(ck) if d.isdigit())
     for s in found if steps is None else [s for s in found if s in steps]:
@@ -100,10 +100,13 @@ def speed(path: str, cfg: dict, prompts: list[list[int]], new_tokens: int, round
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
+    p.add_argument("--steps", default=None, help="comma-separated checkpoint steps, 0 = the untouched model "
+                                                 "(default: all)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", default=None)
+    p.add_argument("--base-ar-loss", type=float, default=None,
+                   help="the untouched model's held-out AR loss, when step 0 is not in --steps")
     p.add_argument("--speed", default=None, metavar="CHECKPOINT", help="measure decode speed of this checkpoint")
     p.add_argument("--rounds", type=int, default=2, help="with --speed")
     p.add_argument("--groups", default="1,2,4", help="with --speed: TiDAR group counts G (>= B: all groups)")
@@ -127,7 +130,7 @@ def main(argv=None) -> list[dict]:
             with open(args.json, "w") as f:
                 json.dump(r, f, indent=1)
         return [r]
-    rows, base = [], None
+    rows, base = [], args.base_ar_loss
     print("| step | minutes | held-out AR loss (vs untouched) | diffusion loss | draft == verifier, slots 0..B-1 | "
           "lossless T/NFE batch 1 | decode acceptance, slots 1..B-1 | lossless == AR |")
     print("|---|---|---|---|---|---|---|---|")
@@ -136,10 +139,10 @@ def main(argv=None) -> list[dict]:
             else load_for_inference(path)
         r = {"step": step, "minutes": minutes, **measure(bundle, cfg, prompts, args.new_tokens)}
         base = r["ar_loss"] if step == 0 else base
-        r["ar_loss_rel"] = r["ar_loss"] / base - 1 if base else None
+        r["ar_loss_rel"] = r["ar_loss"] / base - 1 if base else None  # with step 0 in the same call
         rows.append(r)
         fmt = lambda xs: " / ".join("-" if x is None else f"{x:.2f}" for x in xs)  # noqa: E731
-        rel = f" ({r['ar_loss_rel']:+.1%})" if step else ""
+        rel = f" ({r['ar_loss_rel']:+.1%})" if step and r["ar_loss_rel"] is not None else ""
         print(f"| {step} | {minutes:.1f} | {r['ar_loss']:.4f}{rel} | {r['diff_loss']:.3f} | "
               f"{fmt(r['draft_eq_verifier'])} | {r['tnfe_b1']:.2f} | {fmt(r['slot_acceptance'])} | "
               f"{'yes' if r['lossless_equals_ar'] else 'NO'} |", flush=True)

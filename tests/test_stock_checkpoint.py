@@ -91,7 +91,7 @@ def test_init_from_stock_dir_with_data_from_its_tokenizer(stock, tmp_path):
     manifest = prepare_corpus(str(tmp_path / "data"), sources=[src], tokenizer=path, progress=False)
     assert (manifest["mask_token_id"], manifest["vocab_size"]) == (VOCAB, VOCAB + 1)  # <|mask|> appended
     overrides = {"data.dir": str(tmp_path / "data"), "data.prepare": "false", "data.seq_len": 32,
-                 "data.global_batch": 2, "data.eval_batches": 0, "model.init_from": path, "model.block_size": 4,
+                 "data.global_batch": 8, "data.eval_batches": 0, "model.init_from": path, "model.block_size": 4,
                  "train.steps": 1, "logging.tensorboard": "false"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     run = setup(cfg, str(tmp_path / "run"), show_progress=False)
