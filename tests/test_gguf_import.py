@@ -5,8 +5,9 @@ rotary layout, a byte-level BPE vocabulary and merges in the metadata) and check
 original model's logits, the same logits and tokenizer ids as ``transformers`` loading the same file, and one line
 with nothing written for a truncated file, an unsupported quantization type and an unknown architecture.
 
-The real model (SmolLM2-135M-Instruct, GGUF Q4_1 from the package index) is checked the same way in
-``test_real_model_matches_transformers_gguf`` (slow; skips with the reason where the package cannot be fetched).
+A Q8_0 file (slow) checks the dequantizing path. The real model (SmolLM2-135M-Instruct, GGUF Q4_1 from the
+package index) is checked the same way in ``test_real_model_matches_transformers_gguf`` (slow; skips with the
+reason where the package cannot be fetched).
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def test_import_equals_source_model_and_transformers_loader(tiny):
             their_tok(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_quantized_import_matches_transformers(tiny):
     from tidar_jax.hf import load_hf_dir
     from tidar_jax.hf.gguf_import import import_gguf
@@ -222,3 +224,29 @@ def test_real_model_matches_transformers_gguf(tmp_path_factory):
             out = theirs.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)
         assert tokens == out[0, len(row):].tolist()
+
+
+@pytest.mark.slow
+def test_real_model_masks_never_leak():
+    """SmolLM2-135M with the appended <|mask|>: in the TiDAR training layout [x | MASK x S] the clean half's logits
+    equal a plain causal forward of x (fp32, 30 layers), so the AR loss the recipe trains is the AR model's."""
+    import jax.numpy as jnp
+
+    from tidar_jax.hf import load_hf_dir
+    from tidar_jax.model import apply, causal_mask
+    from tidar_jax.pretrained import FetchError, fetch
+    from tidar_jax.train.step import tidar_inputs
+
+    try:
+        hf_dir = fetch("smollm2-135m-instruct")
+    except FetchError as e:
+        pytest.skip(f"the package cannot be fetched here: {e}")
+    bundle = load_hf_dir(hf_dir, add_mask_token=True, block_size=4)
+    tokens = jnp.asarray([bundle.tokenizer.encode(TEXTS[0] + TEXTS[2]).ids[:32]], jnp.int32)
+    n, s = tokens.shape
+    plain, _ = apply(bundle.graphdef, bundle.params, tokens, jnp.broadcast_to(jnp.arange(s), (n, s)),
+                     causal_mask(n, s))
+    both_tokens, positions, mask = tidar_inputs(tokens, bundle.config)
+    both, _ = apply(bundle.graphdef, bundle.params, both_tokens, positions, mask)
+    np.testing.assert_allclose(np.asarray(both[:, :s]), np.asarray(plain), atol=2e-4, rtol=0)
+    assert np.abs(np.asarray(both[:, s:]) - np.asarray(plain)).max() > 1.0  # the mask half differs: it drafts

@@ -241,9 +241,11 @@ def check_same_mask_token(cfg: TrainConfig, bundle, manifest: dict) -> None:
         return
     got = bundle.tokenizer.token_to_id(spelling)
     if got is not None and got != int(want):
+        added = (manifest.get("tokenizer") or {}).get("added_special_tokens") or []
         raise ConfigError(f"data.dir={cfg.data.dir!r} has [MASK] {spelling}={want} but model.init_from="
                           f"{cfg.model.init_from!r} gives {spelling} id {got}: the data was tokenized with another "
-                          "tokenizer; prepare it with the model's (data.tokenizer: the same path as model.init_from)")
+                          f"tokenizer (its preparation added {added}); prepare it with the model's (data.tokenizer: "
+                          "the same path as model.init_from)")
 
 
 def _checkpoint_tokenizer(path: str, kind: str, name: str) -> str | None:
