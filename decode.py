@@ -29,8 +29,12 @@ RESET = "\033[0m"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="params checkpoint, training run dir or HF dir (required "
-                                                        "unless --plan)")
+    p.add_argument("--checkpoint", default=None, help="params checkpoint, training run dir, HF dir or "
+                                                        "pretrained:NAME (fetched once; tidar_jax.pretrained) "
+                                                        "(required unless --plan)")
+    p.add_argument("--add-mask-token", action="store_true",
+                   help="an HF dir without a [MASK] token: append an untrained <|mask|> (TiDAR mode runs, its "
+                        "drafts are rejected until trained; AR mode needs no mask token)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="UTF-8 prompt file ('-' = stdin)")
@@ -178,7 +182,7 @@ def parse_groups(text):
 
 def load_decoder(args):
     from tidar_jax.decode import Decoder, DecodeError
-    from tidar_jax.loading import CheckpointNotFound, load_for_inference
+    from tidar_jax.loading import CheckpointNotFound, checkpoint_kind, load_for_inference
 
     mesh = None
     if args.mesh is not None:
@@ -189,7 +193,18 @@ def load_decoder(args):
         except ValueError as e:
             raise SystemExit(f"--mesh={args.mesh!r}: {e}")
     try:
-        bundle = load_for_inference(args.checkpoint, mesh=mesh)
+        from tidar_jax.pretrained import resolve
+
+        checkpoint = resolve(args.checkpoint, log=lambda m: print(m, file=sys.stderr, flush=True))
+        hf_kwargs = {}
+        if args.add_mask_token:
+            if checkpoint_kind(checkpoint) != "hf":
+                raise SystemExit(f"--add-mask-token: {args.checkpoint!r} is not a Hugging Face dir; only a stock HF "
+                                 "checkpoint lacks a [MASK] token")
+            hf_kwargs["add_mask_token"] = True
+        bundle = load_for_inference(checkpoint, mesh=mesh, **hf_kwargs)
+    except SystemExit:
+        raise
     except CheckpointNotFound as e:
         raise SystemExit(str(e))
     except Exception as e:  # a corrupt or unsupported checkpoint: one line, not a traceback

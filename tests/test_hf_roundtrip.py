@@ -290,5 +290,7 @@ def test_qwen_tokenizer_gives_fim_pad_mask_token(tmp_path):
         tok.save(str(path / "tokenizer.json"))
     bundle = load_hf_dir(str(tmp_path / "qwen_tok"))
     assert (bundle.config.mask_token_id, bundle.config.vocab_size) == (151662, 151680)
+    # no rule applies: a stock model without [MASK] (AR decoding needs none), unless one is required (import-hf)
+    assert load_hf_dir(str(tmp_path / "plain_tok")).config.mask_token_id is None
     with pytest.raises(HFFormatError, match="no mask_token_id for this llama model"):
-        load_hf_dir(str(tmp_path / "plain_tok"))
+        load_hf_dir(str(tmp_path / "plain_tok"), require_mask_token=True)

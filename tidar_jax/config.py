@@ -50,7 +50,8 @@ class ModelConfig:
     """Architecture of a decoder-only transformer plus the TiDAR fields.
 
     Families: Qwen2/Qwen2.5 (``qkv_bias=True``), Qwen3 (``qk_norm=True``, explicit ``head_dim``), Llama.
-    ``mask_token_id`` is an existing vocabulary id reused as [MASK] (Qwen: 151662 ``<|fim_pad|>``).
+    ``mask_token_id`` is an existing vocabulary id reused as [MASK] (Qwen: 151662 ``<|fim_pad|>``); None for a
+    stock checkpoint that has none (it decodes AR; TiDAR training and decoding need one, docs/hf.md).
     """
 
     vocab_size: int = 512
@@ -67,7 +68,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"  # activation/compute dtype
     param_dtype: str = "float32"
-    mask_token_id: int = 511
+    mask_token_id: int | None = 511
     # the block size the weights were (or are being) trained with: the one record of it; None = an AR-only model
     block_size: int | None = DEFAULT_BLOCK_SIZE
     family: str = "llama"  # "qwen2" | "qwen3" | "llama": informational, used by HF export
@@ -141,6 +142,8 @@ def _check_fields(c, set_attr) -> None:
 
 
 def _check_mask_token(c) -> None:
+    if c.mask_token_id is None:
+        return
     if not isinstance(c.mask_token_id, int) or not 0 <= c.mask_token_id < c.vocab_size:
         raise ConfigError(
             f"model.mask_token_id={c.mask_token_id!r}: must be a token id in [0, vocab_size={c.vocab_size})")

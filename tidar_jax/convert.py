@@ -78,7 +78,7 @@ def import_hf(hf_dir: str, out: str, mask_token_id=None, add_mask_token=False, b
     check_new_dir(out)
     record = read_source_record(hf_dir, read_hf_config(hf_dir))
     bundle = load_hf_dir(hf_dir, mask_token_id=mask_token_id, block_size=block_size, dtype=dtype,
-                         add_mask_token=add_mask_token)
+                         add_mask_token=add_mask_token, require_mask_token=True)
     # every EOS id (the first is the default); the serving record is kept so that export-hf writes it back
     meta = CheckpointMeta(bundle.config, eos_token_ids=eos_tuple(bundle.eos_token_ids), source=bundle.source,
                           hf=record)

@@ -179,6 +179,10 @@ class Decoder:
         (all B), an int G (counts 1..G) or a list of covered counts. ``full_logits=True`` is the old name of
         ``head="one_pass"``."""
         trained = self.cfg.block_size
+        if mode == "tidar" and self.cfg.mask_token_id is None:
+            raise DecodeError("this model has no [MASK] token (a stock checkpoint): decode with mode='ar' (--mode ar), "
+                              "or add an untrained <|mask|> for TiDAR (--add-mask-token --block-size B "
+                              "--allow-untrained-block-size; its drafts are rejected until trained, docs/hf.md)")
         if mode == "tidar" and block_size is None and trained is None:
             raise DecodeError("block_size: this model records no trained block size (an AR-only model, or an HF "
                               "checkpoint without TiDAR fields); decode with mode='ar' (--mode ar), or give a block "

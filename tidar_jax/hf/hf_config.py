@@ -64,7 +64,8 @@ def _dtype(hf: dict) -> str:
 
 
 def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None = None, block_size: int | None = None,
-                              dtype: str | None = None, vocab_size: int | None = None) -> ModelConfig:
+                              dtype: str | None = None, vocab_size: int | None = None,
+                              require_mask_token: bool = True) -> ModelConfig:
     """Our ``ModelConfig`` from a parsed HF ``config.json``.
 
     ``mask_token_id``: ``tidar_jax.config.resolve_mask_token`` (explicit > the TiDAR field recorded in
@@ -72,7 +73,8 @@ def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None =
     resolves it with the tokenizer first. ``block_size`` (the trained block size): explicit > recorded > None
     (a plain HF checkpoint is an AR model: it records none). ``vocab_size``: the model's vocabulary when it grows
     beyond the stored one (an added [MASK] row). ``dtype`` sets both compute and parameter dtype (default: the
-    checkpoint's ``dtype``).
+    checkpoint's ``dtype``). ``require_mask_token=False``: no [MASK] id resolved gives ``mask_token_id=None``
+    (a stock model, decoded AR) instead of the error.
     """
     family = family_of(hf)
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
@@ -97,10 +99,10 @@ def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None =
     vocab = int(_require(hf, "vocab_size"))
     mask_token_id = resolve_mask_token(mask_token_id, hf.get("mask_token_id"), vocab_size=vocab,
                                        qwen=family in ("qwen2", "qwen3"))
-    if mask_token_id is None:
+    if mask_token_id is None and require_mask_token:
         raise HFFormatError(
             f"no mask_token_id for this {family} model (vocab_size={vocab}): pass mask_token_id=<existing token id> "
-            "or add_mask_token=True to append <|mask|> to the tokenizer")
+            "(--mask-token-id N) or add_mask_token=True (--add-mask-token) to append <|mask|> to the tokenizer")
     if block_size is None:
         block_size = hf.get("block_size")
     dt = _dtype(hf) if dtype is None else dtype
@@ -120,7 +122,7 @@ def hf_config_to_model_config(hf: dict[str, Any], *, mask_token_id: int | None =
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # HF default for all three
             dtype=dt,
             param_dtype=dt,
-            mask_token_id=int(mask_token_id),
+            mask_token_id=None if mask_token_id is None else int(mask_token_id),
             block_size=None if block_size is None else int(block_size),
             family=family,
         )

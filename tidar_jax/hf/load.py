@@ -14,6 +14,7 @@ from flax import nnx
 
 from tidar_jax.checkpoint.bundle import InferenceBundle
 from tidar_jax.config import QWEN_MASK_TOKEN_ID, ModelConfig, resolve_mask_token
+from tidar_jax.data.tokenizer import MASK_TOKEN as ADDED_MASK_TOKEN  # the one spelling data preparation adds too
 from tidar_jax.hf.hf_config import family_of, hf_config_to_model_config
 from tidar_jax.hf.keys import KEY_TABLE, BoundKey, HFFormatError, bound_keys, set_path
 from tidar_jax.hf.safetensors_io import TensorReader, tensor_headers, weight_map
@@ -23,7 +24,6 @@ from tidar_jax.sharding import state_shardings
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
-ADDED_MASK_TOKEN = "<|mask|>"
 QWEN_MASK_TOKEN = "<|fim_pad|>"
 
 # HF keys that carry no parameters of ours (recomputed buffers in old checkpoints)
@@ -89,7 +89,7 @@ def _resolve_mask_token(hf: dict, tokenizer, mask_token_id, add_mask_token: bool
     if resolved is not None:
         return resolved, 0
     if not add_mask_token:
-        return None, 0  # hf_config_to_model_config raises the one-line error
+        return None, 0  # an AR-only model, or hf_config_to_model_config's one-line error
     if tokenizer is None:
         raise HFFormatError(f"add_mask_token=True needs a {TOKENIZER_FILE} to add {ADDED_MASK_TOKEN} to")
     from tokenizers import AddedToken
@@ -121,11 +121,13 @@ def _grow_vocab(arr: np.ndarray, rows: int, axis: int) -> np.ndarray:
 
 
 def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_size: int | None = None,
-                dtype: str | None = None, add_mask_token: bool = False) -> InferenceBundle:
+                dtype: str | None = None, add_mask_token: bool = False,
+                require_mask_token: bool = False) -> InferenceBundle:
     """Our config, params (an ``nnx.State``, each tensor placed straight into its sharding on ``mesh``, or on the
     first device) and tokenizer from a local HF directory (``config.json``, ``model.safetensors[.index.json]``,
     optional ``tokenizer.json``). Everything is validated (config, file headers, names, shapes) before any tensor
-    is read; any problem raises ``HFFormatError`` with one line.
+    is read; any problem raises ``HFFormatError`` with one line. A model with no [MASK] id (none given, recorded or
+    added) loads with ``mask_token_id=None`` (AR decoding needs none) unless ``require_mask_token``.
     """
     hf = read_hf_config(path)
     family_of(hf)  # unsupported architecture -> clear error before anything else
@@ -140,7 +142,8 @@ def load_hf_dir(path: str, mesh=None, mask_token_id: int | None = None, block_si
     mask_id, grow_rows = _resolve_mask_token(hf, tokenizer, mask_token_id, add_mask_token)
     stored_vocab = int(hf.get("vocab_size") or 0)
     cfg = hf_config_to_model_config(hf, mask_token_id=mask_id, block_size=block_size, dtype=dtype,
-                                    vocab_size=stored_vocab + grow_rows if grow_rows else None)
+                                    vocab_size=stored_vocab + grow_rows if grow_rows else None,
+                                    require_mask_token=require_mask_token)
     src_cfg = cfg  # the shapes stored in the files
     if grow_rows:  # the stored vocabulary lacks the added rows: a view for tensor shapes only, never a model
         src_cfg = copy.copy(cfg)

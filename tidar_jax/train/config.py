@@ -22,7 +22,7 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 class ModelSection:
     """``ModelConfig`` fields plus how to initialise the weights.
 
-    With ``init_from`` (an HF dir or a params checkpoint) the architecture comes from that checkpoint; only the
+    With ``init_from`` (an HF dir, ``pretrained:NAME`` or a params checkpoint) the architecture comes from that checkpoint; only the
     TiDAR fields given here (block_size, mask_token_id, dtype, param_dtype) and ``attention`` override it.
     ``mask_token_id: null`` takes the id from the data manifest.
     """
@@ -37,6 +37,9 @@ class DataSection:
     dir: str = "data/stdlib"
     prepare: bool = True  # build the corpus (idempotent) if ``dir`` has no manifest
     vocab_size: int = 4096  # tokenizer vocabulary when the corpus is prepared here
+    # the tokenizer the corpus is prepared with: a tokenizer.json, an HF dir or pretrained:NAME (a model's own,
+    # for continual pretraining from it); null: a byte-level BPE of vocab_size trained on the corpus
+    tokenizer: str | None = None
     max_files: int | None = None
     max_bytes: int | None = None
     heldout_fraction: float = 0.05

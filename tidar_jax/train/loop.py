@@ -155,8 +155,21 @@ def prepare_data(cfg: TrainConfig) -> tuple[str, dict]:
                               "`python -m tidar_jax.data.prepare --out DIR` or set data.prepare=true")
         print(f"preparing the corpus in {data_dir} (once; later runs reuse it) ...", flush=True)
         prepare_corpus(data_dir, vocab_size=cfg.data.vocab_size, heldout_fraction=cfg.data.heldout_fraction,
-                       seed=0, max_files=cfg.data.max_files, max_bytes=cfg.data.max_bytes)
+                       seed=0, max_files=cfg.data.max_files, max_bytes=cfg.data.max_bytes,
+                       tokenizer=cfg.data.tokenizer)
     return data_dir, load_manifest(data_dir)
+
+
+def resolve_pretrained(cfg: TrainConfig, show: bool) -> TrainConfig:
+    """``pretrained:NAME`` in ``model.init_from`` / ``data.tokenizer`` -> the model's HF dir, fetched on first use."""
+    from tidar_jax.pretrained import FetchError, resolve
+
+    log = (lambda m: print(m, flush=True)) if show else (lambda m: None)
+    try:
+        return cfg.replace(**{"model.init_from": resolve(cfg.model.init_from, log),
+                              "data.tokenizer": resolve(cfg.data.tokenizer, log)})
+    except FetchError as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_packing(cfg: TrainConfig, run_dir: str) -> str:
@@ -221,6 +234,20 @@ def check_same_tokenizer(cfg: TrainConfig, kind: str, data_dir: str | None) -> N
                               "the same tokenizer")
 
 
+def check_same_mask_token(cfg: TrainConfig, bundle, manifest: dict) -> None:
+    """The data's [MASK] (its spelling and id in the manifest) is the one the model's tokenizer has."""
+    spelling, want = (manifest.get("tokenizer") or {}).get("mask_token"), manifest.get("mask_token_id")
+    if cfg.model.arch.get("mask_token_id") is not None or bundle.tokenizer is None or spelling is None:
+        return
+    got = bundle.tokenizer.token_to_id(spelling)
+    if got is not None and got != int(want):
+        added = (manifest.get("tokenizer") or {}).get("added_special_tokens") or []
+        raise ConfigError(f"data.dir={cfg.data.dir!r} has [MASK] {spelling}={want} but model.init_from="
+                          f"{cfg.model.init_from!r} gives {spelling} id {got}: the data was tokenized with another "
+                          f"tokenizer (its preparation added {added}); prepare it with the model's (data.tokenizer: "
+                          "the same path as model.init_from)")
+
+
 def _checkpoint_tokenizer(path: str, kind: str, name: str) -> str | None:
     if kind == "run":
         from tidar_jax.checkpoint.run import run_and_steps
@@ -238,6 +265,7 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh, data_dir: str | None = Non
     plain HF model) drafts ``DEFAULT_BLOCK_SIZE`` (16, the paper's) unless the YAML gives one."""
     from flax import nnx
 
+    from tidar_jax.data.tokenizer import MASK_TOKEN as ADDED_MASK_TOKEN
     from tidar_jax.loading import checkpoint_kind, load_for_inference
     from tidar_jax.config import DEFAULT_BLOCK_SIZE
     from tidar_jax.model.functional import abstract_model
@@ -246,13 +274,18 @@ def load_init(cfg: TrainConfig, manifest: dict, mesh, data_dir: str | None = Non
     source = cfg.model.init_from
     try:
         kind = checkpoint_kind(source)  # one clear error for a path that is no checkpoint
+        # a stock HF model without [MASK]: the same <|mask|> the data preparation appended to its tokenizer
+        # (embedding and an untied head grow by one mean row, tidar_jax.hf.load); checked against the data below
+        spelling = (manifest.get("tokenizer") or {}).get("mask_token")
+        hf_kwargs = {"add_mask_token": True} if kind == "hf" and spelling == ADDED_MASK_TOKEN else {}
         with warnings.catch_warnings():  # a damaged newest step falls back to an older one; none left: one line
             warnings.simplefilter("ignore", ck.CheckpointFallbackWarning)
-            bundle = load_for_inference(source, mesh=mesh)  # loads straight into the target shardings
+            bundle = load_for_inference(source, mesh=mesh, **hf_kwargs)  # straight into the target shardings
     except Exception as e:  # a damaged checkpoint raises whatever its reader does: one line naming the path
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"model.init_from={source!r} cannot be loaded: {reason}") from None
     check_same_tokenizer(cfg, kind, data_dir)
+    check_same_mask_token(cfg, bundle, manifest)
     keep = ("block_size", "mask_token_id", "dtype", "param_dtype", "attention")
     over = {k: v for k, v in cfg.model.arch.items() if k in keep and v is not None}
     # a preset may spell out the architecture (for train.py --plan); it must be the checkpoint's
@@ -371,6 +404,7 @@ def _setup(cfg: TrainConfig, run_dir: str, show_progress: bool, t_start: float) 
 
     main = jax.process_index() == 0
     show = show_progress and main
+    cfg = resolve_pretrained(cfg, show)
     packing_mode = resolve_packing(cfg, run_dir)
     if cfg.data.packing is None and packing_mode == "windows":
         cfg = cfg.replace(**{"data.packing": "windows"})  # an old run dir: recorded in its config.yaml from now on

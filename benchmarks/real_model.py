@@ -1,0 +1,158 @@
+"""The real-model recipe's curve: every checkpoint of a TiDAR run continual-pretrained from a pretrained HF model
+(configs/smollm2-135m-tidar.yaml), and the untouched model itself as step 0, measured on the held-out split.
+
+    python benchmarks/real_model.py --run-dir runs/smol [--steps 16,32,...] [--prompts 16] [--json PATH]
+
+Per model:
+  * held-out AR-mode loss and diffusion loss (``benchmarks.fidelity.heldout_ar_loss``: the run's eval windows,
+    data.eval_batch_size x data.eval_batches), the AR loss also relative to the untouched model's;
+  * teacher-forced agreement per block slot (``benchmarks.recipe_levers.teacher_forced_agreement``);
+  * lossless TiDAR (beta=1, slot 0 = verifier, greedy) on the first ``--prompts`` held-out documents (32-token
+    prompts, ``--new-tokens`` new tokens, no EOS): T/NFE counted per row (the batch-1 figure), acceptance per
+    draft slot, and whether the output equals greedy AR token for token.
+With ``--speed CHECKPOINT``: decode speed at batch 1 on this machine instead: greedy AR vs lossless TiDAR (all
+mask groups, and pruned to groups 1..G), one held-out prompt per call, every configuration compiled first, then
+``--rounds`` rounds over the prompts with the configurations interleaved; tokens/s from the summed wall times, the
+outputs checked identical to AR.
+Minutes: wall time from the run's start (its config.yaml) to the checkpoint's write, as the run logged it.
+Step 0 is the pretrained model with the appended untrained ``<|mask|>`` (what ``model.init_from`` starts from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
+    import _repo_on_path  # noqa: F401
+
+import yaml  # noqa: E402
+
+
+def models(run_dir: str, steps: list[int] | None):
+    """``(step, path, minutes)`` for step 0 (the init model) and each chosen checkpoint."""
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    t0 = os.path.getmtime(os.path.join(run_dir, "config.yaml"))
+    out = [(0, cfg["model"]["init_from"], 0.0)] if steps is None or 0 in steps else []
+    ck = os.path.join(run_dir, "checkpoints")
+    found = sorted(int(d) for d in os.listdir(ck) if d.isdigit())
+    for s in found if steps is None else [s for s in found if s in steps]:
+        out.append((s, os.path.join(ck, str(s)), (os.path.getmtime(os.path.join(ck, str(s))) - t0) / 60))
+    return cfg, out
+
+
+def measure(bundle, cfg: dict, prompts: list[list[int]], new_tokens: int) -> dict:
+    from benchmarks.fidelity import heldout_ar_loss
+    from benchmarks.recipe_levers import teacher_forced_agreement
+    from tidar_jax.decode import Decoder
+    from tidar_jax.demo import per_position_acceptance
+
+    d = cfg["data"]
+    block = bundle.config.block_size
+    loss = heldout_ar_loss(bundle, d["dir"], d["seq_len"], d["eval_batch_size"], d["eval_batches"], block)
+    tf = teacher_forced_agreement(bundle, d["dir"], d["seq_len"], d["eval_batch_size"], d["eval_batches"])
+    dec = Decoder.from_bundle(bundle, check_block_size=False)
+    tidar = dec.generate(prompts, mode="tidar", block_size=block, beta=1.0, slot0="verifier",
+                         max_new_tokens=new_tokens, eos_token_id=None)
+    ar = dec.generate(prompts, mode="ar", max_new_tokens=new_tokens, eos_token_id=None)
+    return {"ar_loss": loss["ar_loss"], "diff_loss": loss.get("diff_loss"),
+            "draft_eq_verifier": tf["draft_eq_verifier"], "tnfe_b1": tidar.stats["tokens_per_nfe"],
+            "slot_acceptance": per_position_acceptance(tidar.stats["accepted_length_hist"], block),
+            "accepted_length_hist": tidar.stats["accepted_length_hist"],
+            "lossless_equals_ar": tidar.tokens == ar.tokens,
+            "texts": [dec.tokenizer.decode(t) for t in tidar.tokens[:3]] if dec.tokenizer is not None else None}
+
+
+def speed(path: str, cfg: dict, prompts: list[list[int]], new_tokens: int, rounds: int, groups: list) -> dict:
+    from tidar_jax.decode import Decoder
+    from tidar_jax.loading import load_for_inference
+
+    dec = Decoder.from_bundle(load_for_inference(path))
+    block = dec.cfg.block_size
+    configs = {"ar": {"mode": "ar"}}
+    for g in groups:
+        configs[f"tidar_g{g}" if g < block else "tidar"] = {"mode": "tidar", "groups": None if g >= block else g}
+    for kw in configs.values():  # compile every program first
+        dec.generate([prompts[0]], max_new_tokens=new_tokens, eos_token_id=None, **kw)
+    wall = {k: 0.0 for k in configs}
+    tokens = {k: 0 for k in configs}
+    nfe = {k: 0 for k in configs}
+    outputs = {k: [] for k in configs}
+    for r in range(rounds):
+        for prompt in prompts:
+            for name, kw in configs.items():  # interleaved: load changes hit every configuration alike
+                res = dec.generate([prompt], max_new_tokens=new_tokens, eos_token_id=None, **kw)
+                wall[name] += res.stats["wall_s"]
+                tokens[name] += sum(res.stats["new_tokens"])
+                nfe[name] += sum(res.stats["nfe_per_row"])
+                if r == 0:
+                    outputs[name].append(res.tokens[0])
+    out = {name: {"tokens_per_s": tokens[name] / wall[name], "tokens_per_nfe": tokens[name] / nfe[name],
+                  "identical_to_ar": outputs[name] == outputs["ar"]} for name in configs}
+    for name in configs:
+        out[name]["speedup_vs_ar"] = out[name]["tokens_per_s"] / out["ar"]["tokens_per_s"]
+    return {"checkpoint": path, "block_size": block, "prompts": len(prompts), "new_tokens": new_tokens,
+            "rounds": rounds, "configs": out}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--steps", default=None, help="comma-separated checkpoint steps, 0 = the untouched model "
+                                                 "(default: all)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--json", default=None)
+    p.add_argument("--base-ar-loss", type=float, default=None,
+                   help="the untouched model's held-out AR loss, when step 0 is not in --steps")
+    p.add_argument("--speed", default=None, metavar="CHECKPOINT", help="measure decode speed of this checkpoint")
+    p.add_argument("--rounds", type=int, default=2, help="with --speed")
+    p.add_argument("--groups", default="1,2,4", help="with --speed: TiDAR group counts G (>= B: all groups)")
+    args = p.parse_args(argv)
+
+    from tidar_jax.demo import heldout_prompts
+    from tidar_jax.loading import load_for_inference
+
+    steps = None if args.steps is None else [int(s) for s in args.steps.split(",")]
+    cfg, chosen = models(args.run_dir, steps)
+    prompts = heldout_prompts(cfg["data"]["dir"], args.prompts, 32)
+    block = cfg["model"]["block_size"]
+    if args.speed:
+        r = speed(args.speed, cfg, prompts, args.new_tokens, args.rounds, [int(g) for g in args.groups.split(",")])
+        print("| decode, batch 1 | tokens/s | vs AR | T/NFE | output == AR |")
+        print("|---|---|---|---|---|")
+        for name, c in r["configs"].items():
+            print(f"| {name} | {c['tokens_per_s']:.1f} | {c['speedup_vs_ar']:.2f}x | {c['tokens_per_nfe']:.2f} | "
+                  f"{'yes' if c['identical_to_ar'] else 'NO'} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=1)
+        return [r]
+    rows, base = [], args.base_ar_loss
+    print("| step | minutes | held-out AR loss (vs untouched) | diffusion loss | draft == verifier, slots 0..B-1 | "
+          "lossless T/NFE batch 1 | decode acceptance, slots 1..B-1 | lossless == AR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for step, path, minutes in chosen:
+        bundle = load_for_inference(path, add_mask_token=True, block_size=block) if step == 0 \
+            else load_for_inference(path)
+        r = {"step": step, "minutes": minutes, **measure(bundle, cfg, prompts, args.new_tokens)}
+        base = r["ar_loss"] if step == 0 else base
+        r["ar_loss_rel"] = r["ar_loss"] / base - 1 if base else None  # with step 0 in the same call
+        rows.append(r)
+        fmt = lambda xs: " / ".join("-" if x is None else f"{x:.2f}" for x in xs)  # noqa: E731
+        rel = f" ({r['ar_loss_rel']:+.1%})" if step and r["ar_loss_rel"] is not None else ""
+        print(f"| {step} | {minutes:.1f} | {r['ar_loss']:.4f}{rel} | {r['diff_loss']:.3f} | "
+              f"{fmt(r['draft_eq_verifier'])} | {r['tnfe_b1']:.2f} | {fmt(r['slot_acceptance'])} | "
+              f"{'yes' if r['lossless_equals_ar'] else 'NO'} |", flush=True)
+        del bundle
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"run_dir": args.run_dir, "prompts": args.prompts, "new_tokens": args.new_tokens,
+                       "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
