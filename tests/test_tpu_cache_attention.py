@@ -130,18 +130,15 @@ def test_compiled_v5e_decode_step_has_no_loop(v5e_devices, mode):
     """A small model's decode step (the engine's, per-layer weights) compiled for one v5e chip with
     ``cache_attention="tpu"`` has no loop; with ``paged`` it has one with a data-dependent trip count per
     layer."""
-    from jax.sharding import Mesh
-
     from tidar_jax.config import ModelConfig
     from tidar_jax.analysis.decode_plan import compile_decode
 
     cfg = ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128,
                       mlp_size=256, dtype="bfloat16", param_dtype="bfloat16", mask_token_id=1, block_size=4)
     steps = {}
-    with jax.set_mesh(Mesh(np.array(v5e_devices[:1]), ("x",))):  # names the chip for Mosaic's lowering
-        for kind in ("tpu", "paged"):
-            programs = compile_decode(cfg, v5e_devices[:1], batch=2, block_size=4, context=256, max_new_tokens=32,
-                                      cache_page=128, modes=(mode,), cache_attention=kind, with_prefill=False)
-            steps[kind] = programs[f"{mode} step"].program
+    for kind in ("tpu", "paged"):  # compile_decode names the chip for Mosaic's lowering (the target's mesh)
+        programs = compile_decode(cfg, v5e_devices[:1], batch=2, block_size=4, context=256, max_new_tokens=32,
+                                  cache_page=128, modes=(mode,), cache_attention=kind, with_prefill=False)
+        steps[kind] = programs[f"{mode} step"].program
     assert steps["tpu"].loops() == []
     assert len([lp for lp in steps["paged"].loops() if lp.dynamic]) == cfg.num_layers

@@ -40,9 +40,9 @@ def attend(q_NTHD, k_NSKD, v_NSKD, layout, kernel: str = "auto"):
 def attend_with_cache(q_NTHD, k_NTKD, v_NTKD, cache_k_LNCKD, cache_v_LNCKD, layer, layout, kernel: str = "auto"):
     """Attention of a cached forward (a decode step): keys are layer ``layer`` of the whole ``[L, N, C, K, D]``
     cache followed by the current tokens' ``k, v [N, T, K, D]``. A ``DecodeLayout`` with ``cache_page > 0`` reads
-    the cache in place up to the live length (its ``cache_kernel``: ``paged``, ``fused`` or ``tpu``); otherwise
-    the layer's cache and the current keys are concatenated and attended with ``kernel`` (or the reference kernel for a dense
-    boolean mask)."""
+    the cache in place up to the live length (its ``cache_kernel``: ``paged``, ``fused`` or ``tpu``); otherwise the
+    layer's cache and the current keys are concatenated and attended with ``kernel`` (or the reference kernel for a
+    dense boolean mask)."""
     if isinstance(layout, DecodeLayout) and layout.cache_page and layout.cache_kernel == "fused":
         # the GPU kernel; anywhere else it runs in Pallas interpret mode (the CPU tests of it)
         interpret = build_platform() != "gpu"
