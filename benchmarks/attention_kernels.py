@@ -2,8 +2,8 @@
 """Accelerator-suite section: the attention kernels alone on the TiDAR training layout, forward and forward +
 backward, each time beside the cost model's estimate of the same compiled program.
 
-    python -m benchmarks.attention_kernels --out DIR                 # on a GPU: pallas_gpu, cudnn, blockwise
-    python -m benchmarks.attention_kernels --smoke --out DIR         # CPU, tiny shapes (the test)
+    python -m benchmarks.accelerator --sections attention_kernels --out DIR   # the timing (a suite section)
+    python -m benchmarks.attention_kernels --estimate h100x8 --out DIR         # the train step's attention share
     python -m benchmarks.attention_kernels --rank h100 h200 a100 b200  # the cost model's ranking auto reads
     python -m benchmarks.attention_kernels --record-measured accelerator.json  # a lent device's ranking instead
 
@@ -13,7 +13,6 @@ doubled sequence is 2S), batch 16 rows split into micro-batches of ``--rows`` (d
 with the local chip's figures (``None`` where the device is not a listed chip, e.g. on CPU); it charges pallas_gpu
 for the tiles it visits (the kernels declare them, ``tidar_jax.analysis.kernel_costs``) and cudnn for every query-key
 pair.
-Writes ``attention_kernels.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -30,17 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from tidar_jax import attention, masks, targets
+from tidar_jax.checkpoint import atomic
 from tidar_jax.attention import choice, pallas_gpu
 
 GPU_KERNELS = ("pallas_gpu", "cudnn", "blockwise")
 SHAPES = ((2048, 16), (4096, 16))  # (S, block)
 HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
-
-
-def local_chip():
-    """The ``targets.CHIPS`` entry of the local device, or None (CPU, an unlisted accelerator)."""
-    kind = jax.devices()[0].device_kind.lower()
-    return next((c for c in targets.CHIPS.values() if c.description.lower() == kind or c.name in kind), None)
 
 
 def _estimate(compiled, chip) -> float | None:
@@ -99,7 +93,9 @@ def run(kernels, shapes, rows: int, heads: int, kv_heads: int, head_dim: int, dt
         budget_s: float) -> dict:
     """One row per (kernel, shape); a kernel the backend cannot run, or that fails, is recorded with the reason;
     shapes not reached within ``budget_s`` are recorded as skipped."""
-    chip = local_chip()
+    from benchmarks.common import device_chip
+
+    chip = device_chip()
     deadline = time.perf_counter() + budget_s
     out = {"device": jax.devices()[0].device_kind, "chip": chip.name if chip else None,
            "estimates_are": "cost model (tidar_jax/analysis/cost_model.py): pallas_gpu charged for its visited tiles, cudnn dense",
@@ -253,11 +249,7 @@ def record_measurement(record: dict, section: dict, command: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="output directory (all modes but --rank)")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, pallas_gpu in the Pallas interpreter")
-    p.add_argument("--rows", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=240.0)
+    p.add_argument("--out", help="output directory (--estimate)")
     p.add_argument("--estimate", metavar="TARGET", default=None,
                    help="instead of timing: the cost model's TiDAR and AR train-step estimates with pallas_gpu on "
                         "TARGET (e.g. h100x8) for --config and the attention kernels' share")
@@ -294,28 +286,13 @@ def main(argv=None) -> int:
         choice.write_ranking(record)
         print(json.dumps(record["chips"], indent=1))
         return 0
-    if not args.out:
-        raise SystemExit("--out: required (an output directory) unless --rank is given")
-    if args.estimate:
-        rows = [train_step_estimate(args.config, args.estimate, obj) for obj in ("tidar", "ar")]
-        rows.append({"tidar_over_ar": rows[0]["step_s"] / rows[1]["step_s"]})
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "attention_estimate.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        for r in rows:
-            print(json.dumps(r))
-        return 0
-    if args.smoke:
-        with pallas_gpu.interpreting():
-            result = run(("pallas_gpu", "blockwise", "reference"), ((16, 4),), 1, 4, 2, 16, jnp.float32, 1,
-                         args.budget_s)
-    else:
-        result = run(GPU_KERNELS, SHAPES, args.rows, HEADS, KV_HEADS, HEAD_DIM, jnp.bfloat16, args.repeat,
-                     args.budget_s)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    for r in result["rows"]:
+    if not args.estimate or not args.out:
+        raise SystemExit("give --estimate TARGET --out DIR, --rank CHIP.. or --record-measured RESULTS_JSON "
+                         "(the timing is the suite's attention_kernels section)")
+    rows = [train_step_estimate(args.config, args.estimate, obj) for obj in ("tidar", "ar")]
+    rows.append({"tidar_over_ar": rows[0]["step_s"] / rows[1]["step_s"]})
+    atomic.write_json(os.path.join(args.out, "attention_estimate.json"), rows, indent=1)
+    for r in rows:
         print(json.dumps(r))
     return 0
 

@@ -11,45 +11,38 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gc
-import json
 import math
 import os
 import platform
-import shlex
 import sys
-import tempfile
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from benchmarks import ROOT, cli
+from benchmarks import ROOT
 from benchmarks.cli import fail
 from benchmarks.presets import PRESETS
 from tidar_jax import masks
 from tidar_jax.checkpoint import atomic
 from tidar_jax.checkpoint import InferenceBundle
-from tidar_jax.config import ConfigError, ModelConfig
+from tidar_jax.config import ModelConfig
 from tidar_jax.model import KVCache
 from tidar_jax.presets import MODEL_SHAPES, PAPER_DECODE
-from tidar_jax.train.flops import model_flops
+from tidar_jax.train.flops import model_flops  # noqa: F401 (the suite's sections use it)
+
+
+class BenchError(ValueError):
+    """Bad benchmark input; the message names the value and what is allowed."""
 
 
 RANDOM_MODEL_WARNING = (
     "WARNING: no checkpoint given -- this is a RANDOM-INIT model. Its diffusion drafts are noise, so it accepts "
     "about 1 token per step: acceptance, T/NFE and any speedup or block-size recommendation below say nothing "
     "about a trained TiDAR model. Pass --checkpoint RUN_DIR for real numbers.")
-
-
-class BenchError(ValueError):
-    """Bad benchmark input; the message names the value and what is allowed."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -314,7 +307,8 @@ SCHEMA_VERSION = 1
 from benchmarks.accelerator.options import SECTIONS  # noqa: F401 (the suite re-exports it)
 # share of the budget still unspent that a section may use (divided by the shares of it and the sections after it)
 SHARES = {"trained_speedup": 0.36, "free_slots": 0.20, "roofline": 0.06, "train_throughput": 0.12,
-          "attention_kernels": 0.08, "decode_step": 0.14, "calibration": 0.04}
+          "attention_kernels": 0.08, "decode_step": 0.14, "calibration": 0.04, "cpu_train_step": 0.2,
+          "cpu_free_slots": 0.2, "cpu_decode_modes": 0.2, "cpu_vs_transformers": 0.2, "cpu_decode_speed": 0.2}
 RESERVE_S = 10.0  # kept back for the final JSON, markdown and plots
 
 # Real shapes (config.json of each base model; owned by tidar_jax.presets). The models are random-init: timing does

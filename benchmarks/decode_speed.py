@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Decode speed: AR vs TiDAR (B = 2, 4, 8, 16) at batch 1 and 4, interleaved, plus the selective LM-head saving.
+"""Decode speed: AR vs TiDAR (B = 2, 4, 8, 16) at batch 1 and 4, interleaved; ``--toy-train-steps`` first trains
+a small model on patterned sequences so that drafts are accepted.
 
     python -m benchmarks.decode_speed --checkpoint CKPT          # a real checkpoint
     python -m benchmarks.decode_speed                            # a RANDOM model (accepts ~nothing: T/NFE ~ 1)
@@ -12,9 +13,7 @@ noise hits them alike, and ratios are taken between medians of the same run. Wri
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import time
 import numpy as np
 
 from benchmarks import ROOT, cli
+from benchmarks import common as bc
 
 
 def parse_ints(text):
@@ -117,14 +117,6 @@ def load(args):
     return Decoder.from_model(init_model(cfg, args.seed), max_cache_len=1 << 20), label
 
 
-def machine():
-    import jax
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "devices": [str(d) for d in jax.devices()][:1], "device_count": jax.device_count()}
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     dec, label = load(args)
@@ -137,7 +129,6 @@ def main(argv=None):
         for b in parse_ints(args.block_sizes):
             common = dict(mode="tidar", block_size=b, allow_untrained_block_size=True)
             configs.append((f"TiDAR B={b} N={n}", n, common))
-            configs.append((f"TiDAR B={b} N={n} full-head", n, dict(common, full_logits=True)))
     prompts = {}
     for n in parse_ints(args.batch_sizes):
         rows = []
@@ -170,7 +161,7 @@ def main(argv=None):
         wall = statistics.median(walls)
         tokens = sum(st["new_tokens"])
         rows.append({"config": name, "batch": n, "mode": kw["mode"], "block_size": kw.get("block_size", 1),
-                     "full_head": bool(kw.get("full_logits")), "median_wall_s": wall, "walls_s": walls,
+                     "median_wall_s": wall, "walls_s": walls,
                      "tokens": tokens, "tokens_per_s": tokens / wall, "nfe": st["nfe"],
                      "tokens_per_nfe": st["tokens_per_nfe"], "ms_per_forward": 1000 * wall / st["nfe"],
                      "accepted_length_hist": st["accepted_length_hist"], "compile_plus_first_run_s": compile_s[name]})
@@ -179,29 +170,18 @@ def main(argv=None):
         ar = by[f"AR N={r['batch']}"]
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"]
         r["speedup_over_tnfe"] = r["speedup_vs_ar"] / r["tokens_per_nfe"]
-        if r["mode"] == "tidar" and not r["full_head"]:
-            full = by[r["config"] + " full-head"]
-            r["head_saving_step_ratio"] = full["ms_per_forward"] / r["ms_per_forward"]
-    result = {"model": label, "machine": machine(), "max_new_tokens": args.max_new_tokens,
+    result = {"model": label, "machine": bc.machine_info(), "max_new_tokens": args.max_new_tokens,
               "prompt_len": args.prompt_len, "rounds": args.rounds, "results": rows,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, args.out_name + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
-    md = [f"# Decode speed: AR vs TiDAR", "", f"Model: {label}", "",
-          f"Machine: {result['machine']}", "",
+    bc.write_json(os.path.join(args.out_dir, args.out_name + ".json"), result)
+    md = ["# Decode speed: AR vs TiDAR", "", f"Model: {label}", "",
+          f"Machine: {result['machine']['cpu_model']}, {result['machine']['cpu_threads']} CPUs", "",
           f"max_new_tokens={args.max_new_tokens}, prompt_len={args.prompt_len} (row i: prompt_len - i), "
           f"{args.rounds} interleaved rounds, medians; greedy, beta=1, slot0=verifier; compile excluded.", "",
-          "| config | tokens/s | T/NFE | speedup vs AR | speedup / T/NFE | ms/forward | full-head ms/forward "
-          "÷ selective |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["full_head"]:
-            continue
-        saving = f"{r['head_saving_step_ratio']:.2f}x" if "head_saving_step_ratio" in r else "-"
-        md.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['tokens_per_nfe']:.2f} | "
-                  f"{r['speedup_vs_ar']:.2f}x | {r['speedup_over_tnfe']:.2f} | {r['ms_per_forward']:.2f} | {saving} |")
-    with open(os.path.join(args.out_dir, args.out_name + ".md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+          "| config | tokens/s | T/NFE | speedup vs AR | speedup / T/NFE | ms/forward |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['tokens_per_nfe']:.2f} | {r['speedup_vs_ar']:.2f}x | "
+           f"{r['speedup_over_tnfe']:.2f} | {r['ms_per_forward']:.2f} |" for r in rows]
+    bc.write_text(os.path.join(args.out_dir, args.out_name + ".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return result
 

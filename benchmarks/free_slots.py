@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax import masks
 from tidar_jax.decode import engine
 from tidar_jax.decode.options import DecodeOptions
 from tidar_jax.model import KVCache, layer_major

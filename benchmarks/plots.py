@@ -55,39 +55,3 @@ def latency_curve(rows: list[dict], recommendation: dict, path: str, stat: str =
     ax2.legend()
     return _save(fig, path)
 
-
-def speedup_vs_block(points: list[dict], path: str, title: str = "TiDAR speedup over AR") -> str:
-    """``points``: dicts with block_size, speedup, tokens_per_nfe and a ``label`` (one line per label)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    labels = sorted({p["label"] for p in points})
-    for i, label in enumerate(labels):
-        pts = sorted((p["block_size"], p["speedup"], p["tokens_per_nfe"]) for p in points if p["label"] == label)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=f"{label}: speedup")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "s:", color=f"C{i}", alpha=0.6, label=f"{label}: T/NFE")
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("draft block size B")
-    ax.set_ylabel("x over AR decode")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def accepted_histogram(hists: dict[str, dict], path: str) -> str:
-    """``hists``: label -> {accepted length (str or int): count}; bars are normalised to fractions of steps."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    labels = list(hists)
-    width = 0.8 / max(len(labels), 1)
-    for i, label in enumerate(labels):
-        h = {int(k): v for k, v in hists[label].items()}
-        total = sum(h.values()) or 1
-        ks = sorted(h)
-        ax.bar([k + (i - (len(labels) - 1) / 2) * width for k in ks], [h[k] / total for k in ks], width=width,
-               label=label, color=f"C{i}")
-    ax.set_xlabel("accepted tokens per step")
-    ax.set_ylabel("fraction of steps")
-    ax.set_title("accepted-length histogram")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)

@@ -18,7 +18,6 @@ import tempfile
 from benchmarks import common as bc
 from benchmarks import cli
 
-import numpy as np
 
 DEFAULTS = {"batch": 1, "prompt_len": 64, "new_tokens": 64, "rounds": 5, "preset": "m38"}
 QUICK = {"batch": 1, "prompt_len": 32, "new_tokens": 32, "rounds": 3, "preset": "small"}

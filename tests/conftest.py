@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tidar_jax import targets  # noqa: E402 (jax-free)
+
+targets.use_compile_plugins()  # the GPU/TPU compile tests need them; jax reads the CUDA plugin at import
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -258,20 +258,26 @@ def test_mfu_and_peak_table():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_roofline_bytes_match_the_real_parameter_arrays(tie):
-    """weight/KV bytes against bandwidth.step_bytes, which sums the bytes of the model's actual arrays."""
-    import types
+    """weight/KV bytes against the bytes of the model's actual arrays (an untied embedding table contributes only
+    the looked-up row) and of a real cache."""
+    import jax
+    from flax import nnx
 
-    from benchmarks import bandwidth
     from benchmarks import common as bc
     from tidar_jax.config import ModelConfig
+    from tidar_jax.model import KVCache
     from tidar_jax.model.functional import abstract_model
 
     cfg = ModelConfig(**{**bc.PRESETS["tiny"], "tie_embeddings": tie, "dtype": "bfloat16",
                          "param_dtype": "bfloat16"})
     _, abstract = abstract_model(cfg)  # shapes and dtypes of the real parameter arrays, nothing allocated
-    ref = bandwidth.step_bytes(types.SimpleNamespace(config=cfg, params=abstract), cache_slots=24)
-    assert acc.weight_bytes_per_token(cfg, 2) == ref["weight_bytes"]
-    assert acc.kv_bytes(cfg, 24, 2) == ref["kv_bytes"]
+    pure = nnx.to_pure_dict(abstract)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pure))
+    embed = pure["embed"]
+    weights = total if tie else total - embed.size * embed.dtype.itemsize + embed.shape[1] * embed.dtype.itemsize
+    assert acc.weight_bytes_per_token(cfg, 2) == weights
+    cache = jax.eval_shape(lambda: KVCache.empty(cfg, 1, 24))
+    assert acc.kv_bytes(cfg, 24, 2) == sum(x.size * x.dtype.itemsize for x in (cache.k_LNCKD, cache.v_LNCKD))
 
 
 def test_depth_extrapolation_is_exact_on_linear_data():
@@ -316,3 +322,17 @@ def test_bad_values_are_named(args, needle, tmp_path):
     with pytest.raises(SystemExit) as e:
         acc.parse_args(["--smoke", "--out", str(tmp_path), *args])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # about 1 min on the loaded 2-core machine; the scripts' own smokes are in the default suite
+def test_cpu_section_runs_its_script_and_records_its_result(tmp_path):
+    """A CPU section runs the script in this process at its tiniest size; its own JSON lands in --out, and the
+    suite records the file and the command that reproduces it alone."""
+    res = acc.main(["--smoke", "--sections", "cpu_decode_modes", "--out", str(tmp_path)])
+    sec = res["sections"]["cpu_decode_modes"]
+    assert sec["status"] == "ok", sec["reason"]
+    assert sec["script_command"].startswith("python -m benchmarks.decode_modes --out ") and "--tiny" in sec[
+        "script_command"]
+    rows = json.loads((tmp_path / sec["result_file"]).read_text())["rows"]
+    assert all(r["equal_to_ar"] for r in rows if r["mode"] in ("ar", "lossless"))
+    assert res["sections"]["trained_speedup"]["status"] == "not_run" and "cpu_free_slots" not in res["sections"]

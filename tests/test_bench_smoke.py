@@ -67,36 +67,9 @@ def test_vs_transformers_tiny_greedy_outputs_agree(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in res["speed"].values())
 
 
-@pytest.mark.slow  # 80+ s: every benchmark end to end; each script also has its own default-suite smoke
-def test_run_all_tiny_writes_summary(tmp_path):
-    run("run_all.py", "--tiny", "--random-init", "--only", "decode_modes,bandwidth", "--out", tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    b = summary["benchmarks"]
-    assert {k: v["status"] for k, v in b.items()} == {"decode_modes": "ok", "bandwidth": "ok"}
-    assert summary["trained"] is False and summary["machine"]["cpu_model"]
-    rows = b["decode_modes"]["headline"]["rows"]
-    assert {r["mode"] for r in rows} == {"ar", "lossless", "trust-diff"}
-    assert all(r["equal_to_ar"] for r in rows if r["mode"] in ("ar", "lossless"))
-    assert [r["speedup_vs_ar"] for r in rows if r["mode"] == "ar"] == [1.0]
-    bw = json.loads((tmp_path / "bandwidth.json").read_text())
-    for s in bw["ar_step"]:
-        assert s["total_bytes"] == s["weight_bytes"] + s["kv_bytes"]
-    md = (tmp_path / "summary.md").read_text()
-    assert "RANDOM INIT" in md and "python -m benchmarks.run_all --tiny" in md
-    assert is_png(tmp_path / "speedup_vs_block.png") and is_png(tmp_path / "accepted_hist.png")
-    assert os.path.isfile(tmp_path / "logs" / "bandwidth.log")
-    # --summarize-only rebuilds the same headline figures from the JSON files, running nothing
-    os.remove(tmp_path / "summary.json")
-    run("run_all.py", "--summarize-only", "--random-init", "--only", "decode_modes,bandwidth", "--out", tmp_path)
-    again = json.loads((tmp_path / "summary.json").read_text())["benchmarks"]
-    assert again["decode_modes"]["headline"] == b["decode_modes"]["headline"]
-    assert again["bandwidth"]["headline"] == b["bandwidth"]["headline"]
-
-
 @pytest.mark.parametrize("script,args,needle", [
     ("free_slots.py", ["--contexts", "0"], "--contexts"),
     ("decode_modes.py", ["--modes", "fast"], "--modes"),
-    ("run_all.py", ["--only", "everything"], "--only"),
     ("free_slots.py", ["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
 ])
 def test_bad_input_is_one_line_and_nonzero(script, args, needle, tmp_path):

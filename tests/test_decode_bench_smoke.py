@@ -12,9 +12,9 @@ def test_decode_speed_smoke(tmp_path):
                        "--prompt-len", "5", "--vocab", "64", "--hidden", "32", "--layers", "1",
                        "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "decode_speed.json").read_text())
-    assert "RANDOM model" in data["model"] and data["machine"]["cpu_count"]
+    assert "RANDOM model" in data["model"] and data["machine"]["cpu_threads"]
     names = {r["config"] for r in data["results"]}
-    assert names == {"AR N=2", "TiDAR B=2 N=2", "TiDAR B=2 N=2 full-head"}
+    assert names == {"AR N=2", "TiDAR B=2 N=2"}
     tidar = next(r for r in data["results"] if r["config"] == "TiDAR B=2 N=2")
-    assert tidar["tokens"] == 12 and tidar["tokens_per_s"] > 0 and "head_saving_step_ratio" in tidar
+    assert tidar["tokens"] == 12 and tidar["tokens_per_s"] > 0
     assert "| TiDAR B=2 N=2 |" in (tmp_path / "decode_speed.md").read_text()

@@ -1,6 +1,7 @@
 """Deviceless compile targets (tidar_jax/targets.py): the ``--target`` syntax, its one-line errors, and real XLA:GPU
 and XLA:TPU compiles on this CPU. The compile tests need the optional installs (requirements-gpu-compile.txt,
-requirements-tpu-compile.txt, both in requirements-dev.txt so CI runs them) and skip with the reason elsewhere."""
+requirements-tpu-compile.txt; the README's test command installs them, so CI runs them) and skip with the reason
+elsewhere."""
 
 import numpy as np
 import pytest
@@ -34,9 +35,9 @@ def test_bad_target_is_one_line(text, fragment):
 
 def test_missing_plugin_names_the_requirements_file(monkeypatch):
     monkeypatch.setattr(targets, "_find", lambda module: None)
-    with pytest.raises(TargetError, match=r"pip install -r requirements-gpu-compile.txt"):
+    with pytest.raises(TargetError, match=r"pip install --no-deps --target \S+ -r requirements-gpu-compile.txt"):
         targets.target_devices("h100x8")
-    with pytest.raises(TargetError, match=r"pip install -r requirements-tpu-compile.txt"):
+    with pytest.raises(TargetError, match=r"pip install --no-deps --target \S+ -r requirements-tpu-compile.txt"):
         targets.target_devices("v5e-4")
 
 

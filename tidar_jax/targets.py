@@ -151,9 +151,28 @@ def gpu_target_config(chip: Chip) -> str:
     )
 
 
+# The compile-only plugins (requirements-{gpu,tpu}-compile.txt) live in a folder of their own, off sys.path, so
+# that jax does not load them at every import (on a host without an accelerator they print a CUDA traceback and
+# libtpu's errors); a process compiling for a target puts them on sys.path (README: the test install).
+COMPILE_PLUGINS = os.environ.get("TIDAR_COMPILE_PLUGINS") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".compile-plugins")
+
+
+def use_compile_plugins() -> bool:
+    """Put the compile-only plugins on sys.path (best before jax is imported); False when none are installed."""
+    import sys
+
+    if not os.path.isdir(COMPILE_PLUGINS):
+        return False
+    if COMPILE_PLUGINS not in sys.path:
+        sys.path.insert(0, COMPILE_PLUGINS)
+    return True
+
+
 def prepare_environment(target: Target) -> None:
     """Environment switches for a deviceless compile; call before jax initialises its backends. The computation
     itself stays on CPU (``JAX_PLATFORMS=cpu``): only the topology's devices are the target's."""
+    use_compile_plugins()
     os.environ["JAX_PLATFORMS"] = "cpu"
     if target.platform == "gpu":
         os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # the plugin's cuInit check fails without a GPU
@@ -175,9 +194,10 @@ _ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0
 
 def cpu_only_when_no_accelerator() -> None:
     """On a host without any accelerator device node, make jax use its CPU backend alone (``JAX_PLATFORMS=cpu``)
-    unless the user chose platforms. Why: the GPU/TPU compiler plugins (requirements-*-compile.txt) are installed
-    for deviceless compiles, and jax would otherwise ask each to start a backend, which on such a host prints a
-    CUDA traceback and libtpu's error lines before any output of ours. Call before jax initialises its backends."""
+    unless the user chose platforms. Why: where the GPU/TPU compiler plugins are on sys.path (a compile for a
+    target, or installed into site-packages), jax would otherwise ask each to start a backend, which on such a host
+    prints a CUDA traceback and libtpu's error lines before any output of ours. Call before jax initialises its
+    backends."""
     if "JAX_PLATFORMS" in os.environ or any(os.path.exists(node) for node in _ACCELERATOR_NODES):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -185,14 +205,20 @@ def cpu_only_when_no_accelerator() -> None:
 
 def missing_install(target: Target) -> str | None:
     """Why ``target`` cannot be compiled for here (a one-line install hint), or None."""
+    use_compile_plugins()
     if target.platform == "gpu":
         need = [m for m in ("jax_plugins.xla_cuda12", "nvidia.cuda_nvcc") if _find(m) is None]
         if need:
             return (f"--target {target.name}: the CUDA compiler plugin is not installed (missing "
-                    f"{', '.join(need)}); run: pip install -r {GPU_COMPILE_REQUIREMENTS}")
+                    f"{', '.join(need)}); run: {_install_command(GPU_COMPILE_REQUIREMENTS)}")
     elif _find("libtpu") is None:
-        return (f"--target {target.name}: libtpu is not installed; run: pip install -r {TPU_COMPILE_REQUIREMENTS}")
+        return f"--target {target.name}: libtpu is not installed; run: {_install_command(TPU_COMPILE_REQUIREMENTS)}"
     return None
+
+
+def _install_command(requirements: str) -> str:
+    shown = os.path.relpath(COMPILE_PLUGINS)
+    return f"pip install --no-deps --target {COMPILE_PLUGINS if shown.startswith('..') else shown} -r {requirements}"
 
 
 def _find(module: str):

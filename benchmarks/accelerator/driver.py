@@ -4,29 +4,16 @@ docstring describes the suite)."""
 from __future__ import annotations
 
 import dataclasses
-import gc
-import math
 import os
 import shlex
 import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from typing import Any, Callable
 
-from benchmarks import ROOT, cli
 from benchmarks import common as bc
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from tidar_jax import masks
-from tidar_jax.config import ConfigError, ModelConfig
-from tidar_jax.model import KVCache
 
 from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 from benchmarks.accelerator.options import parse_args  # noqa: F401 (one parser, importable without jax)
@@ -38,6 +25,8 @@ from benchmarks.accelerator.trained_speedup import section_trained_speedup
 from benchmarks.accelerator.attention_kernels import section_attention_kernels
 from benchmarks.accelerator.decode_step import section_decode_step
 from benchmarks.accelerator.calibration import section_calibration
+from benchmarks.accelerator.cpu_sections import section_cpu
+from benchmarks.accelerator.options import CPU_SECTIONS
 
 # ------------------------------------------------------------------------------------------------------------
 # Driver
@@ -46,7 +35,8 @@ from benchmarks.accelerator.calibration import section_calibration
 SECTION_FNS = {"trained_speedup": section_trained_speedup, "free_slots": section_free_slots,
                "roofline": section_roofline, "train_throughput": section_train_throughput,
                "attention_kernels": section_attention_kernels, "decode_step": section_decode_step,
-               "calibration": section_calibration}
+               "calibration": section_calibration,
+               **{name: section_cpu(name.removeprefix("cpu_")) for name in CPU_SECTIONS}}
 
 
 def machine() -> dict:
@@ -74,6 +64,10 @@ def reproduce_command(args, sections=None) -> str:
         parts += ["--prompt-file", args.prompt_file]
     if args.seed:
         parts += ["--seed", str(args.seed)]
+    if args.quick:
+        parts.append("--quick")
+    if args.checkpoint:
+        parts += ["--checkpoint", args.checkpoint]
     if sections:
         parts += ["--sections", ",".join(sections)]
     return shlex.join(parts)
@@ -107,7 +101,8 @@ def main(argv=None) -> dict:
     result = {"schema_version": SCHEMA_VERSION, "suite": "accelerator", "smoke": args.smoke,
               "command": reproduce_command(args), "argv": sys.argv[1:] if argv is None else list(argv),
               "budget_s": args.budget_s, "elapsed_s": 0.0, "machine": machine(), "sizes": dataclasses.asdict(sizes),
-              "sections": {name: empty_section(name, args) for name in SECTIONS}, "plots": []}
+              "sections": {name: empty_section(name, args) for name in SECTIONS + tuple(args.sections)},
+              "plots": []}
     with tempfile.TemporaryDirectory(prefix="tidar-accel-") as tmp:
         ctx = Context(args, sizes, result, tmp)
         ctx.log(f"{result['machine']['device_count']} x {result['machine']['device_kind']} "

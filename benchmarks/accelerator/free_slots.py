@@ -3,30 +3,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import math
-import os
-import shlex
-import sys
-import tempfile
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
-from benchmarks import ROOT, cli
 from benchmarks import common as bc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tidar_jax import masks
-from tidar_jax.config import ConfigError, ModelConfig
-from tidar_jax.model import KVCache
 
 from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 

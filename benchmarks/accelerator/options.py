@@ -8,6 +8,9 @@ from benchmarks import cli
 
 SECTIONS = ("trained_speedup", "free_slots", "roofline", "train_throughput", "attention_kernels", "decode_step",
             "calibration")
+# CPU sections: the scripts whose CPU figures docs/results.md cites, run by name (not by default: they measure a
+# checkpoint on the host, not the device)
+CPU_SECTIONS = ("cpu_train_step", "cpu_free_slots", "cpu_decode_modes", "cpu_vs_transformers", "cpu_decode_speed")
 
 
 def parse_args(argv):
@@ -24,18 +27,24 @@ def parse_args(argv):
     cli.add_shared(p, "data", data=dict(help="prepared corpus dir (default data/stdlib, prepared from the stdlib if "
                                              "missing)"))
     p.add_argument("--prompt-file", help="extra decode prompts: UTF-8 text, prompts separated by lines '---'")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    cli.add_shared(p, "seed")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {', '.join(SECTIONS + CPU_SECTIONS)}")
+    cli.add_shared(p, "seed", "quick", "checkpoint", quick=dict(help="CPU sections at their quick size"),
+                   checkpoint=dict(help="CPU sections: run dir / checkpoint / HF dir (default: runs/tiny if trained, "
+                                        "else a random model)"))
     args = p.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 3600.0 if args.smoke else 440.0  # smoke: every section runs, however busy the machine
     if not args.budget_s > 0:
         cli.fail(f"--budget-s={args.budget_s:g}: must be > 0 seconds")
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in wanted if s not in SECTIONS]
+    bad = [s for s in wanted if s not in SECTIONS + CPU_SECTIONS]
     if bad or not wanted:
-        cli.fail(f"--sections={args.sections!r}: must be a comma-separated subset of {', '.join(SECTIONS)}")
-    args.sections = [s for s in SECTIONS if s in wanted]
+        cli.fail(f"--sections={args.sections!r}: must be a comma-separated subset of "
+                 f"{', '.join(SECTIONS + CPU_SECTIONS)}")
+    args.sections = [s for s in SECTIONS + CPU_SECTIONS if s in wanted]
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        cli.fail(f"--checkpoint={args.checkpoint}: does not exist")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         cli.fail(f"--prompt-file={args.prompt_file}: no such file")
     if args.data and not os.path.isfile(os.path.join(args.data, "manifest.json")):

@@ -3,32 +3,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import math
 import os
-import shlex
-import sys
-import tempfile
-import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from typing import Any, Callable
 
-from benchmarks import ROOT, cli
-from benchmarks import common as bc
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tidar_jax import masks
-from tidar_jax.config import ConfigError, ModelConfig
-from tidar_jax.model import KVCache
-
-from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
 # ------------------------------------------------------------------------------------------------------------
 # Report
@@ -45,13 +23,14 @@ def markdown(result: dict) -> str:
              f"jaxlib {m['jaxlib_version']}; {'SMOKE (tiny shapes, numbers mean nothing)' if result['smoke'] else ''}",
              f"Command: `{result['command']}`; budget {result['budget_s']:.0f} s, "
              f"elapsed {result['elapsed_s']:.0f} s.", ""]
-    for name in SECTIONS:
-        sec = result["sections"][name]
+    for name, sec in result["sections"].items():
         lines += [f"## {name}: {sec['status']}" + (f" ({sec['reason']})" if sec["reason"] else ""), "",
                   f"Reproduce: `{sec['command']}`", ""]
         if sec["status"] != "ok":
             continue
-        if name == "trained_speedup":
+        if name.startswith("cpu_"):
+            lines += [f"Results: `{sec['result_file']}` (model: {sec['model']}; alone: `{sec['script_command']}`)", ""]
+        elif name == "trained_speedup":
             t = sec["training"]
             lines += [f"Trained {t['num_params'] / 1e6:.1f}M params, S={t['seq_len']}, batch {t['batch']}, "
                       f"B={t['block_size']}, {t['steps']} steps in {t['wall_s']:.0f} s "

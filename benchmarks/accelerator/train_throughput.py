@@ -5,28 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
-import os
-import shlex
-import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable
-
-from benchmarks import ROOT, cli
-from benchmarks import common as bc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tidar_jax import masks
 from tidar_jax.config import ConfigError, ModelConfig
-from tidar_jax.model import KVCache
 
 from benchmarks.common import *  # noqa: F403 (the suite's shared constants and helpers)
 
@@ -159,7 +147,7 @@ def section_train_throughput(ctx, deadline: Deadline) -> dict:
     times: dict = {}
     try:
         times = timed_rounds({k: partial(call, k) for k in compiled}, sizes.tp_rounds, deadline)
-    except Exception as e:  # noqa: BLE001 -- e.g. out of memory at run time: time the kernels one by one
+    except Exception:  # noqa: BLE001 -- e.g. out of memory at run time: time the kernels one by one
         traceback.print_exc()
         for key in list(compiled):
             if kernels[key[0]]["status"] != "ok":
