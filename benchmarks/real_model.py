@@ -1,12 +1,12 @@
 """The real-model recipe's curve: every checkpoint of a TiDAR run continual-pretrained from a pretrained HF model
 (configs/smollm2-135m-tidar.yaml), and the untouched model itself as step 0, measured on the held-out split.
 
-    python benchmarks/real_model.py --run-dir runs/smol [--steps 16,32,...] [--prompts 16] [--json PATH]
+    python -m benchmarks.real_model --run-dir runs/smol [--steps 16,32,...] [--prompts 16] [--json PATH]
 
 Per model:
-  * held-out AR-mode loss and diffusion loss (``benchmarks.fidelity.heldout_ar_loss``: the run's eval windows,
+  * held-out AR-mode loss and diffusion loss (``heldout_ar_loss``: the run's eval windows,
     data.eval_batch_size x data.eval_batches), the AR loss also relative to the untouched model's;
-  * teacher-forced agreement per block slot (``benchmarks.recipe_levers.teacher_forced_agreement``);
+  * teacher-forced agreement per block slot (``teacher_forced_agreement``);
   * lossless TiDAR (beta=1, slot 0 = verifier, greedy) on the first ``--prompts`` held-out documents (32-token
     prompts, ``--new-tokens`` new tokens, no EOS): T/NFE counted per row (the batch-1 figure), acceptance per
     draft slot, and whether the output equals greedy AR token for token.
@@ -24,10 +24,89 @@ import argparse
 import json
 import os
 
-if not __package__:  # run as a file (python benchmarks/<name>.py): see benchmarks/_repo_on_path.py
-    import _repo_on_path  # noqa: F401
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
 
-import yaml  # noqa: E402
+
+def heldout_ar_loss(bundle, data_dir: str, seq_len: int, batch: int, max_batches: int,
+                    block_size: int | None = None) -> dict:
+    """Token-mean held-out next-token cross-entropy and accuracy of the model as a plain causal LM; with
+    ``block_size`` also the diffusion loss of the mask half of the TiDAR training layout at that block size."""
+    from flax import nnx
+
+    from tidar_jax.data import eval_batches
+    from tidar_jax.model import causal_mask
+    from tidar_jax.objective import ar_loss, tidar_loss
+    from tidar_jax.train.step import tidar_inputs
+
+    def loss_fn(params, tokens_NS):
+        model = nnx.merge(bundle.graphdef, params)
+        n, s = tokens_NS.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (n, s))
+        logits, _ = model(tokens_NS, positions, causal_mask(n, s))
+        _, m = ar_loss(logits, tokens_NS)
+        diff = jnp.zeros(())
+        if block_size is not None:
+            tokens_N2S, pos2, mask2 = tidar_inputs(tokens_NS, bundle.config.replace(block_size=block_size))
+            logits2, _ = model(tokens_N2S, pos2, mask2)
+            diff = tidar_loss(logits2, tokens_NS)[1]["diff_loss"]
+        return m["ar_loss"], m["ar_acc"], m["ar_tokens"], diff
+
+    fn = jax.jit(loss_fn)
+    tot = acc = count = dl = 0.0
+    batches = eval_batches(data_dir, seq_len, batch, max_batches)
+    for tokens in batches:
+        loss, a, n, d = jax.device_get(fn(bundle.params, jnp.asarray(tokens)))
+        tot, acc, count = tot + float(loss) * float(n), acc + float(a) * float(n), count + float(n)
+        dl += float(d)  # every batch has the same (full) number of diffusion targets
+    out = {"ar_loss": tot / count, "ar_acc": acc / count, "tokens": int(count), "batches": len(batches)}
+    if block_size is not None:
+        out["diff_loss"] = dl / len(batches)
+    return out
+
+
+
+def teacher_forced_agreement(bundle, data_dir: str, seq_len: int, batch: int, batches: int) -> dict:
+    """Per slot j of a block: P(argmax diffusion logits at p == argmax AR logits predicting p), p in slot j."""
+    from flax import nnx
+
+    from tidar_jax.data import eval_batches
+    from tidar_jax.model import causal_mask
+    from tidar_jax.train.step import tidar_inputs
+
+    block = bundle.config.block_size
+
+    def agree(params, tokens_NS):
+        model = nnx.merge(bundle.graphdef, params)
+        n, s = tokens_NS.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (n, s))
+        ar_NSV, _ = model(tokens_NS, positions, causal_mask(n, s))
+        tokens_N2S, pos2, mask2 = tidar_inputs(tokens_NS, bundle.config)
+        both_N2SV, _ = model(tokens_N2S, pos2, mask2)
+        verifier_NS = jnp.argmax(ar_NSV[:, :-1], axis=-1)  # AR at p-1 predicts p, for p = 1..S-1
+        draft_NS = jnp.argmax(both_N2SV[:, s + 1:], axis=-1)  # mask at p predicts p
+        data_NS = tokens_NS[:, 1:]
+        return verifier_NS == draft_NS, draft_NS == data_NS, verifier_NS == data_NS
+
+    fn = jax.jit(agree)
+    hits = np.zeros(block)
+    draft_true = np.zeros(block)
+    counts = np.zeros(block)
+    verifier_true = 0.0
+    for tokens in eval_batches(data_dir, seq_len, batch, batches):
+        same, dt, vt = (np.asarray(x) for x in jax.device_get(fn(bundle.params, jnp.asarray(tokens))))
+        slots = (np.arange(1, seq_len)) % block
+        for j in range(block):
+            hits[j] += same[:, slots == j].sum()
+            draft_true[j] += dt[:, slots == j].sum()
+            counts[j] += same[:, slots == j].size
+        verifier_true += vt.mean()
+    nb = len(eval_batches(data_dir, seq_len, batch, batches))
+    return {"draft_eq_verifier": (hits / counts).tolist(), "draft_eq_data": (draft_true / counts).tolist(),
+            "verifier_eq_data": verifier_true / nb}
+
 
 
 def models(run_dir: str, steps: list[int] | None):
@@ -44,8 +123,6 @@ def models(run_dir: str, steps: list[int] | None):
 
 
 def measure(bundle, cfg: dict, prompts: list[list[int]], new_tokens: int) -> dict:
-    from benchmarks.fidelity import heldout_ar_loss
-    from benchmarks.recipe_levers import teacher_forced_agreement
     from tidar_jax.decode import Decoder
     from tidar_jax.demo import per_position_acceptance
 
