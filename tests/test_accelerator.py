@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
 
 from benchmarks import accelerator as acc  # noqa: E402
 from cli_output import user_lines
@@ -307,7 +306,7 @@ def test_tiny_budget_records_sections_as_skipped(tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator"), "--smoke", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--smoke", "--out", str(tmp_path),
                            "--sections", "bogus"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     err = user_lines(proc.stderr)
