@@ -31,3 +31,12 @@ def train_corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.getbasetemp() / "train_corpus"
     prepare_corpus(path, max_files=30, vocab_size=384)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def v5e_devices():
+    """A deviceless TPU v5e-4 slice's devices (skips, saying why, where the TPU compile plugin is missing)."""
+    reason = targets.missing_install(targets.parse_target("v5e-4"))
+    if reason:
+        pytest.skip(reason)
+    return targets.target_devices("v5e-4")

@@ -9,7 +9,6 @@ import jax
 import pytest
 
 from test_decode_support import pattern_prompts, trained_decoder, trained_tiny
-from tidar_jax import targets
 from tidar_jax.attention import tpu_cache
 from tidar_jax.decode import Decoder
 from tidar_jax.sharding import make_mesh
@@ -33,13 +32,6 @@ def test_tensor_parallel_tidar_equals_ar(shape):
         assert out.tokens == ar
         assert out.stats["mean_accepted"] > 1  # drafts were accepted: the step's own block is exercised
 
-
-@pytest.fixture(scope="module")
-def v5e_devices():
-    reason = targets.missing_install(targets.parse_target("v5e-4"))
-    if reason:
-        pytest.skip(reason)
-    return targets.target_devices("v5e-4")
 
 
 @pytest.mark.parametrize("mode", ["ar", pytest.param("tidar", marks=pytest.mark.slow)])

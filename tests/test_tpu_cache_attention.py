@@ -84,13 +84,6 @@ def test_tpu_cache_decode_is_lossless_with_pruned_groups():
         assert td.stats["mean_accepted"] > 1  # drafts were really accepted: the step's own part is exercised
 
 
-@pytest.fixture(scope="module")
-def v5e_devices():
-    reason = targets.missing_install(targets.parse_target("v5e-4"))
-    if reason:
-        pytest.skip(reason)
-    return targets.target_devices("v5e-4")
-
 
 def test_compiled_v5e_kernel_has_no_loop_and_reads_the_cache_in_place(v5e_devices):
     """The kernel alone (a TiDAR B=16 step: 272 tokens, the 1.5B model's 12 query and 2 KV heads of 128, a bf16
