@@ -116,3 +116,20 @@ def test_init_from_stock_dir_with_data_from_its_tokenizer(stock, tmp_path):
     msg = str(e.value)
     assert "<|mask|>=97" in msg and "id 96" in msg and "\n" not in msg
     assert not os.path.exists(tmp_path / "run2")  # nothing half-written
+
+
+def test_plan_of_a_stock_config_counts_the_appended_mask_token(stock, tmp_path):
+    """``decode.py --plan --hf-config`` of a stock model plans the model TiDAR trains from it (``<|mask|>``
+    appended: one more vocabulary row); an unsupported config stops with one line naming the file."""
+    from tidar_jax.analysis.decode_plan import model_config_for_plan
+    from tidar_jax.config import ConfigError
+
+    config_json = os.path.join(stock[1], "config.json")
+    cfg = model_config_for_plan(None, config_json, "bfloat16")
+    assert (cfg.vocab_size, cfg.mask_token_id) == (VOCAB + 1, VOCAB)
+    with open(config_json) as f:
+        bad = {**json.load(f), "hidden_act": "gelu"}
+    bad_json = tmp_path / "config.json"
+    bad_json.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"--hf-config=.*hidden_act='gelu' is not supported"):
+        model_config_for_plan(None, str(bad_json), "bfloat16")

@@ -436,7 +436,14 @@ def model_config_for_plan(preset: str | None, hf_config: str | None, dtype: str)
                 hf = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--hf-config={hf_config!r}: not a readable config.json ({type(e).__name__}: {e})")
-        cfg = hf_config_to_model_config(hf, dtype=dtype)
+        from tidar_jax.hf.keys import HFFormatError
+
+        try:
+            cfg = hf_config_to_model_config(hf, dtype=dtype, require_mask_token=False)
+        except HFFormatError as e:
+            raise ConfigError(f"--hf-config={hf_config!r}: {e}") from None
+        if cfg.mask_token_id is None:  # a stock model: plan it as TiDAR trains it, with <|mask|> appended
+            cfg = cfg.replace(vocab_size=cfg.vocab_size + 1, mask_token_id=cfg.vocab_size)
         if cfg.block_size is None:
             cfg = cfg.replace(block_size=DEFAULT_BLOCK_SIZE)
         return cfg.replace(dtype=dtype, param_dtype=dtype)
