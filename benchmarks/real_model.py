@@ -109,6 +109,20 @@ def teacher_forced_agreement(bundle, data_dir: str, seq_len: int, batch: int, ba
 
 
 
+def repeated_share(prompt: list[int], generated: list[int], n: int = 8) -> float:
+    """Share of the generated tokens that complete an n-gram already seen earlier in prompt + generated: about 0
+    for ordinary text, near 1 for a loop."""
+    seq, seen, hits = list(prompt) + list(generated), set(), 0
+    for i in range(n, len(seq) + 1):
+        gram = tuple(seq[i - n:i])
+        hits += i > len(prompt) and gram in seen
+        seen.add(gram)
+    return hits / max(len(generated), 1)
+
+
+LOOP_SHARE = 0.5  # a continuation with more than half its tokens repeating an earlier 8-gram counts as a loop
+
+
 def models(run_dir: str, steps: list[int] | None):
     """``(step, path, minutes)`` for step 0 (the init model) and each chosen checkpoint."""
     with open(os.path.join(run_dir, "config.yaml")) as f:
@@ -134,11 +148,16 @@ def measure(bundle, cfg: dict, prompts: list[list[int]], new_tokens: int) -> dic
     tidar = dec.generate(prompts, mode="tidar", block_size=block, beta=1.0, slot0="verifier",
                          max_new_tokens=new_tokens, eos_token_id=None)
     ar = dec.generate(prompts, mode="ar", max_new_tokens=new_tokens, eos_token_id=None)
+    rep = [repeated_share(p, t) for p, t in zip(prompts, tidar.tokens)]
+    plain = [i for i, r in enumerate(rep) if r <= LOOP_SHARE]
+    tokens, nfe = tidar.stats["new_tokens"], tidar.stats["nfe_per_row"]
     return {"ar_loss": loss["ar_loss"], "diff_loss": loss.get("diff_loss"),
             "draft_eq_verifier": tf["draft_eq_verifier"], "tnfe_b1": tidar.stats["tokens_per_nfe"],
             "slot_acceptance": per_position_acceptance(tidar.stats["accepted_length_hist"], block),
             "accepted_length_hist": tidar.stats["accepted_length_hist"],
             "lossless_equals_ar": tidar.tokens == ar.tokens,
+            "repeated_8gram_share": float(np.mean(rep)), "looping_rows": len(prompts) - len(plain),
+            "tnfe_b1_not_looping": sum(tokens[i] for i in plain) / max(sum(nfe[i] for i in plain), 1),
             "texts": [dec.tokenizer.decode(t) for t in tidar.tokens[:3]] if dec.tokenizer is not None else None}
 
 
@@ -209,8 +228,9 @@ def main(argv=None) -> list[dict]:
         return [r]
     rows, base = [], args.base_ar_loss
     print("| step | minutes | held-out AR loss (vs untouched) | diffusion loss | draft == verifier, slots 0..B-1 | "
-          "lossless T/NFE batch 1 | decode acceptance, slots 1..B-1 | lossless == AR |")
-    print("|---|---|---|---|---|---|---|---|")
+          "lossless T/NFE batch 1 | decode acceptance, slots 1..B-1 | looping rows, T/NFE of the others | "
+          "lossless == AR |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for step, path, minutes in chosen:
         bundle = load_for_inference(path, add_mask_token=True, block_size=block) if step == 0 \
             else load_for_inference(path)
@@ -222,7 +242,7 @@ def main(argv=None) -> list[dict]:
         rel = f" ({r['ar_loss_rel']:+.1%})" if step and r["ar_loss_rel"] is not None else ""
         print(f"| {step} | {minutes:.1f} | {r['ar_loss']:.4f}{rel} | {r['diff_loss']:.3f} | "
               f"{fmt(r['draft_eq_verifier'])} | {r['tnfe_b1']:.2f} | {fmt(r['slot_acceptance'])} | "
-              f"{'yes' if r['lossless_equals_ar'] else 'NO'} |", flush=True)
+              f"{r['looping_rows']}/{len(prompts)}, {r['tnfe_b1_not_looping']:.2f} | {'yes' if r['lossless_equals_ar'] else 'NO'} |", flush=True)
         del bundle
     if args.json:
         with open(args.json, "w") as f:
