@@ -33,10 +33,20 @@ def train_corpus(tmp_path_factory) -> str:
     return str(path)
 
 
+def _target_devices_or_skip(name: str):
+    reason = targets.missing_install(targets.parse_target(name))
+    if reason:
+        pytest.skip(reason)
+    return targets.target_devices(name)
+
+
 @pytest.fixture(scope="session")
 def v5e_devices():
     """A deviceless TPU v5e-4 slice's devices (skips, saying why, where the TPU compile plugin is missing)."""
-    reason = targets.missing_install(targets.parse_target("v5e-4"))
-    if reason:
-        pytest.skip(reason)
-    return targets.target_devices("v5e-4")
+    return _target_devices_or_skip("v5e-4")
+
+
+@pytest.fixture(scope="session")
+def h100_devices():
+    """A deviceless H100's devices (skips, saying why, where the CUDA compile plugin is missing)."""
+    return _target_devices_or_skip("h100")

@@ -147,13 +147,10 @@ def test_interpreting_runs_through_the_interface():
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def h100_mesh():
-    reason = targets.missing_install(targets.parse_target("h100"))
-    if reason:
-        pytest.skip(reason)
+def h100_mesh(h100_devices):
     from jax.sharding import Mesh
 
-    return Mesh(np.array(targets.target_devices("h100")[:1]), ("x",))
+    return Mesh(np.array(h100_devices[:1]), ("x",))
 
 
 def compile_attention(mesh, s, block, n, heads, kv_heads, d, segments: bool, tiles=None):

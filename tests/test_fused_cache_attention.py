@@ -79,14 +79,6 @@ def test_fused_sampling_equals_paged():
         assert fused.tokens == paged.tokens
 
 
-@pytest.fixture(scope="module")
-def h100_devices():
-    reason = targets.missing_install(targets.parse_target("h100"))
-    if reason:
-        pytest.skip(reason)
-    return targets.target_devices("h100")
-
-
 @pytest.mark.parametrize("mode", ["ar", pytest.param("tidar", marks=pytest.mark.slow)])
 def test_compiled_h100_step_has_no_dynamic_loop_nor_host_round_trip(h100_devices, mode, tmp_path):
     """A small model's decode step (the Decoder's engine.step, per-layer weights, donated state) compiled for an
