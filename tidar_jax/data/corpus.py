@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from tidar_jax.checkpoint.atomic import publish_dir, write_json
+from tidar_jax.checkpoint.atomic import publish_dir, remove_write_leftovers, write_json
 from tidar_jax.data import shards as sh
 from tidar_jax.data import sources as src
 from tidar_jax.data import tokenizer as tk
@@ -525,6 +525,7 @@ def _resume_state(work: str, fingerprint: str) -> dict | None:
             and os.path.isfile(os.path.join(work, tk.TOKENIZER_FILE)) \
             and _sha256_file(os.path.join(work, tk.TOKENIZER_FILE)) == state["tokenizer"]["sha256"]:
         log.warning("resuming the interrupted preparation in %s after %d input items", work, state["items_done"])
+        remove_write_leftovers(work)  # a kill inside a journal write leaves its temp file
         return state
     if names:
         why = "it was for other inputs or settings" if state is not None else "it has no usable journal"
