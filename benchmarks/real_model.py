@@ -242,7 +242,8 @@ def main(argv=None) -> list[dict]:
         rel = f" ({r['ar_loss_rel']:+.1%})" if step and r["ar_loss_rel"] is not None else ""
         print(f"| {step} | {minutes:.1f} | {r['ar_loss']:.4f}{rel} | {r['diff_loss']:.3f} | "
               f"{fmt(r['draft_eq_verifier'])} | {r['tnfe_b1']:.2f} | {fmt(r['slot_acceptance'])} | "
-              f"{r['looping_rows']}/{len(prompts)}, {r['tnfe_b1_not_looping']:.2f} | {'yes' if r['lossless_equals_ar'] else 'NO'} |", flush=True)
+              f"{r['looping_rows']}/{len(prompts)}, {r['tnfe_b1_not_looping']:.2f} | "
+              f"{'yes' if r['lossless_equals_ar'] else 'NO'} |", flush=True)
         del bundle
     if args.json:
         with open(args.json, "w") as f:

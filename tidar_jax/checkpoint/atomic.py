@@ -48,16 +48,13 @@ def write_file(path: str, write, binary: bool = False) -> str:
     return path
 
 
-def remove_write_leftovers(directory: str) -> list[str]:
+def remove_write_leftovers(directory: str) -> None:
     """Delete the temp files that a process killed inside ``write_file`` or ``copy_file`` left in ``directory``
-    (their names start with a dot; this project never publishes a dot file); returns the names removed."""
-    removed = []
-    for name in sorted(os.listdir(directory)):
+    (their names start with a dot; this project never publishes a dot file)."""
+    for name in os.listdir(directory):
         path = os.path.join(directory, name)
         if name.startswith(".") and os.path.isfile(path):
             os.remove(path)
-            removed.append(name)
-    return removed
 
 
 def write_text(path: str, text: str) -> str:
